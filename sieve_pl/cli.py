@@ -1,0 +1,88 @@
+"""``sieve-pl``: a LightningCLI whose ``fit`` runs the whole pruning pipeline.
+
+``fit`` calibrates, projects, searches, exports and evaluates (stages skipped when done);
+``validate`` / ``test`` score the base model and, when the run has finished, its pruned model on
+the validation / test split.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from .errors import SieveError
+from .models.module import SieveLM, evaluate
+from .pipeline import Pipeline, RunConfig
+from .stages.calibrate import CalibrationConfig
+from .stages.project import ProjectionConfig
+from .stages.search import SearchConfig
+from .tasks.datamodule import TaskDataModule
+
+STAGE_CONFIGS = {"run": RunConfig, "calibration": CalibrationConfig,
+                 "projection": ProjectionConfig, "search": SearchConfig}
+
+
+class SieveCLI(LightningCLI):
+    def __init__(self, args=None):
+        super().__init__(
+            SieveLM, TaskDataModule, args=args, save_config_callback=None,
+            auto_configure_optimizers=False, seed_everything_default=0,
+            trainer_defaults={"logger": False, "enable_checkpointing": False,
+                              "default_root_dir": "checkpoints"},
+            parser_kwargs={"description": __doc__})
+
+    def add_arguments_to_parser(self, parser) -> None:
+        for name, cls in STAGE_CONFIGS.items():
+            parser.add_class_arguments(cls, name, help=cls.__doc__)
+        parser.add_argument("--evaluate", type=Literal["auto", "base", "pruned"], default="auto",
+                            help="validate/test: which model to score (auto: base, plus the "
+                                 "pruned one when the run has been exported)")
+
+    def pipeline(self, subcommand: str) -> Pipeline:
+        cfg = self.config_init[subcommand]
+        return Pipeline(self.trainer, self.model, self.datamodule,
+                        **{name: cfg[name] for name in STAGE_CONFIGS})
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pipeline = self.pipeline(subcommand)
+        if subcommand == "fit":
+            if self.trainer.is_global_zero:  # the run's own config, reusable with --config
+                pipeline.run.path.mkdir(parents=True, exist_ok=True)
+                self._parser("fit").save(self.config["fit"], pipeline.run.path / "config.yaml",
+                                         overwrite=True, skip_check=True)
+            pipeline.fit()
+            return
+        split = "validation" if subcommand == "validate" else "test"
+        which = self.config_init[subcommand]["evaluate"]
+        pipeline.prepare()
+        exported = pipeline.run.path / "export" / "model"
+        rows = []
+        if which in ("auto", "base"):
+            rows.append(("base", self.model))
+        if which == "pruned" or (which == "auto" and (exported / "config.json").exists()):
+            if not (exported / "config.json").exists():
+                raise SieveError(f"no exported model at {exported}: run `sieve-pl fit` first")
+            rows.append(("pruned", SieveLM(str(exported), self.model.dtype_name,
+                                           trust_remote_code=True)))
+        data = self.datamodule
+        for name, lm in rows:
+            lm.load()
+            lm.set_task(data.task)
+            acc = evaluate(self.trainer, lm, data.loader(split))
+            params = sum(p.numel() for p in lm.net.parameters())
+            rank_zero_info(f"{name:>6}: {split} accuracy {100 * acc:.2f}% "
+                           f"({len(data.splits[split])} examples, {params / 1e6:.2f}M parameters)")
+
+
+def main(args=None) -> None:
+    try:
+        SieveCLI(args)
+    except SieveError as err:
+        print(f"sieve-pl: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

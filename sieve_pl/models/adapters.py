@@ -1,0 +1,60 @@
+"""Architecture adapters: which Linears are pruned and which of them share an input.
+
+This is the only place that knows about model families; everything else asks an adapter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import SieveError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where the decoder layers are and, per layer, the target Linears grouped by shared input.
+
+    Linears in one group read the same activation (q/k/v, gate/up), so calibration stores that
+    input's second moment once per group.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    groups: dict[str, tuple[str, ...]]
+
+    def input_groups(self, model: nn.Module) -> dict[str, list[str]]:
+        """``{input key: [full Linear names]}`` for every layer, in forward order."""
+        layers = model.get_submodule(self.layers)
+        return {f"{self.layers}.{i}.{group}": [f"{self.layers}.{i}.{lin}" for lin in linears]
+                for i in range(len(layers)) for group, linears in self.groups.items()}
+
+    def targets(self, model: nn.Module) -> list[str]:
+        return [name for names in self.input_groups(model).values() for name in names]
+
+
+LLAMA_LIKE = {
+    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn_out": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp_out": ("mlp.down_proj",),
+}
+
+ADAPTERS = [
+    Adapter("llama", ("llama", "mistral", "qwen2"), "model.layers", LLAMA_LIKE),
+]
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def adapter_for(config) -> Adapter:
+    """The adapter for a transformers config; a clear error for anything else."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise SieveError(f"unsupported architecture {model_type!r}; supported model types: "
+                     f"{', '.join(supported_model_types())}")

@@ -1,0 +1,50 @@
+"""The factored Linear and the function that puts it into a model.
+
+This file depends on torch only: it is copied verbatim into every exported model folder so the
+folder loads with ``trust_remote_code=True`` on a machine without sieve_pl.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FactoredLinear(nn.Module):
+    """``y = B(A x)``: a rank-R stand-in for an ``out × in`` Linear.
+
+    A and B are ordinary ``nn.Linear`` children so peft (LoRA targets) and bitsandbytes (quantized
+    Linears) see them like any other Linear. The original bias, if any, lives on ``B``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.B = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense equivalent ``B @ A`` (for inspection; the forward never builds it)."""
+        return self.B.weight @ self.A.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def factorize(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Replace each named Linear by an (uninitialised) FactoredLinear of the given rank."""
+    for name, rank in ranks.items():
+        old = model.get_submodule(name)
+        w = old.weight
+        set_submodule(model, name, FactoredLinear(
+            old.in_features, old.out_features, int(rank), bias=old.bias is not None,
+            device=w.device, dtype=w.dtype))

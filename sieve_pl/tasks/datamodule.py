@@ -1,0 +1,112 @@
+"""The task's data as a LightningDataModule with disjoint, deterministic splits."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import lightning as L
+from jsonargparse import lazy_instance
+from torch.utils.data import DataLoader
+
+from ..errors import SieveError
+from .base import Task
+from .classification import Classification
+from .sources import load_source
+
+SPLITS = ("calibration", "validation", "test", "train")
+
+
+@dataclass
+class SplitSizes:
+    """Examples per split, drawn without overlap from one seeded shuffle of the source.
+
+    calibration: statistics for the projections; validation: accuracy the search must keep;
+    test: final report only; train: recovery fine-tuning (0 = none).
+    """
+
+    calibration: int = 256
+    validation: int = 200
+    test: int = 500
+    train: int = 0
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Task examples for every stage.
+
+    Args:
+        source: built-in name (``rotten_tomatoes``), a local ``.json/.jsonl/.csv/.parquet`` file,
+            or a hub dataset id.
+        name: hub dataset config name.
+        split: hub split to draw every split from.
+        task: the task kind and its prompt / fields.
+        sizes: examples per split.
+        batch_size: examples per forward pass.
+        max_length: prompts longer than this many tokens are truncated on the left.
+        seed: seed of the shuffle that defines the splits.
+    """
+
+    def __init__(
+        self,
+        source: str = "rotten_tomatoes",
+        name: str | None = None,
+        split: str = "train",
+        task: Task = lazy_instance(Classification),
+        sizes: SplitSizes = SplitSizes(),
+        batch_size: int = 16,
+        max_length: int = 256,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.source, self.name, self.split = source, name, split
+        self.task = task
+        self.sizes, self.batch_size, self.max_length, self.seed = sizes, batch_size, max_length, seed
+        self.tokenizer = None
+        self.splits: dict = {}
+
+    def fingerprint_config(self) -> dict:
+        """What the data depends on, for stage fingerprints."""
+        return {"source": self.source, "name": self.name, "split": self.split,
+                "task": self.task.config(),
+                "sizes": asdict(self.sizes), "max_length": self.max_length, "seed": self.seed}
+
+    def prepare(self, tokenizer) -> None:
+        """Load, check and split the data (cheap; runs before any model weight is loaded)."""
+        if self.splits:
+            return
+        self.tokenizer = tokenizer
+        data = load_source(self.source, self.name, self.split)
+        self.task.check(data, tokenizer)
+        wanted = [(s, getattr(self.sizes, s)) for s in SPLITS]
+        if any(n < 0 for _, n in wanted) or min(self.sizes.calibration, self.sizes.validation,
+                                                 self.sizes.test) < 1:
+            raise SieveError(f"split sizes must be >= 1 (train >= 0), got {asdict(self.sizes)}")
+        total = sum(n for _, n in wanted)
+        if total > len(data):
+            raise SieveError(f"splits need {total} examples ({asdict(self.sizes)}) but "
+                             f"{self.source!r} has {len(data)}")
+        data = data.shuffle(seed=self.seed)
+        start = 0
+        for split, n in wanted:
+            self.splits[split] = data.select(range(start, start + n))
+            start += n
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            raise RuntimeError("call prepare(tokenizer) first")
+
+    def loader(self, split: str) -> DataLoader:
+        collate = partial(self.task.collate, tokenizer=self.tokenizer, max_length=self.max_length)
+        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=False,
+                          collate_fn=collate)
+
+    def calibration_dataloader(self):
+        return self.loader("calibration")
+
+    def val_dataloader(self):
+        return self.loader("validation")
+
+    def test_dataloader(self):
+        return self.loader("test")
+
+    def predict_dataloader(self):
+        return self.loader("validation")
