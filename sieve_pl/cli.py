@@ -25,9 +25,9 @@ STAGE_CONFIGS = {"run": RunConfig, "calibration": CalibrationConfig,
 
 
 class SieveCLI(LightningCLI):
-    def __init__(self, args=None):
+    def __init__(self, args=None, run: bool = True):
         super().__init__(
-            SieveLM, TaskDataModule, args=args, save_config_callback=None,
+            SieveLM, TaskDataModule, args=args, run=run, save_config_callback=None,
             auto_configure_optimizers=False, seed_everything_default=0,
             trainer_defaults={"logger": False, "enable_checkpointing": False,
                               "default_root_dir": "checkpoints"},
@@ -40,8 +40,8 @@ class SieveCLI(LightningCLI):
                             help="validate/test: which model to score (auto: base, plus the "
                                  "pruned one when the run has been exported)")
 
-    def pipeline(self, subcommand: str) -> Pipeline:
-        cfg = self.config_init[subcommand]
+    def pipeline(self, subcommand: str | None = None) -> Pipeline:
+        cfg = self.config_init[subcommand] if subcommand else self.config_init
         return Pipeline(self.trainer, self.model, self.datamodule,
                         **{name: cfg[name] for name in STAGE_CONFIGS})
 

@@ -35,8 +35,9 @@ from .tasks.datamodule import TaskDataModule
 class RunConfig:
     """Where the run lives.
 
-    name: run folder name under root.
-    root: parent of run folders (must be a shared filesystem for multi-node runs).
+    Args:
+        name: run folder name under root.
+        root: parent of run folders (a shared filesystem for multi-node runs).
     """
 
     name: str = "demo"
@@ -113,23 +114,30 @@ class Pipeline:
         self.lm.check()
         self.data.prepare(self.lm.tokenizer())
 
-    def fit(self) -> dict:
+    def load(self) -> RunDir:
+        """Checks, then weights; returns the run directory."""
         self.prepare()
-        lm, data = self.lm, self.data
-        run = RunDir(self.run.path, self.trainer)
-        lm.load()
-        lm.set_task(data.task)
-        groups = lm.adapter.input_groups(lm.net)
-        dense_params = sum(p.numel() for p in lm.net.parameters())
-        model_cfg = {"pretrained": lm.pretrained, "dtype": lm.dtype_name}
-        data_cfg = data.fingerprint_config()
+        self.lm.load()
+        self.lm.set_task(self.data.task)
+        return RunDir(self.run.path, self.trainer)
 
-        stats = run.stage(
-            "calibrate", {"model": model_cfg, "data": data_cfg, **asdict(self.calibration)},
+    def calibrate(self, run: RunDir, groups: dict[str, list[str]]) -> dict:
+        lm, data = self.lm, self.data
+        config = {"model": {"pretrained": lm.pretrained, "dtype": lm.dtype_name},
+                  "data": data.fingerprint_config(), **asdict(self.calibration)}
+        return run.stage(
+            "calibrate", config,
             lambda: calibrate(self.trainer, lm.net, groups, data.calibration_dataloader(),
                               self.calibration),
             lambda s, d: _save_tensors(s, d / "stats.safetensors"),
             lambda d: load_file(str(d / "stats.safetensors")))
+
+    def fit(self) -> dict:
+        run = self.load()
+        lm, data = self.lm, self.data
+        groups = lm.adapter.input_groups(lm.net)
+        dense_params = sum(p.numel() for p in lm.net.parameters())
+        stats = self.calibrate(run, groups)
         bases = run.stage(
             "project", asdict(self.projection),
             lambda: project(lm.net, groups, stats, self.projection), _save_bases, _load_bases)

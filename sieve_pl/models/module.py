@@ -1,11 +1,16 @@
 """The LightningModule the CLI builds: a causal LM scored on the task through Lightning loops."""
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
 from .loading import DEFAULT_MODEL, load_config, load_model, load_tokenizer
+
+# predict_step returns nothing on purpose (metrics accumulate in the module)
+warnings.filterwarnings("ignore", message="predict returned None")
 
 
 class SieveLM(L.LightningModule):

@@ -20,8 +20,9 @@ from ..tasks.base import last_logits
 class CalibrationConfig:
     """Calibration statistics.
 
-    dtype: accumulator dtype of the sums (float64 keeps 1e-12 relative error over millions of
-        tokens; float32 halves memory).
+    Args:
+        dtype: accumulator dtype of the Σ xᵀx sums (float64: exact to ~1e-12 over millions of
+            tokens; float32 halves memory).
     """
 
     dtype: str = "float64"

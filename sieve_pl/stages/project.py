@@ -23,9 +23,10 @@ from ..models.pruning import max_rank
 class ProjectionConfig:
     """How each matrix's bases are computed.
 
-    method: output_aligned (task-aware optimum), weight_svd or input_pca (baselines).
-    dtype: dtype of the decompositions (float64 is exact enough to rank eigenvalues near zero).
-    device: where decompositions run (cpu, cuda, or auto = the model's device).
+    Args:
+        method: output_aligned (task-aware optimum), weight_svd or input_pca (baselines).
+        dtype: dtype of the decompositions (float64 ranks tiny eigenvalues reliably).
+        device: where decompositions run (cpu, cuda, or auto = the model's device).
     """
 
     method: Literal["output_aligned", "weight_svd", "input_pca"] = "output_aligned"

@@ -15,10 +15,11 @@ from ..errors import SieveError
 class SearchConfig:
     """How much accuracy may be lost, and how finely the level is searched.
 
-    epsilon: allowed accuracy loss, in (0, 1).
-    relative: target is (1 - epsilon) * base accuracy; false: base accuracy - epsilon.
-    resolution: bisection stops when the keep interval is narrower than this.
-    min_keep: smallest keep fraction tried.
+    Args:
+        epsilon: allowed accuracy loss, in (0, 1).
+        relative: true: target is (1 - epsilon) * base accuracy; false: base accuracy - epsilon.
+        resolution: bisection stops when the keep interval is narrower than this.
+        min_keep: smallest keep fraction tried.
     """
 
     epsilon: float = 0.05

@@ -20,8 +20,11 @@ SPLITS = ("calibration", "validation", "test", "train")
 class SplitSizes:
     """Examples per split, drawn without overlap from one seeded shuffle of the source.
 
-    calibration: statistics for the projections; validation: accuracy the search must keep;
-    test: final report only; train: recovery fine-tuning (0 = none).
+    Args:
+        calibration: examples whose activations give the projection statistics.
+        validation: examples whose accuracy the search must keep within epsilon.
+        test: examples for the final report only.
+        train: examples for recovery fine-tuning (0 = none).
     """
 
     calibration: int = 256

@@ -1,0 +1,71 @@
+"""Validation and test accuracy at uniform keep levels for each projection method.
+
+One calibration (the run's own, reused from its run directory when it exists), the same splits
+for every row. Usage:
+
+    python bench/projection_methods.py --config configs/demo.yaml [--levels 0.9,0.75,0.5]
+
+Prints a Markdown table and writes bench/results/projection_methods.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sieve_pl.cli import SieveCLI
+from sieve_pl.models.module import evaluate
+from sieve_pl.models.pruning import Pruner
+from sieve_pl.stages.project import METHODS, ProjectionConfig, project
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="0.9,0.75,0.5")
+    parser.add_argument("--out", default="bench/results/projection_methods.json")
+    args, cli_args = parser.parse_known_args()
+    levels = [float(x) for x in args.levels.split(",")]
+
+    cli = SieveCLI(args=cli_args + ["--trainer.enable_progress_bar", "false"], run=False)
+    pipeline = cli.pipeline()
+    run = pipeline.load()
+    lm, data, trainer = pipeline.lm, pipeline.data, pipeline.trainer
+    groups = lm.adapter.input_groups(lm.net)
+    stats = pipeline.calibrate(run, groups)
+
+    def accuracies() -> dict:
+        return {"validation": evaluate(trainer, lm, data.val_dataloader()),
+                "test": evaluate(trainer, lm, data.test_dataloader())}
+
+    rows = [{"method": "dense", "keep": 1.0, **accuracies()}]
+    for method in METHODS:
+        start = time.perf_counter()
+        pruner = Pruner(lm.net, project(lm.net, groups, stats,
+                                        ProjectionConfig(method, pipeline.projection.dtype)))
+        seconds = time.perf_counter() - start
+        for keep in levels:
+            pruner.apply(keep)
+            rows.append({"method": method, "keep": keep, "project_seconds": round(seconds, 1),
+                         **accuracies()})
+            print(rows[-1], file=sys.stderr, flush=True)
+        pruner.apply(1.0)
+
+    print("| method | keep | validation acc | test acc |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['keep']} | {100 * r['validation']:.1f}% "
+              f"| {100 * r['test']:.1f}% |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained,
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__}},
+        indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

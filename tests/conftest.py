@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny random Llama saved as a local HF folder, with the offline tokenizer."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sieve_pl.models.loading import DEFAULT_MODEL, load_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The built-in model's tokenizer (converted from the GGUF once, then cached)."""
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer):
+    """A 2-layer random Llama in a local folder: loads through the same path as any HF model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def trainer():
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False)
+
+
+@pytest.fixture
+def tiny_data(tokenizer):
+    from sieve_pl.tasks import SplitSizes, TaskDataModule
+
+    data = TaskDataModule(sizes=SplitSizes(calibration=12, validation=8, test=8), batch_size=5)
+    data.prepare(tokenizer)
+    return data

@@ -1,0 +1,118 @@
+"""The CLI end to end: config parsing, one-line errors before heavy work, fit / rerun / test."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sieve_pl.cli import main
+from sieve_pl.io import read_json
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def run_cli(*args):
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(config, capsys):
+    assert run_cli("fit", "--config", str(config), "--print_config") == 0
+    out = capsys.readouterr().out
+    for section in ("model:", "data:", "search:", "projection:", "calibration:", "run:"):
+        assert section in out
+
+
+def test_help_documents_options(capsys):
+    assert run_cli("fit", "--help") == 0
+    out = capsys.readouterr().out
+    for option in ("--search.epsilon", "--projection.method", "--data.sizes.calibration",
+                   "--model.pretrained", "--run.name", "allowed accuracy loss"):
+        assert option in out
+
+
+@pytest.fixture
+def gpt2_config_only(tmp_path):
+    """A folder with a config and no weights: the architecture check must not need weights."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+    return str(tmp_path / "gpt2")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--search.epsilon", "1.5"], "search.epsilon must be in (0, 1)"),
+    (["--data.task.init_args.text_field", "review"], "dataset has no column 'review'; columns: text, label"),
+    (["--data.task.init_args.label_words", "{fresh: ' wonderful movie', rotten: ' bad'}"],
+     "is 2 tokens"),
+    (["--data.sizes.test", "100000"], "but 'rotten_tomatoes' has 12808"),
+    (["--model.pretrained", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
+    (["--data.source", "missing.csv"], "data file 'missing.csv' does not exist"),
+])
+def test_bad_input_fails_with_one_line(tmp_path, capsys, extra, message):
+    code = run_cli("fit", "--config", str(CONFIGS[0]), "--run.root", str(tmp_path), *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("sieve-pl: error:") and message in err[-1]
+    assert not (tmp_path / "demo" / "calibrate").exists()  # failed before any heavy work
+
+
+def test_unsupported_architecture_named_before_weights(tmp_path, capsys, gpt2_config_only):
+    code = run_cli("fit", "--run.root", str(tmp_path), "--model.pretrained", gpt2_config_only)
+    err = capsys.readouterr().err
+    assert code == 2 and "unsupported architecture 'gpt2'" in err and "llama" in err
+
+
+def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llama, capsys):
+    args = ["fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
+            "--run.name", "tiny", "--data.sizes.calibration", "12", "--data.sizes.validation",
+            "10", "--data.sizes.test", "10", "--data.batch_size", "5", *QUIET]
+    assert run_cli(*args) == 0
+    run = tmp_path / "tiny"
+    summary = read_json(run / "summary.json")
+    stages = ["calibrate", "project", "search", "export", "evaluate"]
+    first = {s: read_json(run / s / "stage.json")["fingerprint"] for s in stages}
+    assert (run / "export" / "model" / "model.safetensors").exists()
+    assert (run / "config.yaml").exists()
+    assert 0 < summary["target_params"]["kept"] <= summary["target_params"]["total"]
+    capsys.readouterr()
+
+    assert run_cli(*args) == 0  # same command: every stage skipped, same result
+    out = capsys.readouterr().err + capsys.readouterr().out
+    assert read_json(run / "summary.json")["pruned"] == summary["pruned"]
+    mtimes = {s: (run / s / "stage.json").stat().st_mtime_ns for s in stages}
+
+    assert run_cli(*args, "--search.epsilon", "0.3") == 0  # search and later re-run
+    after = {s: (run / s / "stage.json").stat().st_mtime_ns for s in stages}
+    assert after["calibrate"] == mtimes["calibrate"] and after["project"] == mtimes["project"]
+    assert after["search"] != mtimes["search"] and after["evaluate"] != mtimes["evaluate"]
+    assert read_json(run / "search" / "stage.json")["fingerprint"] != first["search"]
+    assert not list(run.glob(".*.tmp"))  # no temporary stage folder left behind
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
+    """The real SmolLM2 on Rotten Tomatoes: fit, then `test` reloads the export and agrees."""
+    args = ["--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml"),
+            "--run.root", str(tmp_path), "--data.sizes.calibration", "32",
+            "--data.sizes.validation", "48", "--data.sizes.test", "48", *QUIET]
+    assert run_cli("fit", *args) == 0
+    summary = read_json(tmp_path / "demo" / "summary.json")
+    assert summary["base"]["validation"] > 0.6  # the task is learnable by the base model
+    assert summary["pruned"]["validation"] >= (1 - 0.05) * summary["base"]["validation"] - 1e-9
+    assert summary["keep"] < 1.0 and summary["factored_matrices"] > 0
+    capsys.readouterr()
+    assert run_cli("test", *args) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    base_line = next(line for line in text.splitlines() if line.strip().startswith("base:"))
+    pruned_line = next(line for line in text.splitlines() if line.strip().startswith("pruned:"))
+    assert f"{100 * summary['base']['test']:.2f}%" in base_line
+    # the exported folder (reloaded through trust_remote_code) scores exactly what fit measured
+    assert f"{100 * summary['pruned']['test']:.2f}%" in pruned_line
+    assert f"{summary['model_params']['pruned'] / 1e6:.2f}M" in pruned_line
