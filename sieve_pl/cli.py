@@ -10,9 +10,9 @@ import sys
 from typing import Literal
 
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
 
 from .errors import SieveError
+from .io import say
 from .models.module import SieveLM, evaluate
 from .pipeline import Pipeline, RunConfig
 from .stages.calibrate import CalibrationConfig
@@ -72,7 +72,7 @@ class SieveCLI(LightningCLI):
             lm.set_task(data.task)
             acc = evaluate(self.trainer, lm, data.loader(split))
             params = sum(p.numel() for p in lm.net.parameters())
-            rank_zero_info(f"{name:>6}: {split} accuracy {100 * acc:.2f}% "
+            say(f"{name:>6}: {split} accuracy {100 * acc:.2f}% "
                            f"({len(data.splits[split])} examples, {params / 1e6:.2f}M parameters)")
 
 

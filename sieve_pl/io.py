@@ -7,7 +7,15 @@ import json
 import os
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from .errors import SieveError
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    """A result for the user: stdout, once (rank 0), unlike progress logs."""
+    print(message, flush=True)
 
 
 def package_file(package: str, filename: str) -> Path:

@@ -20,14 +20,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 
-from .report import format_summary
-from .io import fingerprint, read_json, write_json
+from .report import format_summary, save_search
+from .io import fingerprint, read_json, say, write_json
 from .models.hf import save_pruned
 from .models.module import SieveLM, evaluate
 from .models.pruning import Pruner
 from .stages.calibrate import CalibrationConfig, calibrate
 from .stages.project import ProjectionConfig, project
-from .stages.search import SearchConfig, uniform_search
+from .stages.search import Fitness, SearchConfig, search
 from .tasks.datamodule import TaskDataModule
 
 
@@ -56,9 +56,13 @@ class RunDir:
         self.upstream = ""
         self.timings: dict[str, float] = {}
 
-    def stage(self, name: str, config: dict, compute: Callable[[], object],
+    def stage(self, name: str, config: dict, compute: Callable[[Path], object],
               save: Callable[[object, Path], None], load: Callable[[Path], object]):
-        """Load the stage's artifacts if its fingerprint matches, else compute and save them."""
+        """Load the stage's artifacts if its fingerprint matches, else compute and save them.
+
+        ``compute`` gets a work folder that survives a kill (for a stage's own checkpoints); it is
+        emptied when the fingerprint changes and removed once the stage is complete.
+        """
         fp = fingerprint(name, config, self.upstream)
         self.upstream = fp
         final = self.path / name
@@ -67,8 +71,15 @@ class RunDir:
             rank_zero_info(f"[sieve-pl] {name}: done earlier, loading {final}")
             self.timings[name] = read_json(marker)["seconds"]
             return load(final)
+        work = self.path / f".{name}.work"
+        if self.trainer.is_global_zero:
+            if (work / "fingerprint").exists() and (work / "fingerprint").read_text() != fp:
+                shutil.rmtree(work)
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "fingerprint").write_text(fp)
+        self.trainer.strategy.barrier()
         start = time.perf_counter()
-        result = compute()
+        result = compute(work)
         if self.trainer.is_global_zero:
             tmp = final.with_name(f".{name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -79,6 +90,7 @@ class RunDir:
                                             "seconds": seconds})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            shutil.rmtree(work, ignore_errors=True)
         self.trainer.strategy.barrier()
         self.timings[name] = round(time.perf_counter() - start, 2)
         rank_zero_info(f"[sieve-pl] {name}: {self.timings[name]:.1f}s -> {final}")
@@ -124,10 +136,10 @@ class Pipeline:
     def calibrate(self, run: RunDir, groups: dict[str, list[str]]) -> dict:
         lm, data = self.lm, self.data
         config = {"model": {"pretrained": lm.pretrained, "dtype": lm.dtype_name},
-                  "data": data.fingerprint_config(), **asdict(self.calibration)}
+                  "data": data.fingerprint_config("calibration"), **asdict(self.calibration)}
         return run.stage(
             "calibrate", config,
-            lambda: calibrate(self.trainer, lm.net, groups, data.calibration_dataloader(),
+            lambda work: calibrate(self.trainer, lm.net, groups, data.calibration_dataloader(),
                               self.calibration),
             lambda s, d: _save_tensors(s, d / "stats.safetensors"),
             lambda d: load_file(str(d / "stats.safetensors")))
@@ -140,44 +152,49 @@ class Pipeline:
         stats = self.calibrate(run, groups)
         bases = run.stage(
             "project", asdict(self.projection),
-            lambda: project(lm.net, groups, stats, self.projection), _save_bases, _load_bases)
+            lambda work: project(lm.net, groups, stats, self.projection), _save_bases, _load_bases)
         del stats
         pruner = Pruner(lm.net, bases)
 
-        def val_accuracy(keep) -> float:
-            pruner.apply(keep)
-            return evaluate(self.trainer, lm, data.val_dataloader())
+        def run_search(work: Path) -> dict:
+            fitness = Fitness(self.trainer, lm, pruner, data.val_dataloader(),
+                              self.search.early_reject)
+            return search(fitness, list(bases), self.search, work, self.trainer.is_global_zero)
 
         found = run.stage(
-            "search", asdict(self.search),
-            lambda: uniform_search(val_accuracy, val_accuracy(1.0), self.search),
-            lambda r, d: write_json(d / "search.json", r),
-            lambda d: read_json(d / "search.json"))
-        ranks = pruner.apply(found["keep"])
-        run.stage("export", {}, lambda: ranks,
+            "search", {"data": data.fingerprint_config("validation"), **asdict(self.search)},
+            run_search, save_search, lambda d: read_json(d / "search.json"))
+        levels = found["levels"]
+        ranks = pruner.apply(levels)
+        run.stage("export", {}, lambda work: ranks,
                   lambda r, d: save_pruned(lm.net, data.tokenizer, r, d / "model"),
                   lambda d: read_json(d / "model" / "config.json")["sieve_ranks"])
 
-        def test_report() -> dict:
-            kept, total = pruner.params(found["keep"])
-            pruned_test = evaluate(self.trainer, lm, data.test_dataloader())
-            pruner.apply(1.0)
-            base_test = evaluate(self.trainer, lm, data.test_dataloader())
-            pruner.apply(found["keep"])
-            return {"keep": found["keep"], "epsilon": self.search.epsilon,
-                    "base": {"validation": found["base_accuracy"], "test": base_test},
-                    "pruned": {"validation": found["accuracy"], "test": pruned_test},
-                    "target_params": {"kept": kept, "total": total},
-                    "model_params": {"dense": dense_params,
-                                     "pruned": dense_params - (total - kept)},
-                    "factored_matrices": len(ranks),
+        def test_report(work: Path) -> dict:
+            test = data.test_dataloader()
+            rows = {}
+            variants = [("pruned", levels, found["accuracy"]),
+                        ("base", 1.0, found["base_accuracy"])]
+            if self.search.strategy != "uniform":
+                variants.append(("uniform", found["uniform"]["keep"],
+                                 found["uniform"]["accuracy"]))
+            for row, keep, val in variants:
+                pruner.apply(keep)
+                kept, total = pruner.params(keep)
+                rows[row] = {"validation": val, "test": evaluate(self.trainer, lm, test),
+                             "target_params_kept": kept,
+                             "params": dense_params - (total - kept)}
+            pruner.apply(levels)
+            return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
+                    "target_params": total, **rows, "factored_matrices": len(ranks),
+                    "bottlenecks": found.get("bottlenecks", []), "cost": found.get("cost"),
                     "model_dir": str(self.run.path / "export" / "model")}
 
-        report = run.stage("evaluate", {}, test_report,
+        report = run.stage("evaluate", {"data": data.fingerprint_config("test")}, test_report,
                            lambda r, d: write_json(d / "summary.json", r),
                            lambda d: read_json(d / "summary.json"))
         report["stage_seconds"] = dict(run.timings)
         if self.trainer.is_global_zero:
             write_json(self.run.path / "summary.json", report)
-        rank_zero_info(format_summary(report))
+        say(format_summary(report))
         return report

@@ -1,5 +1,11 @@
-"""Human-readable run summaries."""
+"""Run summaries and search plots (Markdown / CSV / PNG)."""
 from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from .io import write_json
 
 
 def _pct(x: float) -> str:
@@ -8,23 +14,81 @@ def _pct(x: float) -> str:
 
 def format_summary(r: dict) -> str:
     """The short table printed at the end of ``sieve-pl fit``."""
-    kept, total = r["target_params"]["kept"], r["target_params"]["total"]
-    dense, pruned = r["model_params"]["dense"], r["model_params"]["pruned"]
-    lines = [
-        "",
-        f"sieve-pl: uniform keep {r['keep']:.3f} at epsilon {r['epsilon']} "
-        f"({r['factored_matrices']} matrices factored)",
-        "| model  | validation acc | test acc | parameters |",
-        "|--------|----------------|----------|------------|",
-        f"| base   | {_pct(r['base']['validation']):>14} | {_pct(r['base']['test']):>8} "
-        f"| {dense / 1e6:>8.2f}M |",
-        f"| pruned | {_pct(r['pruned']['validation']):>14} | {_pct(r['pruned']['test']):>8} "
-        f"| {pruned / 1e6:>8.2f}M |",
-        f"decoder Linear weights kept: {kept:,} / {total:,} ({_pct(kept / total)}); "
-        f"whole model: {_pct(pruned / dense)}",
-        f"pruned model: {r['model_dir']}",
-    ]
+    total = r["target_params"]
+    lines = ["", f"sieve-pl: {r['strategy']} search at epsilon {r['epsilon']} "
+                 f"({r['factored_matrices']} matrices factored)",
+             "| model   | validation acc | test acc | parameters | decoder Linear weights kept |",
+             "|---------|----------------|----------|------------|-----------------------------|"]
+    rows = ["base", "uniform", "pruned"] if r["strategy"] != "uniform" else ["base", "pruned"]
+    for name in rows:
+        row = r[name]
+        lines.append(f"| {name:<7} | {_pct(row['validation']):>14} | {_pct(row['test']):>8} "
+                     f"| {row['params'] / 1e6:>9.2f}M | {_pct(row['target_params_kept'] / total):>27} |")
+    if r.get("cost"):
+        c = r["cost"]
+        lines.append(f"search cost: {c['ga_tokens']:,} forward tokens in {c['ga_evaluations']} "
+                     f"evaluations = {_pct(c['ga_tokens'] / c['naive_tokens'])} of a naive "
+                     f"search (population x generations x validation set)")
+    if r.get("bottlenecks"):
+        lines.append(f"bottlenecks (never pruned): {len(r['bottlenecks'])} matrices, e.g. "
+                     + ", ".join(r["bottlenecks"][:4]))
+    lines.append(f"pruned model: {r['model_dir']}")
     if r.get("stage_seconds"):
         lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}"
                                                    for k, v in r["stage_seconds"].items()))
     return "\n".join(lines)
+
+
+def _layer_and_kind(name: str) -> tuple[int, str]:
+    """``model.layers.3.self_attn.q_proj`` -> (3, ``self_attn.q_proj``)."""
+    match = re.search(r"\.(\d+)\.(.+)$", name)
+    return (int(match.group(1)), match.group(2)) if match else (0, name)
+
+
+def save_search(result: dict, folder: Path) -> None:
+    """search.json, levels.json, logbook.csv and PNG plots of the search."""
+    folder = Path(folder)
+    write_json(folder / "search.json", result)
+    write_json(folder / "levels.json", result["levels"])
+    logbook = result.get("logbook") or []
+    if not logbook:
+        return
+    with open(folder / "logbook.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(logbook[0]))
+        writer.writeheader()
+        writer.writerows(logbook)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    gens = [r["generation"] for r in logbook]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(gens, [r["best"] for r in logbook], marker="o", label="best")
+    ax.plot(gens, [r["mean"] for r in logbook], marker=".", label="mean")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness (fraction removed; < 0 infeasible)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "fitness.png", dpi=120)
+    plt.close(fig)
+
+    cells = {_layer_and_kind(n): keep for n, keep in result["levels"].items()}
+    layers = sorted({layer for layer, _ in cells})
+    kinds = list(dict.fromkeys(kind for _, kind in cells))
+    grid = np.full((len(layers), len(kinds)), np.nan)
+    for (layer, kind), keep in cells.items():
+        grid[layers.index(layer), kinds.index(kind)] = keep
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.5 + 0.22 * len(layers)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(kinds)), [k.split(".")[-1] for k in kinds], rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_ylabel("layer")
+    ax.set_title("keep level per matrix")
+    fig.colorbar(image, ax=ax, label="keep fraction")
+    fig.tight_layout()
+    fig.savefig(folder / "levels.png", dpi=120)
+    plt.close(fig)

@@ -79,7 +79,7 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
     first = {s: read_json(run / s / "stage.json")["fingerprint"] for s in stages}
     assert (run / "export" / "model" / "model.safetensors").exists()
     assert (run / "config.yaml").exists()
-    assert 0 < summary["target_params"]["kept"] <= summary["target_params"]["total"]
+    assert 0 < summary["pruned"]["target_params_kept"] <= summary["target_params"]
     capsys.readouterr()
 
     assert run_cli(*args) == 0  # same command: every stage skipped, same result
@@ -92,6 +92,12 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
     assert after["calibrate"] == mtimes["calibrate"] and after["project"] == mtimes["project"]
     assert after["search"] != mtimes["search"] and after["evaluate"] != mtimes["evaluate"]
     assert read_json(run / "search" / "stage.json")["fingerprint"] != first["search"]
+
+    # a later split's size touches only the stages that read it
+    assert run_cli(*args, "--search.epsilon", "0.3", "--data.sizes.test", "8") == 0
+    last = {s: (run / s / "stage.json").stat().st_mtime_ns for s in stages}
+    assert all(last[s] == after[s] for s in ("calibrate", "project", "search", "export"))
+    assert last["evaluate"] != after["evaluate"]
     assert not list(run.glob(".*.tmp"))  # no temporary stage folder left behind
 
 
@@ -100,19 +106,26 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
     """The real SmolLM2 on Rotten Tomatoes: fit, then `test` reloads the export and agrees."""
     args = ["--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml"),
             "--run.root", str(tmp_path), "--data.sizes.calibration", "32",
-            "--data.sizes.validation", "48", "--data.sizes.test", "48", *QUIET]
+            "--data.sizes.validation", "48", "--data.sizes.test", "48",
+            "--search.population", "6", "--search.generations", "2", *QUIET]
     assert run_cli("fit", *args) == 0
     summary = read_json(tmp_path / "demo" / "summary.json")
-    assert summary["base"]["validation"] > 0.6  # the task is learnable by the base model
-    assert summary["pruned"]["validation"] >= (1 - 0.05) * summary["base"]["validation"] - 1e-9
-    assert summary["keep"] < 1.0 and summary["factored_matrices"] > 0
+    base, uniform, pruned = summary["base"], summary["uniform"], summary["pruned"]
+    assert base["validation"] > 0.6  # the task is learnable by the base model
+    eps = read_json(tmp_path / "demo" / "search" / "stage.json")["config"]["epsilon"]
+    for row in (uniform, pruned):
+        assert row["validation"] >= (1 - eps) * base["validation"] - 1e-9
+    # the GA starts from the uniform level, so it never removes less
+    assert pruned["target_params_kept"] <= uniform["target_params_kept"] < summary["target_params"]
+    assert summary["factored_matrices"] > 0
+    assert (tmp_path / "demo" / "search" / "levels.png").exists()
     capsys.readouterr()
     assert run_cli("test", *args) == 0
     out = capsys.readouterr()
     text = out.out + out.err
     base_line = next(line for line in text.splitlines() if line.strip().startswith("base:"))
     pruned_line = next(line for line in text.splitlines() if line.strip().startswith("pruned:"))
-    assert f"{100 * summary['base']['test']:.2f}%" in base_line
+    assert f"{100 * base['test']:.2f}%" in base_line
     # the exported folder (reloaded through trust_remote_code) scores exactly what fit measured
-    assert f"{100 * summary['pruned']['test']:.2f}%" in pruned_line
-    assert f"{summary['model_params']['pruned'] / 1e6:.2f}M" in pruned_line
+    assert f"{100 * pruned['test']:.2f}%" in pruned_line
+    assert f"{pruned['params'] / 1e6:.2f}M" in pruned_line

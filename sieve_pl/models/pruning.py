@@ -74,7 +74,8 @@ class Pruner:
     def apply(self, keep: float | dict[str, float]) -> dict[str, int]:
         """Put the model at these levels (in place); returns the ranks of factored matrices."""
         ranks = self.ranks(keep)
+        device = next(self.model.parameters()).device  # the model may have moved since
         for name in self.dense:
-            set_submodule(self.model, name,
-                          self.factored(name, ranks[name]) if name in ranks else self.dense[name])
+            module = self.factored(name, ranks[name]) if name in ranks else self.dense[name]
+            set_submodule(self.model, name, module.to(device))
         return ranks

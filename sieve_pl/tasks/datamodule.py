@@ -66,11 +66,16 @@ class TaskDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.splits: dict = {}
 
-    def fingerprint_config(self) -> dict:
-        """What the data depends on, for stage fingerprints."""
+    def fingerprint_config(self, split: str) -> dict:
+        """What one split's examples depend on, for stage fingerprints.
+
+        Splits are consecutive slices of one shuffle, so a split depends on its own size and on
+        the sizes of the splits before it, not on those after it.
+        """
+        before = SPLITS[:SPLITS.index(split) + 1]
         return {"source": self.source, "name": self.name, "split": self.split,
-                "task": self.task.config(),
-                "sizes": asdict(self.sizes), "max_length": self.max_length, "seed": self.seed}
+                "task": self.task.config(), "max_length": self.max_length, "seed": self.seed,
+                "sizes": {s: getattr(self.sizes, s) for s in before}}
 
     def prepare(self, tokenizer) -> None:
         """Load, check and split the data (cheap; runs before any model weight is loaded)."""

@@ -1,0 +1,100 @@
+"""Genetic search: exact early rejection, the genome cache, resume == uninterrupted."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sieve_pl.models.module import SieveLM
+from sieve_pl.models.pruning import Pruner
+from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
+from sieve_pl.stages.project import ProjectionConfig, project
+from sieve_pl.stages.search import Fitness, GeneticSearch, SearchConfig, search
+from sieve_pl.tasks import SplitSizes, TaskDataModule
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama, tokenizer):
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    data = TaskDataModule(sizes=SplitSizes(calibration=16, validation=40, test=8), batch_size=6)
+    data.prepare(tokenizer)
+    lm = SieveLM(tiny_llama)
+    lm.load()
+    lm.set_task(data.task)
+    groups = lm.adapter.input_groups(lm.net)
+    stats = calibrate(trainer, lm.net, groups, data.calibration_dataloader(), CalibrationConfig())
+    pruner = Pruner(lm.net, project(lm.net, groups, stats, ProjectionConfig()))
+    return trainer, lm, pruner, data
+
+
+CONFIG = SearchConfig(epsilon=0.1, population=6, generations=3, elite=1, seed=3,
+                      gene_mutation_prob=0.2)
+
+
+def _fitness(setup, early_reject=True):
+    trainer, lm, pruner, data = setup
+    return Fitness(trainer, lm, pruner, data.val_dataloader(), early_reject)
+
+
+def test_early_rejection_never_changes_a_decision(setup):
+    names = list(setup[2].dense)
+    ladder = [1.0, 0.7, 0.4, 0.1]
+    rng = random.Random(0)
+    genomes = [[rng.randint(0, d) for _ in names] for d in (0, 1, 2, 3, 3, 3, 2, 1)]
+    fast, full = _fitness(setup, True), _fitness(setup, False)
+    base = full.accuracy(1.0)
+    target = CONFIG.target(base)
+    ga_fast = GeneticSearch(fast, names, ladder, target, CONFIG, None)
+    ga_full = GeneticSearch(full, names, ladder, target, CONFIG, None)
+    decisions = set()
+    for genome in genomes:
+        a, b = ga_fast.score(genome), ga_full.score(genome)
+        assert a["feasible"] == b["feasible"] and a["value"] == pytest.approx(b["value"])
+        assert b["seen"] == full.n and a["seen"] <= full.n
+        decisions.add(a["feasible"])
+    assert decisions == {True, False}, "the genomes must include feasible and infeasible ones"
+    assert fast.tokens_spent < full.tokens_spent  # rejection saved work
+
+
+def test_cache_prevents_reevaluation(setup):
+    fitness = _fitness(setup)
+    result = search(fitness, list(setup[2].dense), CONFIG, None)
+    assert result["feasible"] and result["accuracy"] >= result["target"]
+    # every GA evaluation was a distinct genome; elites and unchanged children were not rescored
+    assert result["cost"]["ga_evaluations"] == result["distinct_genomes"]
+    assert result["distinct_genomes"] < CONFIG.population * (CONFIG.generations + 1)
+    assert result["cost"]["ga_tokens"] < result["cost"]["naive_tokens"]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_uninterrupted(setup, tmp_path):
+    names = list(setup[2].dense)
+    (tmp_path / "a").mkdir()
+    uninterrupted = search(_fitness(setup), names, CONFIG, tmp_path / "a")
+
+    work = tmp_path / "b"
+    work.mkdir()
+    fitness = _fitness(setup)
+    calls = {"n": 0}
+    correct = fitness.correct
+
+    def dying(*args, **kwargs):  # dies mid-generation 2
+        calls["n"] += 1
+        if calls["n"] > uninterrupted["uniform"]["evaluations"] + 9:
+            raise Killed
+        return correct(*args, **kwargs)
+
+    fitness.correct = dying
+    with pytest.raises(Killed):
+        search(fitness, names, CONFIG, work)
+    assert (work / "state.json").exists()
+    resumed = search(_fitness(setup), names, CONFIG, work)
+    for key in ("genome", "levels", "value", "accuracy", "logbook", "bottlenecks"):
+        assert resumed[key] == uninterrupted[key], key
+    assert resumed["cost"] == uninterrupted["cost"]
