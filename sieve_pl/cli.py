@@ -7,21 +7,25 @@ the validation / test split.
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
 from .errors import SieveError
-from .io import say
-from .models.module import SieveLM, evaluate
-from .pipeline import Pipeline, RunConfig
+from .io import say, write_json
+from .models.module import SieveLM, evaluate, measure
+from .pipeline import Pipeline, QuantizeConfig, RunConfig
 from .stages.calibrate import CalibrationConfig
 from .stages.project import ProjectionConfig
+from .stages.recover import RecoverConfig
+from .stages.refit import RefitConfig
 from .stages.search import SearchConfig
 from .tasks.datamodule import TaskDataModule
 
 STAGE_CONFIGS = {"run": RunConfig, "calibration": CalibrationConfig,
-                 "projection": ProjectionConfig, "search": SearchConfig}
+                 "projection": ProjectionConfig, "search": SearchConfig, "refit": RefitConfig,
+                 "recover": RecoverConfig, "quantize": QuantizeConfig}
 
 
 class SieveCLI(LightningCLI):
@@ -39,11 +43,19 @@ class SieveCLI(LightningCLI):
         parser.add_argument("--evaluate", type=Literal["auto", "base", "pruned"], default="auto",
                             help="validate/test: which model to score (auto: base, plus the "
                                  "pruned one when the run has been exported)")
+        parser.add_argument("--quantized", type=Literal["none", "int8", "nf4"], default="none",
+                            help="validate/test: load the scored model(s) quantized by "
+                                 "bitsandbytes")
+        parser.add_argument("--measure_json", type=Optional[str], default=None,
+                            help="validate/test: score one model on the validation and test "
+                                 "splits and write accuracy, latency per example, peak memory "
+                                 "(max RSS of this process) and bytes on disk as JSON")
 
     def pipeline(self, subcommand: str | None = None) -> Pipeline:
         cfg = self.config_init[subcommand] if subcommand else self.config_init
         return Pipeline(self.trainer, self.model, self.datamodule,
-                        **{name: cfg[name] for name in STAGE_CONFIGS})
+                        **{name: cfg[name] for name in STAGE_CONFIGS},
+                        make_trainer=self.instantiate_trainer)
 
     def _run_subcommand(self, subcommand: str) -> None:
         pipeline = self.pipeline(subcommand)
@@ -54,26 +66,35 @@ class SieveCLI(LightningCLI):
                                          overwrite=True, skip_check=True)
             pipeline.fit()
             return
-        split = "validation" if subcommand == "validate" else "test"
-        which = self.config_init[subcommand]["evaluate"]
+        cfg = self.config_init[subcommand]
         pipeline.prepare()
         exported = pipeline.run.path / "export" / "model"
         rows = []
-        if which in ("auto", "base"):
+        if cfg["evaluate"] in ("auto", "base"):
             rows.append(("base", self.model))
-        if which == "pruned" or (which == "auto" and (exported / "config.json").exists()):
+        if cfg["evaluate"] == "pruned" or (cfg["evaluate"] == "auto"
+                                           and (exported / "config.json").exists()):
             if not (exported / "config.json").exists():
                 raise SieveError(f"no exported model at {exported}: run `sieve-pl fit` first")
             rows.append(("pruned", SieveLM(str(exported), self.model.dtype_name,
                                            trust_remote_code=True)))
+        if cfg["measure_json"]:
+            if len(rows) != 1:
+                raise SieveError("--measure_json scores one model: add --evaluate base|pruned")
+            write_json(Path(cfg["measure_json"]), measure(self.trainer, rows[0][1],
+                                                          self.datamodule, cfg["quantized"]))
+            return
+        split = "validation" if subcommand == "validate" else "test"
         data = self.datamodule
         for name, lm in rows:
+            lm.quantize = cfg["quantized"]
             lm.load()
             lm.set_task(data.task)
             acc = evaluate(self.trainer, lm, data.loader(split))
             params = sum(p.numel() for p in lm.net.parameters())
             say(f"{name:>6}: {split} accuracy {100 * acc:.2f}% "
-                           f"({len(data.splits[split])} examples, {params / 1e6:.2f}M parameters)")
+                f"({len(data.splits[split])} examples, {params / 1e6:.2f}M parameters"
+                f"{'' if lm.quantize == 'none' else ', ' + lm.quantize})")
 
 
 def main(args=None) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import lightning as L
 import torch
@@ -27,6 +29,8 @@ from .models.module import SieveLM, evaluate
 from .models.pruning import Pruner
 from .stages.calibrate import CalibrationConfig, calibrate
 from .stages.project import ProjectionConfig, project
+from .stages.recover import RecoverConfig, lora_targets, recover, with_weights
+from .stages.refit import RefitConfig, refit
 from .stages.search import Fitness, SearchConfig, search
 from .tasks.datamodule import TaskDataModule
 
@@ -111,18 +115,58 @@ def _load_bases(folder: Path):
     return {n[:-2]: (flat[n], flat[n[:-2] + ".B"]) for n in flat if n.endswith(".A")}
 
 
+def _save_recover(result: dict, folder: Path) -> None:
+    write_json(folder / "recover.json", {k: v for k, v in result.items() if k != "weights"})
+    _save_tensors(result["weights"], folder / "weights.safetensors")
+
+
+def _load_recover(folder: Path) -> dict:
+    return {**read_json(folder / "recover.json"),
+            "weights": load_file(str(folder / "weights.safetensors"))}
+
+
+@dataclass
+class QuantizeConfig:
+    """Quantized forms of the exported model (bitsandbytes, applied when it is loaded).
+
+    Args:
+        formats: forms to evaluate: int8 and/or nf4.
+        measure: also measure disk size, peak memory and latency of the base and exported
+            models (each in a fresh process, on the test split).
+    """
+
+    formats: list[Literal["int8", "nf4"]] = field(default_factory=list)
+    measure: bool = False
+
+
+def _save_refit(result: dict, folder: Path) -> None:
+    write_json(folder / "refit.json", {k: v for k, v in result.items() if k != "factors"})
+    _save_bases(result["factors"], folder)
+
+
+def _load_refit(folder: Path) -> dict:
+    return {**read_json(folder / "refit.json"), "factors": _load_bases(folder)}
+
+
 class Pipeline:
-    """``sieve-pl fit``: calibrate → project → search → export → evaluate, skipping done stages."""
+    """``sieve-pl fit``: calibrate → project → search → refit → export → evaluate.
+
+    Finished stages are skipped; each stage's config section is in its fingerprint.
+    """
 
     def __init__(self, trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, run: RunConfig,
                  calibration: CalibrationConfig, projection: ProjectionConfig,
-                 search: SearchConfig):
+                 search: SearchConfig, refit: RefitConfig, recover: RecoverConfig,
+                 quantize: QuantizeConfig, make_trainer: Callable[..., L.Trainer] | None = None):
         self.trainer, self.lm, self.data, self.run = trainer, lm, data, run
         self.calibration, self.projection, self.search = calibration, projection, search
+        self.refit, self.recover, self.quantize = refit, recover, quantize
+        self.make_trainer = make_trainer
 
     def prepare(self) -> None:
         """Every check that needs no weights: architecture, data columns, label words, options."""
         self.search.check()
+        self.recover.check(self.data.sizes.train)
         self.lm.check()
         self.data.prepare(self.lm.tokenizer())
 
@@ -144,6 +188,39 @@ class Pipeline:
             lambda s, d: _save_tensors(s, d / "stats.safetensors"),
             lambda d: load_file(str(d / "stats.safetensors")))
 
+    def _recover(self, work: Path) -> dict:
+        lm, data = self.lm, self.data
+        return recover(self.make_trainer, lm.net, data.task, lora_targets(lm.net, lm.adapter.layers),
+                       data.train_dataloader(), data.val_dataloader(), self.recover, work)
+
+    def _measure(self, rows: dict, final: str, work: Path) -> None:
+        """Disk, peak memory and latency of each deployable form, each in a fresh process.
+
+        The base and the exported model are measured as folders; the quantized forms are the
+        exported folder loaded through bitsandbytes. Variants that share a structure with a
+        measured one (pruned before LoRA, dense + LoRA: merged adapters add no weights) report
+        that one's disk, memory and latency.
+        """
+        forms = [("base", "base", "none"), (final, "pruned", "none")]
+        forms += [(f"{final}+{fmt}", "pruned", fmt) for fmt in self.quantize.formats]
+        for row, which, fmt in forms:
+            out = work / f"measure-{row}.json"
+            command = [sys.executable, "-m", "sieve_pl.cli", "test",
+                       "--config", str(self.run.path / "config.yaml"), "--evaluate", which,
+                       "--quantized", fmt, "--measure_json", str(out), "--trainer.devices", "1",
+                       "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"measuring {row} failed:\n{done.stderr[-2000:]}")
+            measured = read_json(out)
+            rows.setdefault(row, {"target_params_kept": rows[final]["target_params_kept"],
+                                  "params": rows[final]["params"]})
+            rows[row].update(measured)
+        for row, like in (("pruned", final), ("dense+lora", "base")):
+            if row in rows and row != like:
+                rows[row].update({k: rows[like][k] for k in
+                                  ("latency_ms_per_example", "peak_rss_mb", "disk_mb")})
+
     def fit(self) -> dict:
         run = self.load()
         lm, data = self.lm, self.data
@@ -154,7 +231,7 @@ class Pipeline:
             "project", asdict(self.projection),
             lambda work: project(lm.net, groups, stats, self.projection), _save_bases, _load_bases)
         del stats
-        pruner = Pruner(lm.net, bases)
+        pruner = Pruner(lm.net, bases, self.search.rank_multiple)
 
         def run_search(work: Path) -> dict:
             fitness = Fitness(self.trainer, lm, pruner, data.val_dataloader(),
@@ -165,32 +242,79 @@ class Pipeline:
             "search", {"data": data.fingerprint_config("validation"), **asdict(self.search)},
             run_search, save_search, lambda d: read_json(d / "search.json"))
         levels = found["levels"]
+
+        def run_refit(work: Path) -> dict:
+            if not self.refit.enabled:
+                return {"used": False, "factors": {}}
+            factors = refit(self.trainer, lm.net, pruner, groups, levels,
+                            data.calibration_dataloader(), self.refit.ridge)
+            after = evaluate(self.trainer, lm, data.val_dataloader())
+            return {"used": after >= found["accuracy"], "factors": factors,
+                    "accuracy_before": found["accuracy"], "accuracy_after": after}
+
+        refitted = run.stage("refit", asdict(self.refit), run_refit, _save_refit, _load_refit)
+        if refitted["used"]:
+            pruner.refitted = refitted["factors"]
+        pruned_accuracy = refitted["accuracy_after"] if refitted["used"] else found["accuracy"]
         ranks = pruner.apply(levels)
-        run.stage("export", {}, lambda work: ranks,
-                  lambda r, d: save_pruned(lm.net, data.tokenizer, r, d / "model"),
-                  lambda d: read_json(d / "model" / "config.json")["sieve_ranks"])
+
+        def run_recover(work: Path) -> dict:
+            if not self.recover.enabled:
+                return {"weights": {}}
+            result = self._recover(work / "pruned")
+            if self.recover.compare_dense:  # the same LoRA budget and steps on the dense model
+                pruner.apply(1.0)
+                dense = self._recover(work / "dense")
+                with with_weights(lm.net, dense.pop("weights")):
+                    dense["validation"] = evaluate(self.trainer, lm, data.val_dataloader())
+                    dense["test"] = evaluate(self.trainer, lm, data.test_dataloader())
+                result["dense"] = dense
+                pruner.apply(levels)
+            return result
+
+        recovered = run.stage(
+            "recover", {"data": data.fingerprint_config("train"), **asdict(self.recover)},
+            run_recover, _save_recover, _load_recover)
+        with with_weights(lm.net, recovered["weights"]):
+            run.stage("export", {}, lambda work: ranks,
+                      lambda r, d: save_pruned(lm.net, data.tokenizer, r, d / "model"),
+                      lambda d: read_json(d / "model" / "config.json")["sieve_ranks"])
 
         def test_report(work: Path) -> dict:
             test = data.test_dataloader()
             rows = {}
-            variants = [("pruned", levels, found["accuracy"]),
-                        ("base", 1.0, found["base_accuracy"])]
+            variants = [("base", 1.0, found["base_accuracy"], {})]
             if self.search.strategy != "uniform":
                 variants.append(("uniform", found["uniform"]["keep"],
-                                 found["uniform"]["accuracy"]))
-            for row, keep, val in variants:
+                                 found["uniform"]["accuracy"], {}))
+            variants.append(("pruned", levels, pruned_accuracy, {}))
+            if recovered["weights"]:
+                variants.append(("pruned+lora", levels, recovered["best_val_acc"],
+                                 recovered["weights"]))
+            for row, keep, val, weights in variants:
                 pruner.apply(keep)
                 kept, total = pruner.params(keep)
-                rows[row] = {"validation": val, "test": evaluate(self.trainer, lm, test),
-                             "target_params_kept": kept,
-                             "params": dense_params - (total - kept)}
+                with with_weights(lm.net, weights):
+                    rows[row] = {"validation": val, "test": evaluate(self.trainer, lm, test),
+                                 "target_params_kept": kept,
+                                 "params": dense_params - (total - kept)}
+            if "dense" in recovered:
+                rows["dense+lora"] = {**{k: recovered["dense"][k] for k in ("validation", "test")},
+                                      "target_params_kept": total, "params": dense_params}
             pruner.apply(levels)
+            final = "pruned+lora" if recovered["weights"] else "pruned"
+            if self.quantize.measure or self.quantize.formats:
+                self._measure(rows, final, work)
             return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
-                    "target_params": total, **rows, "factored_matrices": len(ranks),
+                    "target_params": total, "rows": rows, "final": final,
+                    "factored_matrices": len(ranks),
                     "bottlenecks": found.get("bottlenecks", []), "cost": found.get("cost"),
+                    "refit": {k: v for k, v in refitted.items() if k != "factors"},
+                    "recover": {k: v for k, v in recovered.items() if k != "weights"},
                     "model_dir": str(self.run.path / "export" / "model")}
 
-        report = run.stage("evaluate", {"data": data.fingerprint_config("test")}, test_report,
+        report = run.stage("evaluate", {"data": data.fingerprint_config("test"),
+                                        "quantize": asdict(self.quantize)}, test_report,
                            lambda r, d: write_json(d / "summary.json", r),
                            lambda d: read_json(d / "summary.json"))
         report["stage_seconds"] = dict(run.timings)

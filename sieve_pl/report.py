@@ -15,24 +15,34 @@ def _pct(x: float) -> str:
 def format_summary(r: dict) -> str:
     """The short table printed at the end of ``sieve-pl fit``."""
     total = r["target_params"]
+    measured = any("peak_rss_mb" in row for row in r["rows"].values())
+    head = "| model | validation acc | test acc | parameters | decoder Linear weights kept |"
+    rule = "|---|---|---|---|---|"
+    if measured:
+        head += " disk MB | peak RSS MB | ms / example |"
+        rule += "---|---|---|"
     lines = ["", f"sieve-pl: {r['strategy']} search at epsilon {r['epsilon']} "
-                 f"({r['factored_matrices']} matrices factored)",
-             "| model   | validation acc | test acc | parameters | decoder Linear weights kept |",
-             "|---------|----------------|----------|------------|-----------------------------|"]
-    rows = ["base", "uniform", "pruned"] if r["strategy"] != "uniform" else ["base", "pruned"]
-    for name in rows:
-        row = r[name]
-        lines.append(f"| {name:<7} | {_pct(row['validation']):>14} | {_pct(row['test']):>8} "
-                     f"| {row['params'] / 1e6:>9.2f}M | {_pct(row['target_params_kept'] / total):>27} |")
+                 f"({r['factored_matrices']} matrices factored)", head, rule]
+    for name, row in r["rows"].items():
+        line = (f"| {name} | {_pct(row['validation'])} | {_pct(row['test'])} "
+                f"| {row['params'] / 1e6:.2f}M | {_pct(row['target_params_kept'] / total)} |")
+        if measured:
+            line += "".join(f" {row[k]:.1f} |" if k in row else " |" for k in
+                            ("disk_mb", "peak_rss_mb", "latency_ms_per_example"))
+        lines.append(line)
     if r.get("cost"):
         c = r["cost"]
         lines.append(f"search cost: {c['ga_tokens']:,} forward tokens in {c['ga_evaluations']} "
                      f"evaluations = {_pct(c['ga_tokens'] / c['naive_tokens'])} of a naive "
                      f"search (population x generations x validation set)")
+    if r.get("refit", {}).get("accuracy_after") is not None:
+        f = r["refit"]
+        lines.append(f"refit: validation accuracy {_pct(f['accuracy_before'])} -> "
+                     f"{_pct(f['accuracy_after'])} ({'kept' if f['used'] else 'discarded'})")
     if r.get("bottlenecks"):
         lines.append(f"bottlenecks (never pruned): {len(r['bottlenecks'])} matrices, e.g. "
                      + ", ".join(r["bottlenecks"][:4]))
-    lines.append(f"pruned model: {r['model_dir']}")
+    lines.append(f"pruned model ({r.get('final', 'pruned')}): {r['model_dir']}")
     if r.get("stage_seconds"):
         lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}"
                                                    for k, v in r["stage_seconds"].items()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from sieve_pl.cli import main
 from sieve_pl.io import read_json
@@ -75,16 +76,15 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
     assert run_cli(*args) == 0
     run = tmp_path / "tiny"
     summary = read_json(run / "summary.json")
-    stages = ["calibrate", "project", "search", "export", "evaluate"]
+    stages = ["calibrate", "project", "search", "refit", "recover", "export", "evaluate"]
     first = {s: read_json(run / s / "stage.json")["fingerprint"] for s in stages}
     assert (run / "export" / "model" / "model.safetensors").exists()
     assert (run / "config.yaml").exists()
-    assert 0 < summary["pruned"]["target_params_kept"] <= summary["target_params"]
+    assert 0 < summary["rows"]["pruned"]["target_params_kept"] <= summary["target_params"]
     capsys.readouterr()
 
     assert run_cli(*args) == 0  # same command: every stage skipped, same result
-    out = capsys.readouterr().err + capsys.readouterr().out
-    assert read_json(run / "summary.json")["pruned"] == summary["pruned"]
+    assert read_json(run / "summary.json")["rows"] == summary["rows"]
     mtimes = {s: (run / s / "stage.json").stat().st_mtime_ns for s in stages}
 
     assert run_cli(*args, "--search.epsilon", "0.3") == 0  # search and later re-run
@@ -93,39 +93,76 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
     assert after["search"] != mtimes["search"] and after["evaluate"] != mtimes["evaluate"]
     assert read_json(run / "search" / "stage.json")["fingerprint"] != first["search"]
 
-    # a later split's size touches only the stages that read it
+    # a later split's size touches only the stages that read it (train follows test)
     assert run_cli(*args, "--search.epsilon", "0.3", "--data.sizes.test", "8") == 0
     last = {s: (run / s / "stage.json").stat().st_mtime_ns for s in stages}
-    assert all(last[s] == after[s] for s in ("calibrate", "project", "search", "export"))
-    assert last["evaluate"] != after["evaluate"]
+    assert all(last[s] == after[s] for s in ("calibrate", "project", "search", "refit"))
+    assert last["recover"] != after["recover"] and last["evaluate"] != after["evaluate"]
     assert not list(run.glob(".*.tmp"))  # no temporary stage folder left behind
 
 
 @pytest.mark.slow
 def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
-    """The real SmolLM2 on Rotten Tomatoes: fit, then `test` reloads the export and agrees."""
+    """The real SmolLM2 on Rotten Tomatoes with every stage of the demo config, small splits:
+    fit, then `test` reloads the export and agrees; the quantized forms stay close."""
     args = ["--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml"),
             "--run.root", str(tmp_path), "--data.sizes.calibration", "32",
             "--data.sizes.validation", "48", "--data.sizes.test", "48",
-            "--search.population", "6", "--search.generations", "2", *QUIET]
+            "--data.sizes.train", "32", "--search.population", "6", "--search.generations", "2",
+            "--recover.epochs", "1", *QUIET]
     assert run_cli("fit", *args) == 0
-    summary = read_json(tmp_path / "demo" / "summary.json")
-    base, uniform, pruned = summary["base"], summary["uniform"], summary["pruned"]
+    run = tmp_path / "demo"
+    summary = read_json(run / "summary.json")
+    rows = summary["rows"]
+    base, uniform, pruned = rows["base"], rows["uniform"], rows["pruned"]
     assert base["validation"] > 0.6  # the task is learnable by the base model
-    eps = read_json(tmp_path / "demo" / "search" / "stage.json")["config"]["epsilon"]
+    eps = read_json(run / "search" / "stage.json")["config"]["epsilon"]
     for row in (uniform, pruned):
         assert row["validation"] >= (1 - eps) * base["validation"] - 1e-9
     # the GA starts from the uniform level, so it never removes less
     assert pruned["target_params_kept"] <= uniform["target_params_kept"] < summary["target_params"]
     assert summary["factored_matrices"] > 0
-    assert (tmp_path / "demo" / "search" / "levels.png").exists()
+    for plot in ("levels.png", "fitness.png", "logbook.csv", "levels.json"):
+        assert (run / "search" / plot).exists()
+    assert summary["final"] == "pruned+lora" and "dense+lora" in rows
+    for form in ("pruned+lora", "pruned+lora+int8", "pruned+lora+nf4", "base"):
+        assert {"disk_mb", "peak_rss_mb", "latency_ms_per_example", "test"} <= rows[form].keys()
+    assert rows["pruned+lora+nf4"]["disk_mb"] < rows["pruned+lora+int8"]["disk_mb"] \
+        < rows["pruned+lora"]["disk_mb"] < rows["base"]["disk_mb"]
     capsys.readouterr()
     assert run_cli("test", *args) == 0
-    out = capsys.readouterr()
-    text = out.out + out.err
+    text = capsys.readouterr().out
     base_line = next(line for line in text.splitlines() if line.strip().startswith("base:"))
     pruned_line = next(line for line in text.splitlines() if line.strip().startswith("pruned:"))
     assert f"{100 * base['test']:.2f}%" in base_line
     # the exported folder (reloaded through trust_remote_code) scores exactly what fit measured
-    assert f"{100 * pruned['test']:.2f}%" in pruned_line
-    assert f"{pruned['params'] / 1e6:.2f}M" in pruned_line
+    assert f"{100 * rows['pruned+lora']['test']:.2f}%" in pruned_line
+    assert f"{rows['pruned+lora']['params'] / 1e6:.2f}M" in pruned_line
+    _quantized_logits_stay_close(run / "export" / "model")
+
+
+def _quantized_logits_stay_close(folder: Path) -> None:
+    """int8 / nf4 reloads run and stay near the float32 logits.
+
+    Tolerance: relative L2 error of the last-position logits below 0.35. LLM.int8 on CPU casts
+    activations to fp16 and rounds weights row-wise to 8 bits, nf4 to 4 bits per 64-weight
+    block; errors of about 1% per matrix compound over 30 layers and both factors of each
+    factored matrix (measured: ~0.15 for int8 on this model), so 0.35 leaves room for other
+    CPUs while still catching a broken (e.g. mis-scaled or unquantized-by-accident) load.
+    """
+    from sieve_pl.models.loading import load_model, load_tokenizer
+    from sieve_pl.tasks.base import encode_prompts, last_logits
+
+    tokenizer = load_tokenizer(str(folder))
+    texts = ["A three-hour cinema master class.", "Dull, lifeless and far too long.",
+             "It's always fascinating to watch.", "A mess from start to finish."]
+    batch = encode_prompts(tokenizer, [f"Review: {t}\nSentiment:" for t in texts], 64)
+    reference = last_logits(load_model(str(folder), trust_remote_code=True)[0], batch)
+    for fmt in ("int8", "nf4"):
+        model, _ = load_model(str(folder), trust_remote_code=True, quantize=fmt)
+        quantized = [type(m).__name__ for m in model.modules()]
+        assert any(n in ("Linear8bitLt", "Linear4bit") for n in quantized), fmt
+        with torch.no_grad():
+            logits = last_logits(model, batch)
+        error = float((logits - reference).norm() / reference.norm())
+        assert 0 < error < 0.35, (fmt, error)

@@ -47,4 +47,4 @@ def test_two_processes_equal_one(tiny_llama, tmp_path):
     assert w1.keys() == w2.keys()
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6)
-    assert read_json(one / "summary.json")["pruned"] == read_json(two / "summary.json")["pruned"]
+    assert read_json(one / "summary.json")["rows"] == read_json(two / "summary.json")["rows"]

@@ -30,6 +30,8 @@ def test_rank_rule():
     assert rank_for(1.0, 48, 32) is None
     assert rank_for(0.5, 48, 32) == int(0.5 * 48 * 32 / 80)
     assert rank_for(1e-6, 48, 32) == 1
+    assert rank_for(0.5, 48, 32, multiple=4) == 8 and rank_for(0.01, 48, 32, multiple=4) == 4
+    assert rank_for(0.5, 48, 32, multiple=32) is None  # max rank 19 < 32: stays dense
     r = rank_for(0.999, 48, 32)
     assert r <= max_rank(48, 32) and matrix_params(48, 32, r) <= 48 * 32
 

@@ -1,20 +1,22 @@
-"""Genetic search: exact early rejection, the genome cache, resume == uninterrupted."""
+"""Genetic search: exact early rejection, the genome cache, resume == uninterrupted; refit."""
 from __future__ import annotations
 
 import random
 
 import pytest
+import torch
 
 from sieve_pl.models.module import SieveLM
 from sieve_pl.models.pruning import Pruner
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project
+from sieve_pl.stages.refit import refit
 from sieve_pl.stages.search import Fitness, GeneticSearch, SearchConfig, search
+from sieve_pl.tasks.base import last_logits
 from sieve_pl.tasks import SplitSizes, TaskDataModule
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_llama, tokenizer):
+def _build(tiny_llama, tokenizer):
     import lightning as L
 
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -28,6 +30,11 @@ def setup(tiny_llama, tokenizer):
     stats = calibrate(trainer, lm.net, groups, data.calibration_dataloader(), CalibrationConfig())
     pruner = Pruner(lm.net, project(lm.net, groups, stats, ProjectionConfig()))
     return trainer, lm, pruner, data
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama, tokenizer):
+    return _build(tiny_llama, tokenizer)
 
 
 CONFIG = SearchConfig(epsilon=0.1, population=6, generations=3, elite=1, seed=3,
@@ -98,3 +105,39 @@ def test_resume_after_interruption_equals_uninterrupted(setup, tmp_path):
     for key in ("genome", "levels", "value", "accuracy", "logbook", "bottlenecks"):
         assert resumed[key] == uninterrupted[key], key
     assert resumed["cost"] == uninterrupted["cost"]
+
+
+def _inputs(net, module, data):
+    """Inputs of ``module`` over the calibration tokens (padding removed)."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    for batch in data.calibration_dataloader():
+        last_logits(net, batch)
+    handle.remove()
+    masks = [b["attention_mask"].bool() for b in data.calibration_dataloader()]
+    return torch.cat([x[m] for x, m in zip(seen, masks)]).double()
+
+
+def test_refit_lowers_error_on_the_pruned_models_inputs(tiny_llama, tokenizer):
+    trainer, lm, pruner, data = _build(tiny_llama, tokenizer)
+    groups = lm.adapter.input_groups(lm.net)
+    levels = dict.fromkeys(pruner.dense, 0.5)
+    factors = refit(trainer, lm.net, pruner, groups, levels, data.calibration_dataloader())
+    assert set(factors) == set(pruner.dense)
+    pruner.refitted = factors
+    ranks = pruner.apply(levels)
+    names = groups["model.layers.1.attn_in"]  # inputs shaped by the refitted layer 0
+    x_tilde = _inputs(lm.net, lm.net.get_submodule(names[0]), data)
+    pruner.apply(1.0)
+    x = _inputs(lm.net, lm.net.get_submodule(names[0]), data)
+    gains = []
+    for name in names:
+        w = pruner.dense[name].weight.detach().double()
+        a, b = (t.double() for t in pruner.bases[name])
+        r = ranks[name]
+        before = float(((x @ w.T - x_tilde @ (b[:, :r] @ a[:r]).T) ** 2).sum())
+        a2, b2 = (t.double() for t in factors[name])
+        after = float(((x @ w.T - x_tilde @ (b2 @ a2).T) ** 2).sum())
+        assert after <= before * (1 + 1e-6)
+        gains.append(before - after)
+    assert max(gains) > 0

@@ -88,13 +88,41 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: str = "float32",
-               trust_remote_code: bool = False) -> tuple[torch.nn.Module, Adapter]:
+def quantization_config(fmt: str, config):
+    """A bitsandbytes config for ``int8`` / ``nf4`` (None for ``none``).
+
+    bitsandbytes' CPU nf4 kernel needs out_features divisible by 32 and even in_features: on
+    CPU, factored children whose rank breaks that are left unquantized
+    (``llm_int8_skip_modules``).
+    """
+    if fmt == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = ["lm_head"]
+    if fmt == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if not torch.cuda.is_available():
+        skip += [f"{name}.{child}" for name, rank in
+                 (getattr(config, "sieve_ranks", None) or {}).items() if rank % 32
+                 for child in "AB"]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
+
+
+def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+               quantize: str = "none") -> tuple[torch.nn.Module, Adapter]:
     """Weights and adapter; the architecture is checked before any weight is read."""
     from transformers import AutoModelForCausalLM
 
-    adapter = adapter_for(load_config(name_or_path, trust_remote_code))
+    config = load_config(name_or_path, trust_remote_code)
+    adapter = adapter_for(config)
+    kwargs = {}
+    if quantize != "none":
+        kwargs = {"quantization_config": quantization_config(quantize, config),
+                  "device_map": "cuda:0" if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
-        resolve(name_or_path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        resolve(name_or_path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+        **kwargs)
     model.eval()
     return model, adapter

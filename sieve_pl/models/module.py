@@ -26,6 +26,7 @@ class SieveLM(L.LightningModule):
                  trust_remote_code: bool = False):
         super().__init__()
         self.pretrained, self.dtype_name, self.trust_remote_code = pretrained, dtype, trust_remote_code
+        self.quantize = "none"  # validate/test only: bitsandbytes format applied at load time
         self.net = None
         self.adapter = None
         self.task = None
@@ -43,7 +44,7 @@ class SieveLM(L.LightningModule):
     def load(self) -> None:
         if self.net is None:
             self.net, self.adapter = load_model(self.pretrained, self.dtype_name,
-                                                self.trust_remote_code)
+                                                self.trust_remote_code, self.quantize)
 
     def set_task(self, task) -> None:
         self.task = task
@@ -59,3 +60,36 @@ def evaluate(trainer: L.Trainer, lm: SieveLM, dataloader) -> float:
     lm.accuracy.reset()
     trainer.predict(lm, dataloaders=dataloader, return_predictions=False)
     return float(lm.accuracy.compute())
+
+
+def measure(trainer: L.Trainer, lm: SieveLM, data, quantize: str = "none") -> dict:
+    """Accuracy on validation and test, latency per test example, peak RSS, bytes on disk.
+
+    Peak memory is this process's max RSS, so run it in a fresh process per model.
+    """
+    import resource
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from .loading import resolve
+
+    lm.quantize = quantize
+    lm.load()
+    lm.set_task(data.task)
+    validation = evaluate(trainer, lm, data.val_dataloader())
+    start = time.perf_counter()
+    test = evaluate(trainer, lm, data.test_dataloader())
+    seconds = time.perf_counter() - start
+    folder = Path(resolve(lm.pretrained))
+    with tempfile.TemporaryDirectory() as tmp:
+        if quantize == "none":
+            disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        else:  # bitsandbytes-serialised weights, as a user would save them
+            lm.net.save_pretrained(tmp)
+            disk = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+    return {"validation": validation, "test": test, "quantize": quantize,
+            "latency_ms_per_example": 1000 * seconds / len(data.splits["test"]),
+            "batch_size": data.batch_size,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "disk_mb": disk / 2**20}

@@ -17,11 +17,15 @@ def max_rank(out_features: int, in_features: int) -> int:
     return out_features * in_features // (out_features + in_features)
 
 
-def rank_for(keep: float, out_features: int, in_features: int) -> int | None:
-    """Rank for a keep fraction; None means keep the dense matrix."""
-    if keep >= 1.0:
+def rank_for(keep: float, out_features: int, in_features: int, multiple: int = 1) -> int | None:
+    """Rank for a keep fraction, rounded down to a multiple; None means keep the dense matrix.
+
+    Ranks in multiples of 32 or 64 suit GPU kernels and bitsandbytes' CPU nf4 kernel.
+    """
+    if keep >= 1.0 or max_rank(out_features, in_features) < multiple:
         return None
-    return max(1, int(keep * out_features * in_features / (out_features + in_features)))
+    rank = int(keep * out_features * in_features / (out_features + in_features))
+    return max(multiple, rank // multiple * multiple)
 
 
 def matrix_params(out_features: int, in_features: int, rank: int | None) -> int:
@@ -37,9 +41,12 @@ class Pruner:
     can be applied again without refitting.
     """
 
-    def __init__(self, model: nn.Module, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-        self.model, self.bases = model, bases
+    def __init__(self, model: nn.Module, bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 rank_multiple: int = 1):
+        self.model, self.bases, self.rank_multiple = model, bases, rank_multiple
         self.dense = {name: model.get_submodule(name) for name in bases}
+        # factors refitted for one particular rank; used instead of the bases at that rank
+        self.refitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def shape(self, name: str) -> tuple[int, int]:
         return self.dense[name].out_features, self.dense[name].in_features
@@ -49,7 +56,8 @@ class Pruner:
 
     def ranks(self, keep: float | dict[str, float]) -> dict[str, int]:
         """Ranks of the matrices that are factored at these levels."""
-        ranks = {n: rank_for(p, *self.shape(n)) for n, p in self.levels(keep).items()}
+        ranks = {n: rank_for(p, *self.shape(n), self.rank_multiple)
+                 for n, p in self.levels(keep).items()}
         return {n: r for n, r in ranks.items() if r is not None}
 
     def params(self, keep: float | dict[str, float]) -> tuple[int, int]:
@@ -61,6 +69,8 @@ class Pruner:
     def factored(self, name: str, rank: int) -> FactoredLinear:
         dense = self.dense[name]
         a_full, b_full = self.bases[name]
+        if name in self.refitted and self.refitted[name][0].shape[0] == rank:
+            a_full, b_full = self.refitted[name]
         w = dense.weight
         module = FactoredLinear(dense.in_features, dense.out_features, rank,
                                 bias=dense.bias is not None, device=w.device, dtype=w.dtype)

@@ -64,13 +64,17 @@ class Calibration(L.LightningModule):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if dist.is_available() and dist.is_initialized():
-            for key in self.groups:
-                dist.all_reduce(self.sums[key])
-                count = torch.tensor([self.counts[key]], dtype=torch.int64,
-                                     device=self.sums[key].device)
-                dist.all_reduce(count)
-                self.counts[key] = int(count)
+        reduce_sums(self.sums)
+        counts = {k: torch.tensor(n, device=self.sums[k].device) for k, n in self.counts.items()}
+        self.counts = {k: int(n) for k, n in reduce_sums(counts).items()}
+
+
+def reduce_sums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum each tensor over all ranks, in place (a no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        for key in sorted(tensors):  # same order on every rank
+            dist.all_reduce(tensors[key])
+    return tensors
 
 
 def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,

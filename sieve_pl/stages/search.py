@@ -43,6 +43,8 @@ class SearchConfig:
         early_reject: stop scoring a candidate once its errors exceed the tolerance budget.
         resolution: uniform bisection stops when the keep interval is narrower than this.
         min_keep: smallest uniform keep fraction tried.
+        rank_multiple: round every factored rank down to a multiple of this (32 or 64 suit GPU
+            kernels and bitsandbytes' CPU nf4 kernel; 1 = exact keep fractions).
     """
 
     strategy: Literal["genetic", "uniform"] = "genetic"
@@ -61,6 +63,7 @@ class SearchConfig:
     early_reject: bool = True
     resolution: float = 0.01
     min_keep: float = 0.05
+    rank_multiple: int = 1
 
     def check(self) -> None:
         if not 0 < self.epsilon < 1:
@@ -71,6 +74,8 @@ class SearchConfig:
             raise SieveError(f"search.resolution must be in (0, 1), got {self.resolution}")
         if not self.ladder or any(not 0 < p <= 1 for p in self.ladder):
             raise SieveError(f"search.ladder values must be in (0, 1], got {self.ladder}")
+        if self.rank_multiple < 1:
+            raise SieveError(f"search.rank_multiple must be >= 1, got {self.rank_multiple}")
         if self.population < 2 or self.generations < 0 or not 0 <= self.elite < self.population:
             raise SieveError("search needs population >= 2, generations >= 0 and "
                              "0 <= elite < population")
@@ -228,11 +233,18 @@ class GeneticSearch:
         return len(fresh)
 
     def initial(self, seed_rung: int):
-        """The uniform level's genome plus random ones of varied depth."""
+        """The uniform level's genome plus sparse random ones.
+
+        Each random genome prunes a random share (5–50%) of the matrices, each to a random rung
+        biased towards light cuts, and keeps the rest dense: cutting every matrix a little costs
+        far more accuracy than cutting some a lot, so these start near the feasible region.
+        """
+        top = len(self.ladder) - 1
         genomes = [[seed_rung] * len(self.names)]
         while len(genomes) < self.config.population:
-            depth = random.randint(0, len(self.ladder) - 1)
-            genomes.append([random.randint(0, depth) for _ in self.names])
+            share = random.uniform(0.05, 0.5)
+            genomes.append([random.randint(1, random.randint(1, top))
+                            if top and random.random() < share else 0 for _ in self.names])
         return [creator.SieveGenome(g) for g in genomes]
 
     def _save(self, generation, population, hof, logbook) -> None:

@@ -37,6 +37,10 @@ class Task:
     def predict(self, model, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """Training loss on the answer tokens only (recovery)."""
+        raise NotImplementedError
+
 
 def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> dict:
     """Left-padded prompts with position ids that ignore the padding.

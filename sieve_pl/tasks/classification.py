@@ -72,3 +72,9 @@ class Classification(Task):
     @torch.no_grad()
     def predict(self, model, batch: dict) -> torch.Tensor:
         return last_logits(model, batch)[:, self.token_ids].argmax(-1)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """Cross-entropy of the label word as the next token (the prompt is not a target)."""
+        logits = last_logits(model, batch).float()
+        targets = torch.tensor(self.token_ids, device=logits.device)[batch["labels"]]
+        return torch.nn.functional.cross_entropy(logits, targets)

@@ -6,7 +6,8 @@ from functools import partial
 
 import lightning as L
 from jsonargparse import lazy_instance
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from ..errors import SieveError
 from .base import Task
@@ -31,6 +32,26 @@ class SplitSizes:
     validation: int = 200
     test: int = 500
     train: int = 0
+
+
+class EpochShuffle(Sampler):
+    """A shuffle that depends only on (seed, epoch): a resumed run sees the same order.
+
+    Lightning calls ``set_epoch`` at the start of every epoch.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -102,10 +123,14 @@ class TaskDataModule(L.LightningDataModule):
         if not self.splits:
             raise RuntimeError("call prepare(tokenizer) first")
 
-    def loader(self, split: str) -> DataLoader:
+    def loader(self, split: str, shuffle: bool = False) -> DataLoader:
         collate = partial(self.task.collate, tokenizer=self.tokenizer, max_length=self.max_length)
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=False,
+        sampler = EpochShuffle(len(self.splits[split]), self.seed) if shuffle else None
+        return DataLoader(self.splits[split], batch_size=self.batch_size, sampler=sampler,
                           collate_fn=collate)
+
+    def train_dataloader(self):
+        return self.loader("train", shuffle=True)
 
     def calibration_dataloader(self):
         return self.loader("calibration")
