@@ -247,7 +247,8 @@ class Pipeline:
             if not self.refit.enabled:
                 return {"used": False, "factors": {}}
             factors = refit(self.trainer, lm.net, pruner, groups, levels,
-                            data.calibration_dataloader(), self.refit.ridge)
+                            data.loader("calibration", limit=self.refit.examples),
+                            self.refit.ridge)
             after = evaluate(self.trainer, lm, data.val_dataloader())
             return {"used": after >= found["accuracy"], "factors": factors,
                     "accuracy_before": found["accuracy"], "accuracy_after": after}

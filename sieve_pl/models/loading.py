@@ -91,9 +91,9 @@ def load_tokenizer(name_or_path: str):
 def quantization_config(fmt: str, config):
     """A bitsandbytes config for ``int8`` / ``nf4`` (None for ``none``).
 
-    bitsandbytes' CPU nf4 kernel needs out_features divisible by 32 and even in_features: on
-    CPU, factored children whose rank breaks that are left unquantized
-    (``llm_int8_skip_modules``).
+    bitsandbytes' CPU nf4 kernel needs out_features divisible by 32 and in_features by its
+    block size (64): on CPU, factored children whose rank is not a multiple of 64 are left
+    unquantized (``llm_int8_skip_modules``).
     """
     if fmt == "none":
         return None
@@ -104,7 +104,7 @@ def quantization_config(fmt: str, config):
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if not torch.cuda.is_available():
         skip += [f"{name}.{child}" for name, rank in
-                 (getattr(config, "sieve_ranks", None) or {}).items() if rank % 32
+                 (getattr(config, "sieve_ranks", None) or {}).items() if rank % 64
                  for child in "AB"]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)

@@ -36,7 +36,6 @@ class RecoverConfig:
         patience: stop after this many epochs without a better validation accuracy.
         compare_dense: also train the dense model with the same LoRA budget and steps, the
             baseline a recovered pruned model has to be measured against.
-        qlora: train on nf4-quantized frozen weights (bitsandbytes), QLoRA-style.
         seed: seed of the shuffling and of the dropout masks.
     """
 
@@ -49,7 +48,6 @@ class RecoverConfig:
     epochs: int = 2
     patience: int = 1
     compare_dense: bool = True
-    qlora: bool = False
     seed: int = 0
 
     def check(self, train_examples: int) -> None:

@@ -32,10 +32,14 @@ class RefitConfig:
     Args:
         enabled: refit the factored matrices on the pruned model's own inputs; the refit is
             kept only if validation accuracy does not drop.
-        ridge: relative ridge added to the pruned inputs' second moment before solving.
+        examples: calibration examples used (the refit runs the model twice per layer, so its
+            cost grows with layers x examples).
+        ridge: strength of the pull towards the original weights, relative to the mean input
+            energy (larger: closer to the plain projection, less fitted to the calibration set).
     """
 
     enabled: bool = False
+    examples: int = 64
     ridge: float = 1e-6
 
 
@@ -110,10 +114,14 @@ class PairedMoments(L.LightningModule):
 
 def refit_matrix(w: torch.Tensor, ctt: torch.Tensor, k: torch.Tensor, rank: int,
                  ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-R ``(A, B)`` minimising ``Σ ‖W x − B A x̃‖²`` given ``C̃`` and ``K`` (float64)."""
+    """Rank-R ``(A, B)`` minimising ``Σ ‖W x − B A x̃‖² + λ‖M − W‖²`` given ``C̃``, ``K``.
+
+    The ridge term shrinks the unconstrained solution towards the original ``W`` (not towards
+    zero): ``M* = (W K + λ W)(C̃ + λ I)⁻¹`` with ``λ = ridge · mean(diag C̃)``.
+    """
     eye = torch.eye(ctt.shape[0], dtype=ctt.dtype, device=ctt.device)
     reg = ridge * ctt.diagonal().mean().clamp(min=1e-30)
-    m_star = torch.linalg.solve(ctt + reg * eye, (w @ k).T).T  # (W K) C̃⁻¹, C̃ symmetric
+    m_star = torch.linalg.solve(ctt + reg * eye, (w @ k + reg * w).T).T  # C̃ is symmetric
     _, u = _eigh_desc(m_star @ ctt @ m_star.T)
     u = u[:, :rank]
     return u.T @ m_star, u

@@ -123,11 +123,14 @@ class TaskDataModule(L.LightningDataModule):
         if not self.splits:
             raise RuntimeError("call prepare(tokenizer) first")
 
-    def loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def loader(self, split: str, shuffle: bool = False, limit: int | None = None) -> DataLoader:
+        """Batches of one split (its first ``limit`` examples if given)."""
+        data = self.splits[split]
+        if limit is not None and limit < len(data):
+            data = data.select(range(limit))
         collate = partial(self.task.collate, tokenizer=self.tokenizer, max_length=self.max_length)
-        sampler = EpochShuffle(len(self.splits[split]), self.seed) if shuffle else None
-        return DataLoader(self.splits[split], batch_size=self.batch_size, sampler=sampler,
-                          collate_fn=collate)
+        sampler = EpochShuffle(len(data), self.seed) if shuffle else None
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
 
     def train_dataloader(self):
         return self.loader("train", shuffle=True)
