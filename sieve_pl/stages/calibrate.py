@@ -44,7 +44,7 @@ class Calibration(L.LightningModule):
     def _hook(self, key: str):
         def hook(module, args):
             x = args[0][self._mask]  # (non-padding tokens, in_features)
-            x = x.to(torch.float32 if self.sum_dtype != torch.float64 else torch.float64)
+            x = x.to(torch.float64 if self.sum_dtype == torch.float64 else torch.float32)
             self.sums[key] += (x.T @ x).to(self.sum_dtype)
             self.counts[key] += x.shape[0]
         return hook
