@@ -49,7 +49,7 @@ class SieveCLI(LightningCLI):
         parser.add_argument("--measure_json", type=Optional[str], default=None,
                             help="validate/test: score one model on the validation and test "
                                  "splits and write accuracy, latency per example, peak memory "
-                                 "(max RSS of this process) and bytes on disk as JSON")
+                                 "while scoring, weights in memory and bytes on disk as JSON")
 
     def pipeline(self, subcommand: str | None = None) -> Pipeline:
         cfg = self.config_init[subcommand] if subcommand else self.config_init
@@ -60,6 +60,8 @@ class SieveCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         pipeline = self.pipeline(subcommand)
         if subcommand == "fit":
+            pipeline.prepare()
+            pipeline.check_run_dir()
             if self.trainer.is_global_zero:  # the run's own config, reusable with --config
                 pipeline.run.path.mkdir(parents=True, exist_ok=True)
                 self._parser("fit").save(self.config["fit"], pipeline.run.path / "config.yaml",

@@ -46,3 +46,68 @@ def fingerprint(*parts) -> str:
     """A short stable hash of JSON-able parts (a config section, upstream fingerprints)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class PeakMemory:
+    """Peak memory of the code inside ``with``: CUDA allocations, or this process's RSS on CPU.
+
+    On Linux writing 5 to ``/proc/self/clear_refs`` resets the RSS high-water mark, so the peak
+    belongs to what ran inside the block (weights, activations, workspace), not to loading.
+    ``mb`` stays None where neither can be measured.
+    """
+
+    def __init__(self, device=None):
+        import torch
+
+        self.cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+        self.mb: float | None = None
+
+    def __enter__(self):
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            self.mb = torch.cuda.max_memory_allocated() / 2**20
+            return
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            return
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                self.mb = int(line.split()[1]) / 1024
+
+
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the resume tests: SIGKILL this process at a named point.
+
+    ``SIEVE_PL_CRASH_AT=name`` or ``name#n`` (the n-th time the point is reached) kills the
+    process there, as a power cut or an out-of-memory kill would: no exception, no cleanup.
+    Unset (always, outside tests) it costs a dictionary lookup.
+    """
+    wanted = os.environ.get("SIEVE_PL_CRASH_AT")
+    if not wanted:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    point, _, nth = wanted.partition("#")
+    if point == name and _crash_counts[name] == int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

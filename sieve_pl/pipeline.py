@@ -22,8 +22,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 
+from .errors import SieveError
 from .report import format_summary, save_search
-from .io import fingerprint, read_json, say, write_json
+from .io import crash_point, fingerprint, read_json, say, write_json
 from .models.hf import save_pruned
 from .models.module import SieveLM, evaluate
 from .models.pruning import Pruner
@@ -42,10 +43,14 @@ class RunConfig:
     Args:
         name: run folder name under root.
         root: parent of run folders (a shared filesystem for multi-node runs).
+        overwrite: let this run replace a run folder that holds another run (another model or
+            calibration data); without it such a folder is refused, so nothing is lost by a
+            reused name.
     """
 
     name: str = "demo"
     root: str = "checkpoints"
+    overwrite: bool = False
 
     @property
     def path(self) -> Path:
@@ -84,14 +89,22 @@ class RunDir:
         self.trainer.strategy.barrier()
         start = time.perf_counter()
         result = compute(work)
+        crash_point(f"{name}:computed")
         if self.trainer.is_global_zero:
             tmp = final.with_name(f".{name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save(result, tmp)
-            seconds = round(time.perf_counter() - start, 2)
-            write_json(tmp / "stage.json", {"fingerprint": fp, "config": config,
-                                            "seconds": seconds})
+            try:
+                tmp.mkdir(parents=True)
+                save(result, tmp)
+                crash_point(f"{name}:saved")  # artifacts written, not yet marked complete
+                seconds = round(time.perf_counter() - start, 2)
+                write_json(tmp / "stage.json", {"fingerprint": fp, "config": config,
+                                                "seconds": seconds})
+            except OSError as err:  # disk full, quota, permissions: keep nothing half-written
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise SieveError(f"writing the {name} stage to {self.path} failed ({err}); "
+                                 f"nothing partial was kept: free space and rerun to resume "
+                                 f"from this stage") from None
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             shutil.rmtree(work, ignore_errors=True)
@@ -170,6 +183,24 @@ class Pipeline:
         self.lm.check()
         self.data.prepare(self.lm.tokenizer())
 
+    def check_run_dir(self) -> None:
+        """Refuse a run folder whose calibration came from another model or other data.
+
+        Every stage would be recomputed and the other run's artifacts replaced, which is what
+        ``run.overwrite`` is for; a changed search, recovery… setting just re-runs those stages.
+        """
+        marker = self.run.path / "calibrate" / "stage.json"
+        if self.run.overwrite or not marker.exists():
+            return
+        if read_json(marker)["fingerprint"] != fingerprint("calibrate", self._calibrate_config(),
+                                                           ""):
+            raise SieveError(f"{self.run.path} holds another run (different model or calibration "
+                             f"data); choose another run.name or pass --run.overwrite true")
+
+    def _calibrate_config(self) -> dict:
+        return {"model": {"pretrained": self.lm.pretrained, "dtype": self.lm.dtype_name},
+                "data": self.data.fingerprint_config("calibration"), **asdict(self.calibration)}
+
     def load(self) -> RunDir:
         """Checks, then weights; returns the run directory."""
         self.prepare()
@@ -179,14 +210,18 @@ class Pipeline:
 
     def calibrate(self, run: RunDir, groups: dict[str, list[str]]) -> dict:
         lm, data = self.lm, self.data
-        config = {"model": {"pretrained": lm.pretrained, "dtype": lm.dtype_name},
-                  "data": data.fingerprint_config("calibration"), **asdict(self.calibration)}
         return run.stage(
-            "calibrate", config,
+            "calibrate", self._calibrate_config(),
             lambda work: calibrate(self.trainer, lm.net, groups, data.calibration_dataloader(),
                               self.calibration),
             lambda s, d: _save_tensors(s, d / "stats.safetensors"),
             lambda d: load_file(str(d / "stats.safetensors")))
+
+    def project(self, run: RunDir, groups: dict[str, list[str]], stats: dict) -> dict:
+        return run.stage(
+            "project", asdict(self.projection),
+            lambda work: project(self.lm.net, groups, stats, self.projection), _save_bases,
+            _load_bases)
 
     def _recover(self, work: Path) -> dict:
         lm, data = self.lm, self.data
@@ -219,7 +254,7 @@ class Pipeline:
         for row, like in (("pruned", final), ("dense+lora", "base")):
             if row in rows and row != like:
                 rows[row].update({k: rows[like][k] for k in
-                                  ("latency_ms_per_example", "peak_rss_mb", "disk_mb")})
+                                  ("latency_ms_per_example", "peak_memory_mb", "weights_mb", "disk_mb")})
 
     def fit(self) -> dict:
         run = self.load()
@@ -227,9 +262,7 @@ class Pipeline:
         groups = lm.adapter.input_groups(lm.net)
         dense_params = sum(p.numel() for p in lm.net.parameters())
         stats = self.calibrate(run, groups)
-        bases = run.stage(
-            "project", asdict(self.projection),
-            lambda work: project(lm.net, groups, stats, self.projection), _save_bases, _load_bases)
+        bases = self.project(run, groups, stats)
         del stats
         pruner = Pruner(lm.net, bases, self.search.rank_multiple)
 

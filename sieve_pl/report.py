@@ -15,20 +15,21 @@ def _pct(x: float) -> str:
 def format_summary(r: dict) -> str:
     """The short table printed at the end of ``sieve-pl fit``."""
     total = r["target_params"]
-    measured = any("peak_rss_mb" in row for row in r["rows"].values())
+    measured = any("peak_memory_mb" in row for row in r["rows"].values())
     head = "| model | validation acc | test acc | parameters | decoder Linear weights kept |"
     rule = "|---|---|---|---|---|"
     if measured:
-        head += " disk MB | peak RSS MB | ms / example |"
-        rule += "---|---|---|"
+        head += " disk MB | weights MB | peak memory MB | ms / example |"
+        rule += "---|---|---|---|"
     lines = ["", f"sieve-pl: {r['strategy']} search at epsilon {r['epsilon']} "
                  f"({r['factored_matrices']} matrices factored)", head, rule]
     for name, row in r["rows"].items():
         line = (f"| {name} | {_pct(row['validation'])} | {_pct(row['test'])} "
                 f"| {row['params'] / 1e6:.2f}M | {_pct(row['target_params_kept'] / total)} |")
         if measured:
-            line += "".join(f" {row[k]:.1f} |" if k in row else " |" for k in
-                            ("disk_mb", "peak_rss_mb", "latency_ms_per_example"))
+            line += "".join(f" {row[k]:.1f} |" if row.get(k) is not None else " |" for k in
+                            ("disk_mb", "weights_mb", "peak_memory_mb",
+                             "latency_ms_per_example"))
         lines.append(line)
     if r.get("cost"):
         c = r["cost"]
@@ -39,6 +40,13 @@ def format_summary(r: dict) -> str:
         f = r["refit"]
         lines.append(f"refit: validation accuracy {_pct(f['accuracy_before'])} -> "
                      f"{_pct(f['accuracy_after'])} ({'kept' if f['used'] else 'discarded'})")
+    rec = r.get("recover") or {}
+    if rec.get("best_val_acc") is not None:
+        kind = "LoRA" if rec.get("quantize", "none") == "none" else f"QLoRA ({rec['quantize']})"
+        memory = rec.get("peak_memory_mb")
+        lines.append(f"recovery: {kind}, {rec['epochs']} epochs, validation accuracy by epoch "
+                     + ", ".join(_pct(a) for a in rec["val_acc"])
+                     + (f", peak memory {memory:.0f} MB" if memory else ""))
     if r.get("bottlenecks"):
         lines.append(f"bottlenecks (never pruned): {len(r['bottlenecks'])} matrices, e.g. "
                      + ", ".join(r["bottlenecks"][:4]))

@@ -38,19 +38,20 @@ def test_help_documents_options(capsys):
 
 
 @pytest.fixture
-def gpt2_config_only(tmp_path):
+def bert_config_only(tmp_path):
     """A folder with a config and no weights: the architecture check must not need weights."""
-    from transformers import GPT2Config
+    from transformers import BertConfig
 
-    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
-    return str(tmp_path / "gpt2")
+    BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2,
+               intermediate_size=8).save_pretrained(tmp_path / "bert")
+    return str(tmp_path / "bert")
 
 
 @pytest.mark.parametrize("extra,message", [
     (["--search.epsilon", "1.5"], "search.epsilon must be in (0, 1)"),
     (["--data.task.init_args.text_field", "review"], "dataset has no column 'review'; columns: text, label"),
-    (["--data.task.init_args.label_words", "{fresh: ' wonderful movie', rotten: ' bad'}"],
-     "is 2 tokens"),
+    (["--data.task.init_args.label_words", "{fresh: ' good', rotten: ' good'}"],
+     "are the same tokens"),
     (["--data.sizes.test", "100000"], "but 'rotten_tomatoes' has 12808"),
     (["--model.pretrained", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
     (["--data.source", "missing.csv"], "data file 'missing.csv' does not exist"),
@@ -63,10 +64,10 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys, extra, message):
     assert not (tmp_path / "demo" / "calibrate").exists()  # failed before any heavy work
 
 
-def test_unsupported_architecture_named_before_weights(tmp_path, capsys, gpt2_config_only):
-    code = run_cli("fit", "--run.root", str(tmp_path), "--model.pretrained", gpt2_config_only)
+def test_unsupported_architecture_named_before_weights(tmp_path, capsys, bert_config_only):
+    code = run_cli("fit", "--run.root", str(tmp_path), "--model.pretrained", bert_config_only)
     err = capsys.readouterr().err
-    assert code == 2 and "unsupported architecture 'gpt2'" in err and "llama" in err
+    assert code == 2 and "unsupported architecture 'bert'" in err and "llama" in err
 
 
 def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llama, capsys):
@@ -126,7 +127,7 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
         assert (run / "search" / plot).exists()
     assert summary["final"] == "pruned+lora" and "dense+lora" in rows
     for form in ("pruned+lora", "pruned+lora+int8", "pruned+lora+nf4", "base"):
-        assert {"disk_mb", "peak_rss_mb", "latency_ms_per_example", "test"} <= rows[form].keys()
+        assert {"disk_mb", "peak_memory_mb", "weights_mb", "latency_ms_per_example", "test"} <= rows[form].keys()
     assert rows["pruned+lora+int8"]["disk_mb"] < rows["pruned+lora"]["disk_mb"] < rows["base"]["disk_mb"]
     # nf4 on CPU is not asserted smaller: bitsandbytes' CPU kernel needs ranks that are
     # multiples of 64, and with rank_multiple 32 every factored child may be left in float32

@@ -123,3 +123,68 @@ def test_merged_export_reloads_with_the_peft_models_logits(pruned, tmp_path, tok
     # W x + s·B(A x) against (W + s·BA) x: equal up to float32 rounding
     torch.testing.assert_close(last_logits(reloaded.eval(), batch), expected,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory, tokenizer):
+    """A tiny Llama whose Linears bitsandbytes' CPU nf4 kernel accepts (sizes multiple of 64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny64")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_qlora_trains_on_nf4_weights_and_merges_into_full_precision(tiny64, tokenizer, tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    from sieve_pl.stages.recover import quantized_copy
+
+    data = TaskDataModule(sizes=SplitSizes(calibration=8, validation=8, test=4, train=24),
+                          batch_size=6)
+    data.prepare(tokenizer)
+    lm = SieveLM(tiny64)
+    lm.load()
+    lm.set_task(data.task)
+    groups = lm.adapter.input_groups(lm.net)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    stats = calibrate(trainer, lm.net, groups, data.calibration_dataloader(), CalibrationConfig())
+    pruner = Pruner(lm.net, project(lm.net, groups, stats, ProjectionConfig()))
+    pruner.apply({n: (0.5 if "mlp" in n else 1.0) for n in pruner.dense})
+    before = _train_loss(lm, data)
+    original = {k: v.clone() for k, v in lm.net.state_dict().items()}
+    config = RecoverConfig(enabled=True, rank=4, alpha=8, lr=5e-3, epochs=3, patience=10,
+                           quantize="nf4")
+    result = recover(make_trainer(), lm.net, data.task, lora_targets(lm.net, lm.adapter.layers),
+                     data.train_dataloader(), data.val_dataloader(), config, tmp_path)
+    assert result["quantize"] == "nf4"
+    # the adapters trained on 4-bit frozen weights: every dense decoder Linear was quantized
+    frozen = quantized_copy(lm.net, "nf4", tmp_path / "base-nf4")
+    kinds = {type(frozen.get_submodule(n)) for n in pruner.dense
+             if n in {k for k, v in lm.net.named_modules() if isinstance(v, torch.nn.Linear)}}
+    assert kinds == {Linear4bit}
+    # the deltas land on the full-precision weights, which stay untouched themselves
+    assert all(torch.equal(v, original[k]) for k, v in lm.net.state_dict().items())
+    assert all(v.dtype == torch.float32 for v in result["weights"].values())
+    with with_weights(lm.net, result["weights"]):
+        after = _train_loss(lm, data)
+    assert after < before
+
+
+def test_kbit_preparation_upcasts_only_the_norms(tiny64):
+    from sieve_pl.models.loading import load_model
+    from sieve_pl.stages.recover import _prepare_for_kbit_training
+
+    net, _ = load_model(tiny64, "bfloat16", quantize="nf4")
+    _prepare_for_kbit_training(net, gradient_checkpointing=False)
+    dtypes = {n: p.dtype for n, p in net.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "norm" in n)
+    assert dtypes["model.embed_tokens.weight"] == torch.bfloat16
+    assert all(p.__class__.__name__ == "Params4bit" for n, p in net.named_parameters()
+               if n.endswith("proj.weight"))

@@ -1,6 +1,8 @@
 """Architecture adapters: which Linears are pruned and which of them share an input.
 
-This is the only place that knows about model families; everything else asks an adapter.
+This is the only place that knows about model families; everything else asks an adapter. (Whether
+a target is an nn.Linear or a transposed Conv1D is a property of the module: ``factored.py``
+answers it, because exported folders need it too.)
 """
 from __future__ import annotations
 
@@ -40,9 +42,27 @@ LLAMA_LIKE = {
     "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp_out": ("mlp.down_proj",),
 }
+# q/k/v and gate/up fused into one Linear each: every group holds a single matrix
+PHI3 = {
+    "attn_in": ("self_attn.qkv_proj",),
+    "attn_out": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_up_proj",),
+    "mlp_out": ("mlp.down_proj",),
+}
+# transformers Conv1D modules (weights stored in × out; see factored.dense_weight)
+GPT2 = {
+    "attn_in": ("attn.c_attn",),
+    "attn_out": ("attn.c_proj",),
+    "mlp_in": ("mlp.c_fc",),
+    "mlp_out": ("mlp.c_proj",),
+}
 
 ADAPTERS = [
-    Adapter("llama", ("llama", "mistral", "qwen2"), "model.layers", LLAMA_LIKE),
+    Adapter("llama", ("llama", "mistral", "qwen2", "gemma3_text"), "model.layers", LLAMA_LIKE),
+    # Gemma 3 with a vision tower (Gemma3ForConditionalGeneration): only its language model
+    Adapter("gemma3", ("gemma3",), "model.language_model.layers", LLAMA_LIKE),
+    Adapter("phi3", ("phi3",), "model.layers", PHI3),
+    Adapter("gpt2", ("gpt2",), "transformer.h", GPT2),
 ]
 
 

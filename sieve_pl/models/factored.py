@@ -40,11 +40,29 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _transposed(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2) is a Linear whose weight is stored ``in × out``.
+
+    Matched by class name: this file may not import transformers.
+    """
+    return type(module).__name__ == "Conv1D"
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A target's weight as ``out × in``, whether it is an nn.Linear or a Conv1D."""
+    return module.weight.T if _transposed(module) else module.weight
+
+
+def dense_shape(module: nn.Module) -> tuple[int, int]:
+    """A target's ``(out, in)``."""
+    return tuple(dense_weight(module).shape)
+
+
 def factorize(model: nn.Module, ranks: dict[str, int]) -> None:
-    """Replace each named Linear by an (uninitialised) FactoredLinear of the given rank."""
+    """Replace each named Linear (or Conv1D) by an uninitialised FactoredLinear of that rank."""
     for name, rank in ranks.items():
         old = model.get_submodule(name)
-        w = old.weight
+        out_features, in_features = dense_shape(old)
         set_submodule(model, name, FactoredLinear(
-            old.in_features, old.out_features, int(rank), bias=old.bias is not None,
-            device=w.device, dtype=w.dtype))
+            in_features, out_features, int(rank), bias=old.bias is not None,
+            device=old.weight.device, dtype=old.weight.dtype))

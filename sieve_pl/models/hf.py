@@ -42,6 +42,7 @@ def save_pruned(net, tokenizer, ranks: dict[str, int], out: Path) -> None:
                 config.__dict__.pop(key, None)
             else:
                 setattr(config, key, value)
-    tokenizer.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     shutil.copyfile(factored.__file__, out / "factored.py")
     (out / "modeling_sieve.py").write_text(MODELING.format(base=base))

@@ -88,7 +88,7 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def quantization_config(fmt: str, config):
+def quantization_config(fmt: str, config, compute_dtype: torch.dtype = torch.float32):
     """A bitsandbytes config for ``int8`` / ``nf4`` (None for ``none``).
 
     bitsandbytes' CPU nf4 kernel needs out_features divisible by 32 and in_features by its
@@ -107,7 +107,7 @@ def quantization_config(fmt: str, config):
                  (getattr(config, "sieve_ranks", None) or {}).items() if rank % 64
                  for child in "AB"]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
 
 
 def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
@@ -119,7 +119,8 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     adapter = adapter_for(config)
     kwargs = {}
     if quantize != "none":
-        kwargs = {"quantization_config": quantization_config(quantize, config),
+        kwargs = {"quantization_config": quantization_config(quantize, config,
+                                                             getattr(torch, dtype)),
                   "device_map": "cuda:0" if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         resolve(name_or_path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,

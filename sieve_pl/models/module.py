@@ -5,8 +5,9 @@ import warnings
 
 import lightning as L
 import torch
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
 
+from ..io import PeakMemory
 from .loading import DEFAULT_MODEL, load_config, load_model, load_tokenizer
 
 # predict_step returns nothing on purpose (metrics accumulate in the module)
@@ -47,27 +48,39 @@ class SieveLM(L.LightningModule):
                                                 self.trust_remote_code, self.quantize)
 
     def set_task(self, task) -> None:
+        """Score with ``task``: one mean of per-example scores per metric it reports."""
         self.task = task
-        self.accuracy = MulticlassAccuracy(task.num_classes(), average="micro")
+        self.task_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in task.metrics()})
+        self.accuracy = self.task_metrics[task.metric]  # the primary one (accuracy, EM or F1)
 
     def predict_step(self, batch, batch_idx):
-        """Accumulate accuracy; nothing is returned so predictions never pile up in memory."""
-        self.accuracy.update(self.task.predict(self.net, batch), batch["labels"])
+        """Accumulate the task's metrics; nothing is returned, so nothing piles up in memory."""
+        scores = self.task.scores(self.net, batch)
+        for name, metric in self.task_metrics.items():
+            metric.update(scores[name])
+
+
+def evaluate_metrics(trainer: L.Trainer, lm: SieveLM, dataloader) -> dict[str, float]:
+    """Every metric of the task on a dataloader, one predict loop (exact under DDP: no padded
+    repeats); the primary metric first."""
+    for metric in lm.task_metrics.values():
+        metric.reset()
+    trainer.predict(lm, dataloaders=dataloader, return_predictions=False)
+    return {name: float(metric.compute()) for name, metric in lm.task_metrics.items()}
 
 
 def evaluate(trainer: L.Trainer, lm: SieveLM, dataloader) -> float:
-    """Accuracy of ``lm`` on a dataloader, one predict loop (exact under DDP: no padded repeats)."""
-    lm.accuracy.reset()
-    trainer.predict(lm, dataloaders=dataloader, return_predictions=False)
-    return float(lm.accuracy.compute())
+    """The task's primary metric (accuracy, exact match or F1) of ``lm`` on a dataloader."""
+    return evaluate_metrics(trainer, lm, dataloader)[lm.task.metric]
 
 
 def measure(trainer: L.Trainer, lm: SieveLM, data, quantize: str = "none") -> dict:
-    """Accuracy on validation and test, latency per test example, peak RSS, bytes on disk.
+    """Accuracy on validation and test, latency per test example, peak memory, bytes on disk.
 
-    Peak memory is this process's max RSS, so run it in a fresh process per model.
+    Peak memory is measured while scoring the test split (after loading, so a quantized model is
+    not charged for the full-precision copy it is loaded from): process RSS on CPU, allocated
+    memory on CUDA. ``weights_mb`` is the model's own footprint. Run one model per fresh process.
     """
-    import resource
     import tempfile
     import time
     from pathlib import Path
@@ -78,9 +91,10 @@ def measure(trainer: L.Trainer, lm: SieveLM, data, quantize: str = "none") -> di
     lm.load()
     lm.set_task(data.task)
     validation = evaluate(trainer, lm, data.val_dataloader())
-    start = time.perf_counter()
-    test = evaluate(trainer, lm, data.test_dataloader())
-    seconds = time.perf_counter() - start
+    with PeakMemory(trainer.strategy.root_device) as peak:
+        start = time.perf_counter()
+        test = evaluate(trainer, lm, data.test_dataloader())
+        seconds = time.perf_counter() - start
     folder = Path(resolve(lm.pretrained))
     with tempfile.TemporaryDirectory() as tmp:
         if quantize == "none":
@@ -91,5 +105,5 @@ def measure(trainer: L.Trainer, lm: SieveLM, data, quantize: str = "none") -> di
     return {"validation": validation, "test": test, "quantize": quantize,
             "latency_ms_per_example": 1000 * seconds / len(data.splits["test"]),
             "batch_size": data.batch_size,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_memory_mb": peak.mb, "weights_mb": lm.net.get_memory_footprint() / 2**20,
             "disk_mb": disk / 2**20}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .factored import FactoredLinear, set_submodule
+from .factored import FactoredLinear, dense_shape, set_submodule
 
 
 def max_rank(out_features: int, in_features: int) -> int:
@@ -34,7 +34,7 @@ def matrix_params(out_features: int, in_features: int, rank: int | None) -> int:
 
 
 class Pruner:
-    """Swaps a model's target Linears between dense and factored forms at given keep levels.
+    """Swaps a model's target Linears (or Conv1Ds) between dense and factored forms.
 
     ``bases[name] = (A_full, B_full)`` with ``A_full`` (K × in) and ``B_full`` (out × K); the
     rank-R matrix is ``B_full[:, :R] @ A_full[:R]``. The dense Linears are kept aside so any level
@@ -49,7 +49,7 @@ class Pruner:
         self.refitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def shape(self, name: str) -> tuple[int, int]:
-        return self.dense[name].out_features, self.dense[name].in_features
+        return dense_shape(self.dense[name])
 
     def levels(self, keep: float | dict[str, float]) -> dict[str, float]:
         return dict.fromkeys(self.dense, float(keep)) if isinstance(keep, (int, float)) else keep
@@ -72,7 +72,8 @@ class Pruner:
         if name in self.refitted and self.refitted[name][0].shape[0] == rank:
             a_full, b_full = self.refitted[name]
         w = dense.weight
-        module = FactoredLinear(dense.in_features, dense.out_features, rank,
+        out_features, in_features = self.shape(name)
+        module = FactoredLinear(in_features, out_features, rank,
                                 bias=dense.bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             module.A.weight.copy_(a_full[:rank])

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SieveError
+from ..io import crash_point
+from ..models.factored import dense_shape
 from ..tasks.base import last_logits
 
 
@@ -51,7 +53,7 @@ class Calibration(L.LightningModule):
 
     def on_predict_start(self) -> None:
         first = {key: self.net.get_submodule(names[0]) for key, names in self.groups.items()}
-        self.sums = {key: torch.zeros(m.in_features, m.in_features, dtype=self.sum_dtype,
+        self.sums = {key: torch.zeros((dense_shape(m)[1],) * 2, dtype=self.sum_dtype,
                                       device=m.weight.device) for key, m in first.items()}
         self.counts = dict.fromkeys(self.groups, 0)
         self._handles = [m.register_forward_pre_hook(self._hook(key)) for key, m in first.items()]
@@ -59,6 +61,7 @@ class Calibration(L.LightningModule):
     def predict_step(self, batch, batch_idx):
         self._mask = batch["attention_mask"].bool()
         last_logits(self.net, batch)
+        crash_point("calibrate:batch")
 
     def on_predict_end(self) -> None:
         for handle in self._handles:
@@ -86,8 +89,9 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
     for key in groups:
         s = module.sums[key].cpu()
         if not torch.isfinite(s).all():
-            raise SieveError(f"calibration statistics of {key} contain NaN/inf; run the model in "
-                             f"float32 (model.dtype) or use calibration.dtype float64")
+            raise SieveError(f"calibration statistics of {key} (input of "
+                             f"{', '.join(groups[key])}) contain NaN/inf; run the model in "
+                             f"float32 (model.dtype) and keep calibration.dtype float64")
         stats[key] = s
         stats[f"{key}.count"] = torch.tensor(module.counts[key])
     return stats

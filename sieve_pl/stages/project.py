@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from ..models.factored import dense_weight
 from ..models.pruning import max_rank
 
 
@@ -67,8 +68,7 @@ def project(net: torch.nn.Module, groups: dict[str, list[str]], stats: dict[str,
     bases = {}
     todo = [(key, name) for key, names in groups.items() for name in names]
     for key, name in tqdm(todo, desc=f"project ({config.method})", unit="matrix"):
-        linear = net.get_submodule(name)
-        w = linear.weight.detach()
+        w = dense_weight(net.get_submodule(name)).detach()
         device = w.device if config.device == "auto" else torch.device(config.device)
         c = stats[key].to(device, dtype) / max(int(stats[f"{key}.count"]), 1)
         a, b = fit(w.to(device, dtype), c, max_rank(*w.shape))

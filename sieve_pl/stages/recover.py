@@ -4,21 +4,28 @@ Every Linear of the decoder is a LoRA target: the untouched dense ones and the t
 (``A``, ``B``) of each factored matrix. After training, the best epoch's adapters (by validation
 accuracy) are merged back, so the model keeps its structure and the export needs no peft.
 Checkpoints hold only the adapter weights; ``last.ckpt`` resumes a killed run.
+
+QLoRA (``quantize: nf4`` or ``int8``): the adapters train on a copy of the pruned model whose frozen
+weights bitsandbytes quantized at load time (factored children included), prepared by peft's
+``prepare_model_for_kbit_training``; the learned deltas are then merged into the full-precision
+weights, like plain LoRA.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
 
 from ..errors import SieveError
+from ..io import PeakMemory, crash_point
 
 
 @dataclass
@@ -37,6 +44,11 @@ class RecoverConfig:
         compare_dense: also train the dense model with the same LoRA budget and steps, the
             baseline a recovered pruned model has to be measured against.
         seed: seed of the shuffling and of the dropout masks.
+        quantize: QLoRA: train the adapters on the pruned model loaded through bitsandbytes
+            (nf4 or int8 frozen weights) to cut training memory; none trains on the weights as
+            they are.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, about
+            one more forward of time).
     """
 
     enabled: bool = False
@@ -49,6 +61,8 @@ class RecoverConfig:
     patience: int = 1
     compare_dense: bool = True
     seed: int = 0
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    gradient_checkpointing: bool = False
 
     def check(self, train_examples: int) -> None:
         if self.enabled and train_examples < 1:
@@ -58,9 +72,14 @@ class RecoverConfig:
 
 
 def lora_targets(net: nn.Module, layers: str) -> list[str]:
-    """Full names of every nn.Linear inside the decoder layers (factored children included)."""
+    """Full names of every nn.Linear inside the decoder layers (factored children included).
+
+    GPT-2's dense matrices are transformers Conv1Ds, which peft also adapts (transposed).
+    """
+    from transformers.pytorch_utils import Conv1D
+
     return [name for name, module in net.named_modules()
-            if name.startswith(layers + ".") and isinstance(module, nn.Linear)]
+            if name.startswith(layers + ".") and isinstance(module, (nn.Linear, Conv1D))]
 
 
 class Recovery(L.LightningModule):
@@ -74,23 +93,29 @@ class Recovery(L.LightningModule):
         self.config, self.task, self.checkpoints = config, task, Path(checkpoints)
         for p in net.parameters():
             p.requires_grad_(False)
+        if getattr(net, "hf_quantizer", None) is not None or config.gradient_checkpointing:
+            _prepare_for_kbit_training(net, config.gradient_checkpointing)
         torch.manual_seed(config.seed)  # the adapters' initialisation
         self.net = get_peft_model(net, LoraConfig(
             r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
             target_modules=targets, bias="none"))
-        self.accuracy = MulticlassAccuracy(task.num_classes(), average="micro")
+        self.net.train()  # the pruning stages left the model in eval mode (dropout off)
+        self.accuracy = MeanMetric()  # the task's primary metric, logged as val_acc
         self.strict_loading = False  # checkpoints hold the adapters only
 
     def training_step(self, batch, batch_idx):
         loss = self.task.loss(self.net, batch)
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True,
-                 batch_size=len(batch["labels"]))
+                 batch_size=len(batch["input_ids"]))
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.accuracy.update(self.task.predict(self.net, batch), batch["labels"])
+        self.accuracy.update(self.task.score(self.net, batch))
         self.log("val_acc", self.accuracy, prog_bar=True, on_epoch=True,
-                 batch_size=len(batch["labels"]))
+                 batch_size=len(batch["input_ids"]))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        crash_point("recover:step")
 
     def on_train_epoch_start(self) -> None:
         torch.manual_seed(self.config.seed + self.current_epoch)  # dropout: same after resume
@@ -108,23 +133,64 @@ class Recovery(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if "lora_" in k}
 
-    def merged_weights(self) -> dict[str, torch.Tensor]:
+    def merged_weights(self, into: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The best epoch's adapters merged into copies of the target weights.
 
         The model's own weights are not touched (``recover`` then removes the adapters), so the
-        dense weights it shares with the pruner stay the original ones.
+        dense weights it shares with the pruner stay the original ones. ``into``: the
+        full-precision model whose weights receive the deltas (QLoRA trains a quantized copy).
         """
         best = self.trainer.checkpoint_callback.best_model_path
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             self.load_state_dict(state, strict=False)
         model = self.net.base_model.model
+        params = dict(into.named_parameters()) if into is not None else {}
         merged = {}
         for name, layer in model.named_modules():
             if hasattr(layer, "get_delta_weight") and hasattr(layer, "get_base_layer"):
-                weight = layer.get_base_layer().weight.detach()
-                merged[f"{name}.weight"] = (weight + layer.get_delta_weight("default")).cpu()
+                weight = (params[f"{name}.weight"] if params
+                          else layer.get_base_layer().weight).detach()
+                delta = layer.get_delta_weight("default").to(weight.device, weight.dtype)
+                merged[f"{name}.weight"] = (weight + delta).cpu()
         return merged
+
+
+def _prepare_for_kbit_training(net: nn.Module, gradient_checkpointing: bool) -> None:
+    """peft's preparation (input gradients, optional checkpointing), keeping weight dtypes.
+
+    ``prepare_model_for_kbit_training`` casts every unquantized half-precision weight to fp32;
+    only the norms need that for stable gradients, so the others (embeddings, factored children
+    that stayed unquantized) go back to their dtype instead of doubling their memory.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    dtypes = {id(p): p.dtype for p in net.parameters()}
+    prepare_model_for_kbit_training(net, use_gradient_checkpointing=gradient_checkpointing)
+    for module in net.modules():
+        if "norm" not in type(module).__name__.lower():
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(dtypes[id(p)])
+
+
+def quantized_copy(net: nn.Module, fmt: str, folder: Path) -> nn.Module:
+    """``net`` saved once under ``folder`` and reloaded through bitsandbytes (for QLoRA).
+
+    The reload goes through the same ``from_pretrained`` path as a deployed quantized export, so
+    the factored children are quantized exactly as they will be at inference.
+    """
+    from ..models.hf import save_pruned
+    from ..models.loading import load_model
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():  # written whole or not at all
+        tmp = folder.with_name(folder.name + ".tmp")
+        ranks = {n: m.rank for n, m in net.named_modules() if hasattr(m, "rank")}
+        save_pruned(net, None, ranks, tmp)
+        tmp.replace(folder)
+    dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
+    quantized, _ = load_model(str(folder), dtype, trust_remote_code=True, quantize=fmt)
+    return quantized
 
 
 @contextmanager
@@ -143,22 +209,32 @@ def with_weights(net: nn.Module, weights: dict[str, torch.Tensor]):
 
 def recover(make_trainer, net: nn.Module, task, targets: list[str], train_loader, val_loader,
             config: RecoverConfig, work: Path) -> dict:
-    """Train LoRA on ``net``; returns the merged target weights (``net`` is left unchanged)."""
+    """Train LoRA on ``net``; returns the merged target weights (``net`` is left unchanged).
+
+    With ``config.quantize`` the adapters train on a bitsandbytes copy of ``net`` (QLoRA) and
+    ``net`` waits on the CPU; the deltas are merged into ``net``'s own weights.
+    """
     work = Path(work)
-    module = Recovery(net, task, targets, config, work)
+    trained = net
+    if config.quantize != "none":
+        net.to("cpu")
+        trained = quantized_copy(net, config.quantize, work / f"base-{config.quantize}")
+    module = Recovery(trained, task, targets, config, work)
     trainer = make_trainer(max_epochs=config.epochs, enable_checkpointing=True,
                            logger=CSVLogger(str(work), name="logs"))
     last = work / "last.ckpt"
     try:
-        trainer.fit(module, train_loader, val_loader,
-                    ckpt_path=str(last) if last.exists() else None)
-        weights = module.merged_weights()
+        with PeakMemory(trainer.strategy.root_device) as peak:
+            trainer.fit(module, train_loader, val_loader,
+                        ckpt_path=str(last) if last.exists() else None)
+        weights = module.merged_weights(into=None if trained is net else net)
     finally:
         module.net.unload()  # the model leaves as it came, even when training fails
     history = _logged(work, "val_acc")
     return {"weights": weights, "val_acc": history,
             "best_val_acc": max(history) if history else None, "epochs": trainer.current_epoch,
-            "train_loss": _logged(work, "train_loss")}
+            "train_loss": _logged(work, "train_loss"), "quantize": config.quantize,
+            "peak_memory_mb": peak.mb}
 
 
 def _logged(work: Path, key: str) -> list[float]:

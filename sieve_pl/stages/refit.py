@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from ..models.factored import set_submodule
+from ..models.factored import dense_shape, dense_weight, set_submodule
 from ..tasks.base import last_logits
 from .calibrate import reduce_sums
 from .project import _eigh_desc
@@ -77,8 +77,8 @@ class PairedMoments(L.LightningModule):
                 module.to(device)
         self.sums = {}
         for key, names in self.groups.items():
-            d = self.net.get_submodule(names[0]).in_features
-            device = self.net.get_submodule(names[0]).weight.device
+            first = self.net.get_submodule(names[0])
+            d, device = dense_shape(first)[1], first.weight.device
             for part in ("ctt", "k"):
                 self.sums[f"{key}.{part}"] = torch.zeros(d, d, dtype=torch.float64, device=device)
         # hooks sit on the modules of both variants (the dense and the pruned first Linear)
@@ -144,7 +144,7 @@ def refit(trainer: L.Trainer, net, pruner, groups: dict[str, list[str]], levels:
         for key, names in layer_groups.items():
             ctt, k = moments.sums[f"{key}.ctt"], moments.sums[f"{key}.k"]
             for name in (n for n in names if n in ranks):
-                w = pruner.dense[name].weight.detach().to(ctt.device, torch.float64)
+                w = dense_weight(pruner.dense[name]).detach().to(ctt.device, torch.float64)
                 a, b = refit_matrix(w, ctt, k, ranks[name], ridge)
                 module = pruned[name]
                 with torch.no_grad():

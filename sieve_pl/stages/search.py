@@ -9,7 +9,6 @@ and ends exactly where an uninterrupted one would.
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from deap import algorithms, base, creator, tools
 from tqdm.auto import tqdm
 
 from ..errors import SieveError
-from ..io import read_json, write_json
+from ..io import crash_point, read_json, write_json
 
 
 @dataclass
@@ -86,55 +85,69 @@ class SearchConfig:
 
 
 class Fitness:
-    """Scores keep levels on the validation split: batched, last-position logits only.
+    """Scores keep levels on the validation split by the task's per-example scores.
 
+    A score is 1 for a right answer and 0 for a wrong one (accuracy, exact match) or in between
+    (token F1); a candidate's *lost score* is ``Σ(1 − s)`` (its errors, for 0/1 scores).
     Batches are tokenized once. Under DDP each rank scores every world-size-th batch and the
-    per-example results are gathered in order, so every rank takes the same decisions as one
+    per-example scores are gathered in order, so every rank takes the same decisions as one
     process would. With ``early_reject`` scoring stops at the first batch round after the
-    error budget ``⌊n - target·n⌋`` is exceeded: feasibility is still exact (errors only grow).
+    budget ``n − target·n`` of lost score is exceeded: feasibility is still exact (the lost
+    score only grows).
     """
 
     def __init__(self, trainer, lm, pruner, dataloader, early_reject: bool = True):
         self.trainer, self.lm, self.pruner, self.early_reject = trainer, lm, pruner, early_reject
         self.batches = list(dataloader)
-        self.n = sum(len(b["labels"]) for b in self.batches)
+        self.n = sum(len(b["input_ids"]) for b in self.batches)
         self.tokens_total = int(sum(b["attention_mask"].sum() for b in self.batches))
         self.tokens_spent = 0
         self.evaluations = 0
 
-    def budget(self, target: float) -> int:
-        """Most errors a feasible candidate may make (accuracy ≥ target)."""
-        return math.floor(self.n - target * self.n + 1e-9)
+    def budget(self, target: float) -> float:
+        """Most score a feasible candidate may lose (mean score ≥ target); for 0/1 scores,
+        ``⌊n − target·n⌋`` errors."""
+        return self.n - target * self.n + 1e-9
+
+    @staticmethod
+    def lost(scores: list[float]) -> float:
+        """Score lost to mistakes, summed in order: ``Σ(1 − s)``."""
+        total = 0.0
+        for s in scores:
+            total += 1 - s
+        return total
 
     @torch.inference_mode()
-    def correct(self, keep, max_errors: int | None = None) -> list[bool]:
-        """Per-example correctness in dataset order, possibly cut short after the budget."""
+    def correct(self, keep, max_errors: float | None = None) -> list[float]:
+        """Per-example scores in dataset order, possibly cut short once more than
+        ``max_errors`` score is lost."""
         self.pruner.apply(keep)
         strategy = self.trainer.strategy
         world, rank, device = self.trainer.world_size, self.trainer.global_rank, strategy.root_device
         net = self.lm.net.to(device).eval()
-        size = max(len(b["labels"]) for b in self.batches)
-        flags: list[bool] = []
+        size = max(len(b["input_ids"]) for b in self.batches)
+        scores: list[float] = []
         self.evaluations += 1
         for start in range(0, len(self.batches), world):
-            local = torch.full((size + 1,), -1, dtype=torch.long, device=device)  # -1: no example
-            tokens = torch.zeros(1, dtype=torch.long, device=device)
+            # NaN: no example; the last slot carries the tokens this rank spent
+            local = torch.full((size + 1,), float("nan"), dtype=torch.float64, device=device)
+            local[-1] = 0
             if start + rank < len(self.batches):
-                batch = {k: v.to(device) for k, v in self.batches[start + rank].items()}
-                hits = (self.lm.task.predict(net, batch) == batch["labels"]).long()
+                batch = {k: v.to(device) if torch.is_tensor(v) else v
+                         for k, v in self.batches[start + rank].items()}
+                hits = self.lm.task.score(net, batch).double()
                 local[:len(hits)] = hits
-                tokens += batch["attention_mask"].sum()
-            local[-1] = tokens[0]
+                local[-1] = batch["attention_mask"].sum()
             gathered = strategy.all_gather(local).reshape(-1, size + 1) if world > 1 else local[None]
             self.tokens_spent += int(gathered[:, -1].sum())
-            flags += [bool(x) for x in gathered[:, :-1].flatten().tolist() if x >= 0]
-            if max_errors is not None and self.early_reject and flags.count(False) > max_errors:
+            scores += [x for x in gathered[:, :-1].flatten().tolist() if x == x]
+            if max_errors is not None and self.early_reject and self.lost(scores) > max_errors:
                 break
-        return flags
+        return scores
 
     def accuracy(self, keep) -> float:
-        flags = self.correct(keep)
-        return sum(flags) / self.n
+        """Mean score (the task's primary metric) of the candidate on the whole split."""
+        return sum(self.correct(keep)) / self.n
 
 
 def uniform_search(accuracy: Callable[[float], float], base_accuracy: float,
@@ -214,7 +227,7 @@ class GeneticSearch:
             levels = self.levels(genome)
             flags = self.fitness.correct(levels, self.budget)
             kept, total = self.fitness.pruner.params(levels)
-            errors = flags.count(False)
+            errors = self.fitness.lost(flags)
             if errors <= self.budget:
                 value = 1 - kept / total
             else:
@@ -256,6 +269,7 @@ class GeneticSearch:
             "hall_of_fame": [[list(g), g.fitness.values[0]] for g in hof],
             "logbook": list(logbook), "cache": self.cache, "rng": _rng_state(),
             "tokens_spent": self.fitness.tokens_spent, "evaluations": self.fitness.evaluations})
+        crash_point("search:generation")
 
     def _restore(self, hof, logbook):
         path = self.work / "state.json" if self.work else None
@@ -323,10 +337,11 @@ class GeneticSearch:
                        tokens_spent=self.fitness.tokens_spent)
 
 
-def _cumulative_errors(flags: list[bool]):
-    errors = 0
-    for ok in flags:
-        errors += not ok
+def _cumulative_errors(flags: list[float]):
+    """Running lost score ``Σ(1 − s)`` (errors, for 0/1 scores), summed as ``Fitness.lost``."""
+    errors = 0.0
+    for score in flags:
+        errors += 1 - score
         yield errors
 
 

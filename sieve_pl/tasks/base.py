@@ -1,46 +1,112 @@
-"""What every task kind provides: column checks, batching, and a prediction per example."""
+"""What every task kind provides, and the scoring helpers the kinds share.
+
+A task turns dataset rows into batches (``collate``) and scores a model on a batch (``scores``).
+The rest of the pipeline never asks which kind it holds:
+
+* calibration and refit run the model's forward on ``input_ids`` / ``attention_mask`` /
+  ``position_ids`` of a batch: the tokens whose activations describe the task (the prompt, plus
+  the reference answer for tasks whose answers are longer than one token);
+* the search, evaluation and recovery's validation read per-example scores in [0, 1] of the
+  task's primary metric (``score``), averaged into one number (accuracy, exact match or F1);
+* recovery minimises ``loss`` (cross-entropy on the answer tokens only; the prompt is masked).
+"""
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
+import torch.nn.functional as F
 
 from ..errors import SieveError
 
 
+@functools.cache
+def cache_name() -> str:
+    """The key/value cache's keyword and output field: ``cache`` from transformers 5.2x on,
+    ``past_key_values`` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+
 class Task:
-    """A task kind. Subclasses turn examples into prompts and model outputs into predictions."""
+    """A task kind. Subclasses turn examples into prompts and model outputs into scores."""
+
+    settings: tuple[str, ...] = ()
+    metric: str = "accuracy"  # the primary metric: what the search keeps within epsilon
 
     def config(self) -> dict:
         """The settings that define the task (for stage fingerprints)."""
         return {"kind": type(self).__name__,
                 **{k: v for k, v in vars(self).items() if k in self.settings}}
 
-    settings: tuple[str, ...] = ()
-
     def columns(self) -> list[str]:
-        """Dataset columns this task reads."""
+        """Dataset fields this task reads (column names; ``a.b`` is field ``b`` of column ``a``)."""
         raise NotImplementedError
 
     def check(self, dataset, tokenizer) -> None:
-        """Fail with one clear line on a missing column or unusable setting."""
-        missing = [c for c in self.columns() if c not in dataset.column_names]
+        """Fail with one clear line on a missing column or unusable setting; keep the tokenizer."""
+        self.tokenizer = tokenizer
+        missing = [c for c in dict.fromkeys(column_of(f, dataset.column_names)
+                                            for f in self.columns())
+                   if c not in dataset.column_names]
         if missing:
             raise SieveError(f"dataset has no column {', '.join(map(repr, missing))}; "
                              f"columns: {', '.join(dataset.column_names)}")
 
-    def num_classes(self) -> int:
-        raise NotImplementedError
+    def metrics(self) -> list[str]:
+        """Names of the metrics ``scores`` returns, the primary one first."""
+        return [self.metric]
 
     def collate(self, examples: list[dict], tokenizer, max_length: int) -> dict:
+        """A batch: ``input_ids`` / ``attention_mask`` / ``position_ids`` (left-padded) plus
+        whatever the task needs to score it."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, model, batch: dict) -> torch.Tensor:
+    def scores(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-example values in [0, 1] of every metric in ``metrics()`` (float tensors)."""
         raise NotImplementedError
+
+    def score(self, model, batch: dict) -> torch.Tensor:
+        """Per-example values of the primary metric (1 = right, 0 = wrong; F1 in between)."""
+        return self.scores(model, batch)[self.metric]
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         """Training loss on the answer tokens only (recovery)."""
         raise NotImplementedError
 
+
+# --- fields ------------------------------------------------------------------------------------
+
+def column_of(field: str, columns) -> str:
+    """The dataset column a field path reads: ``answers.text`` reads column ``answers``."""
+    return field if field in columns else field.split(".")[0]
+
+
+def field_value(example: dict, field: str):
+    """A field of a row; dots walk into nested dicts (``answers.text``, ``context.contexts``)."""
+    if field in example:
+        return example[field]
+    value = example
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise SieveError(f"row has no field {field!r}; fields: {', '.join(example)}")
+        value = value[part]
+    return value
+
+
+def field_text(example: dict, field: str) -> str:
+    """A field as prompt text: lists (several retrieved passages, say) are joined by newlines."""
+    value = field_value(example, field)
+    if isinstance(value, (list, tuple)):
+        return "\n".join(str(v) for v in value)
+    return str(value)
+
+
+# --- batches -----------------------------------------------------------------------------------
 
 def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> dict:
     """Left-padded prompts with position ids that ignore the padding.
@@ -56,8 +122,119 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> dict:
             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 
+def pad_tokens(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and their mask; at least one column wide."""
+    width = max(1, max((len(s) for s in sequences), default=1))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def with_answers(prompts: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Prompt then answer tokens in one sequence: ``[left padding | prompt | answer | padding]``.
+
+    ``ids`` / ``mask`` are the right-padded answer tokens (``pad_tokens``); ``answer_mask``
+    marks them in the result, and the prompt is its first ``input_ids.shape[1] -
+    answer_mask.shape[1]`` columns (``prompt_part``).
+    """
+    joined = torch.cat([prompts["attention_mask"], mask], 1)
+    return {"input_ids": torch.cat([prompts["input_ids"], ids], 1), "attention_mask": joined,
+            "position_ids": (joined.cumsum(-1) - 1).clamp(min=0), "answer_mask": mask}
+
+
+def prompt_part(batch: dict) -> dict:
+    """The prompt columns of a ``with_answers`` batch (what the model sees before answering)."""
+    width = batch["input_ids"].shape[1] - batch["answer_mask"].shape[1]
+    return {k: batch[k][:, :width] for k in ("input_ids", "attention_mask", "position_ids")}
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
 def last_logits(model, batch: dict) -> torch.Tensor:
     """Next-token logits at the last position only (``logits_to_keep=1``)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False)
     return out.logits[:, -1]
+
+
+def answer_logprobs(model, batch: dict) -> torch.Tensor:
+    """Log-probability of every answer token of a ``with_answers`` batch given all before it
+    (batch × answer width; 0 at padding). One forward; logits only at the answer positions."""
+    mask = batch["answer_mask"]
+    width = mask.shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False)
+    logits = out.logits[:, :-1].float()  # position t predicts token t + 1
+    targets = batch["input_ids"][:, -width:]
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return -nll.view_as(targets) * mask
+
+
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of a ``with_answers`` batch (prompt masked)."""
+    return -answer_logprobs(model, batch).sum() / batch["answer_mask"].sum().clamp(min=1)
+
+
+def choice_logprobs(model, prompts: dict, choice_ids: torch.Tensor,
+                    choice_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-likelihood of each choice's tokens after its prompt (batch × choices).
+
+    ``choice_ids`` / ``choice_mask`` are batch × choices × tokens, right-padded; a choice with
+    no tokens (a row with fewer options) scores ``-inf``. When every choice is one token this
+    is one forward with ``logits_to_keep=1``. Otherwise the prompt runs once and each choice's
+    remaining tokens run on a copy of its key/value cache (the prompt is shared, not repeated).
+    """
+    out = model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                position_ids=prompts["position_ids"], logits_to_keep=1,
+                use_cache=choice_ids.shape[2] > 1)
+    first = out.logits[:, -1].float().log_softmax(-1)
+    total = first.gather(1, choice_ids[:, :, 0]) * choice_mask[:, :, 0]
+    longer = [k for k in range(choice_ids.shape[1]) if choice_mask[:, k, 1:].any()]
+    start = prompts["position_ids"][:, -1:] + 1
+    for i, k in enumerate(longer):
+        ids, mask = choice_ids[:, k], choice_mask[:, k]
+        cache = getattr(out, cache_name())
+        rest = model(input_ids=ids[:, :-1],
+                     attention_mask=torch.cat([prompts["attention_mask"], mask[:, :-1]], 1),
+                     position_ids=start + torch.arange(ids.shape[1] - 1, device=ids.device),
+                     use_cache=True,  # on a copy of the prompt's cache, except for the last
+                     **{cache_name(): cache if i == len(longer) - 1 else copy.deepcopy(cache)})
+        logp = rest.logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        total[:, k] += (logp * mask[:, 1:]).sum(1)
+    return total.masked_fill(choice_mask[:, :, 0] == 0, float("-inf"))
+
+
+@torch.no_grad()
+def greedy_decode(model, prompts: dict, max_new_tokens: int, stop_ids: set[int],
+                  finished=None) -> list[list[int]]:
+    """Greedy continuation of left-padded prompts with a key/value cache.
+
+    A row stops at a token in ``stop_ids`` (kept) or when ``finished(row, tokens)`` says so;
+    decoding ends when every row stopped or after ``max_new_tokens`` tokens.
+    """
+    mask, position = prompts["attention_mask"], prompts["position_ids"][:, -1:]
+    out = model(input_ids=prompts["input_ids"], attention_mask=mask,
+                position_ids=prompts["position_ids"], logits_to_keep=1, use_cache=True)
+    rows = mask.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                tokens[i].append(t)
+                done[i] = t in stop_ids or bool(finished and finished(i, tokens[i]))
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
+        position = position + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
+                    logits_to_keep=1, use_cache=True, **{cache_name(): getattr(out, cache_name())})
+    return tokens

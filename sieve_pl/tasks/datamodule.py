@@ -5,7 +5,6 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 import lightning as L
-from jsonargparse import lazy_instance
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -58,14 +57,18 @@ class TaskDataModule(L.LightningDataModule):
     """Task examples for every stage.
 
     Args:
-        source: built-in name (``rotten_tomatoes``), a local ``.json/.jsonl/.csv/.parquet`` file,
-            or a hub dataset id.
+        source: built-in name (``rotten_tomatoes``, ``drug_reviews``, ``drug_reviews_3class``),
+            a local ``.json/.jsonl/.csv/.parquet`` file, or a hub dataset id (or a local folder
+            laid out like one).
         name: hub dataset config name.
         split: hub split to draw every split from.
-        task: the task kind and its prompt / fields.
+        task: the task kind (``Classification``, ``MultipleChoice``, ``Generation``), its prompt
+            and the columns it reads (the field mapping); none: ``Classification()``, the
+            Rotten Tomatoes sentiment prompt.
         sizes: examples per split.
         batch_size: examples per forward pass.
-        max_length: prompts longer than this many tokens are truncated on the left.
+        max_length: prompts longer than this many tokens are truncated on the left (answers
+            are appended after the prompt).
         seed: seed of the shuffle that defines the splits.
     """
 
@@ -74,7 +77,7 @@ class TaskDataModule(L.LightningDataModule):
         source: str = "rotten_tomatoes",
         name: str | None = None,
         split: str = "train",
-        task: Task = lazy_instance(Classification),
+        task: Task | None = None,
         sizes: SplitSizes = SplitSizes(),
         batch_size: int = 16,
         max_length: int = 256,
@@ -82,7 +85,9 @@ class TaskDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.source, self.name, self.split = source, name, split
-        self.task = task
+        # the default is built here, not given as a lazy_instance: jsonargparse keeps a default
+        # instance's arguments (``prompt``) when a config switches the class to another kind
+        self.task = task if task is not None else Classification()
         self.sizes, self.batch_size, self.max_length, self.seed = sizes, batch_size, max_length, seed
         self.tokenizer = None
         self.splits: dict = {}
@@ -116,7 +121,8 @@ class TaskDataModule(L.LightningDataModule):
         data = data.shuffle(seed=self.seed)
         start = 0
         for split, n in wanted:
-            self.splits[split] = data.select(range(start, start + n))
+            # (an empty range at the very end is not a valid contiguous selection)
+            self.splits[split] = data.select(range(start, start + n) if n else [])
             start += n
 
     def setup(self, stage: str | None = None) -> None:

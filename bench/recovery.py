@@ -1,0 +1,101 @@
+"""How much pruning LoRA recovery buys back: accuracy before and after recovery, per keep level.
+
+The run's own calibration and projection are reused from its run directory (made by
+``sieve-pl fit``), the same splits for every row; each level gets the run's ``recover`` settings
+(same LoRA budget, steps and seed). Rows: uniform keep levels (``--levels``; 1.0 is the dense
+model, the fair baseline for every recovered row), the genetic search's levels if the run has
+them, and optionally QLoRA (``--qlora nf4``) at the search's levels. Usage:
+
+    python bench/recovery.py --config configs/demo.yaml [--levels 1.0,0.8,0.6,0.4] [--qlora nf4]
+
+Prints a Markdown table and writes bench/results/recovery.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sieve_pl.cli import SieveCLI
+from sieve_pl.io import read_json
+from sieve_pl.models.module import evaluate
+from sieve_pl.models.pruning import Pruner
+from sieve_pl.stages.recover import lora_targets, recover, with_weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1.0,0.8,0.6,0.4")
+    parser.add_argument("--qlora", default="none", choices=["none", "nf4", "int8"])
+    parser.add_argument("--out", default="bench/results/recovery.json")
+    args, cli_args = parser.parse_known_args()
+
+    cli = SieveCLI(args=cli_args + ["--trainer.enable_progress_bar", "false"], run=False)
+    pipeline = cli.pipeline()
+    run = pipeline.load()
+    lm, data, trainer = pipeline.lm, pipeline.data, pipeline.trainer
+    groups = lm.adapter.input_groups(lm.net)
+    bases = pipeline.project(run, groups, pipeline.calibrate(run, groups))
+    pruner = Pruner(lm.net, bases, pipeline.search.rank_multiple)
+    config = dataclasses.replace(pipeline.recover, enabled=True)
+
+    variants = [(f"uniform {float(k):g}", float(k), "none") for k in args.levels.split(",")]
+    searched = run.path / "search" / "search.json"
+    if searched.exists():
+        levels = read_json(searched)["levels"]
+        variants.append(("genetic", levels, "none"))
+        if args.qlora != "none":
+            variants.append(("genetic", levels, args.qlora))
+
+    def accuracies() -> dict:
+        return {"validation": evaluate(trainer, lm, data.val_dataloader()),
+                "test": evaluate(trainer, lm, data.test_dataloader())}
+
+    rows = []
+    work = Path(args.out).parent / ".recovery.work"
+    for name, keep, fmt in variants:
+        pruner.apply(keep)
+        kept, total = pruner.params(keep)
+        row = {"levels": name, "kept": kept / total, "lora": "none", **accuracies()}
+        if fmt == "none":  # the un-recovered model is the same for LoRA and QLoRA
+            rows.append(row)
+            print(rows[-1], file=sys.stderr, flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+        start = time.perf_counter()
+        result = recover(pipeline.make_trainer, lm.net, data.task,
+                         lora_targets(lm.net, lm.adapter.layers), data.train_dataloader(),
+                         data.val_dataloader(), dataclasses.replace(config, quantize=fmt), work)
+        seconds = time.perf_counter() - start
+        with with_weights(lm.net, result["weights"]):
+            rows.append({**row, "lora": "qlora-" + fmt if fmt != "none" else "lora",
+                         **accuracies(), "recover_seconds": seconds,
+                         "recover_peak_memory_mb": result["peak_memory_mb"],
+                         "epochs": result["epochs"]})
+        print(rows[-1], file=sys.stderr, flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+    print("| levels | decoder weights kept | recovery | validation acc | test acc "
+          "| recovery s | recovery peak MB |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        extra = (f"{r['recover_seconds']:.0f} | {r['recover_peak_memory_mb']:.0f}"
+                 if "recover_seconds" in r else " | ")
+        print(f"| {r['levels']} | {100 * r['kept']:.1f}% | {r['lora']} "
+              f"| {100 * r['validation']:.1f}% | {100 * r['test']:.1f}% | {extra} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained,
+        "recover": dataclasses.asdict(config),
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__}},
+        indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
