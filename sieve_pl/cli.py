@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from .errors import SieveError
 from .io import say, write_json
 from .models.module import SieveLM, evaluate, measure
-from .pipeline import Pipeline, QuantizeConfig, RunConfig
+from .pipeline import Pipeline, QuantizeConfig, RunConfig, TransferConfig
 from .stages.calibrate import CalibrationConfig
 from .stages.project import ProjectionConfig
 from .stages.recover import RecoverConfig
@@ -25,7 +25,7 @@ from .tasks.datamodule import TaskDataModule
 
 STAGE_CONFIGS = {"run": RunConfig, "calibration": CalibrationConfig,
                  "projection": ProjectionConfig, "search": SearchConfig, "refit": RefitConfig,
-                 "recover": RecoverConfig, "quantize": QuantizeConfig}
+                 "recover": RecoverConfig, "quantize": QuantizeConfig, "transfer": TransferConfig}
 
 
 class SieveCLI(LightningCLI):
@@ -69,7 +69,7 @@ class SieveCLI(LightningCLI):
             pipeline.fit()
             return
         cfg = self.config_init[subcommand]
-        pipeline.prepare()
+        pipeline.prepare(fitting=False)
         exported = pipeline.run.path / "export" / "model"
         rows = []
         if cfg["evaluate"] in ("auto", "base"):
@@ -94,7 +94,7 @@ class SieveCLI(LightningCLI):
             lm.set_task(data.task)
             acc = evaluate(self.trainer, lm, data.loader(split))
             params = sum(p.numel() for p in lm.net.parameters())
-            say(f"{name:>6}: {split} accuracy {100 * acc:.2f}% "
+            say(f"{name:>6}: {split} {data.task.metric} {100 * acc:.2f}% "
                 f"({len(data.splits[split])} examples, {params / 1e6:.2f}M parameters"
                 f"{'' if lm.quantize == 'none' else ', ' + lm.quantize})")
 

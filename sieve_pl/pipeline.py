@@ -152,6 +152,21 @@ class QuantizeConfig:
     measure: bool = False
 
 
+@dataclass
+class TransferConfig:
+    """Cross-dataset check: the base and pruned models scored on other datasets of the same task.
+
+    Args:
+        sources: data source (built-in name, local file or hub id) -> label_map renaming its
+            label values to this task's (``{drug_reviews: {positive: fresh, negative:
+            rotten}}``); an empty map keeps the values.
+        examples: examples drawn (seeded) from each source.
+    """
+
+    sources: dict[str, dict[str, str]] = field(default_factory=dict)
+    examples: int = 500
+
+
 def _save_refit(result: dict, folder: Path) -> None:
     write_json(folder / "refit.json", {k: v for k, v in result.items() if k != "factors"})
     _save_bases(result["factors"], folder)
@@ -170,18 +185,25 @@ class Pipeline:
     def __init__(self, trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, run: RunConfig,
                  calibration: CalibrationConfig, projection: ProjectionConfig,
                  search: SearchConfig, refit: RefitConfig, recover: RecoverConfig,
-                 quantize: QuantizeConfig, make_trainer: Callable[..., L.Trainer] | None = None):
+                 quantize: QuantizeConfig, transfer: TransferConfig | None = None,
+                 make_trainer: Callable[..., L.Trainer] | None = None):
         self.trainer, self.lm, self.data, self.run = trainer, lm, data, run
         self.calibration, self.projection, self.search = calibration, projection, search
         self.refit, self.recover, self.quantize = refit, recover, quantize
+        self.transfer = transfer or TransferConfig()
         self.make_trainer = make_trainer
 
-    def prepare(self) -> None:
+    def prepare(self, fitting: bool = True) -> None:
         """Every check that needs no weights: architecture, data columns, label words, options."""
         self.search.check()
         self.recover.check(self.data.sizes.train)
+        sizes = self.data.sizes
+        if fitting and min(sizes.calibration, sizes.validation) < 1:
+            raise SieveError(f"fit needs calibration and validation examples, got {sizes}")
         self.lm.check()
         self.data.prepare(self.lm.tokenizer())
+        for source, label_map in self.transfer.sources.items():
+            self.data.other_source(source, label_map, self.transfer.examples)
 
     def check_run_dir(self) -> None:
         """Refuse a run folder whose calibration came from another model or other data.
@@ -332,6 +354,16 @@ class Pipeline:
                     rows[row] = {"validation": val, "test": evaluate(self.trainer, lm, test),
                                  "target_params_kept": kept,
                                  "params": dense_params - (total - kept)}
+            transfer = {}
+            for source, label_map in self.transfer.sources.items():
+                other = data.other_source(source, label_map, self.transfer.examples)
+                transfer[source] = {"examples": len(other.splits["test"])}
+                for row, keep, _, weights in variants:
+                    if row != "uniform":
+                        pruner.apply(keep)
+                        with with_weights(lm.net, weights):
+                            transfer[source][row] = evaluate(self.trainer, lm,
+                                                             other.test_dataloader())
             if "dense" in recovered:
                 rows["dense+lora"] = {**{k: recovered["dense"][k] for k in ("validation", "test")},
                                       "target_params_kept": total, "params": dense_params}
@@ -340,7 +372,7 @@ class Pipeline:
             if self.quantize.measure or self.quantize.formats:
                 self._measure(rows, final, work)
             return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
-                    "target_params": total, "rows": rows, "final": final,
+                    "target_params": total, "rows": rows, "final": final, "transfer": transfer,
                     "factored_matrices": len(ranks),
                     "bottlenecks": found.get("bottlenecks", []), "cost": found.get("cost"),
                     "refit": {k: v for k, v in refitted.items() if k != "factors"},
@@ -348,7 +380,8 @@ class Pipeline:
                     "model_dir": str(self.run.path / "export" / "model")}
 
         report = run.stage("evaluate", {"data": data.fingerprint_config("test"),
-                                        "quantize": asdict(self.quantize)}, test_report,
+                                        "quantize": asdict(self.quantize),
+                                        "transfer": asdict(self.transfer)}, test_report,
                            lambda r, d: write_json(d / "summary.json", r),
                            lambda d: read_json(d / "summary.json"))
         report["stage_seconds"] = dict(run.timings)

@@ -31,6 +31,10 @@ def format_summary(r: dict) -> str:
                             ("disk_mb", "weights_mb", "peak_memory_mb",
                              "latency_ms_per_example"))
         lines.append(line)
+    for source, scores in (r.get("transfer") or {}).items():
+        lines.append(f"cross-dataset, {source} ({scores['examples']} examples), test accuracy: "
+                     + ", ".join(f"{row} {_pct(v)}" for row, v in scores.items()
+                                 if row != "examples"))
     if r.get("cost"):
         c = r["cost"]
         lines.append(f"search cost: {c['ga_tokens']:,} forward tokens in {c['ga_evaluations']} "

@@ -73,10 +73,15 @@ def test_unsupported_architecture_named_before_weights(tmp_path, capsys, bert_co
 def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llama, capsys):
     args = ["fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
             "--run.name", "tiny", "--data.sizes.calibration", "12", "--data.sizes.validation",
-            "10", "--data.sizes.test", "10", "--data.batch_size", "5", *QUIET]
+            "10", "--data.sizes.test", "10", "--data.batch_size", "5", *QUIET,
+            "--transfer.sources", "{drug_reviews: {positive: fresh, negative: rotten}}",
+            "--transfer.examples", "6"]
     assert run_cli(*args) == 0
     run = tmp_path / "tiny"
     summary = read_json(run / "summary.json")
+    cross = summary["transfer"]["drug_reviews"]
+    assert cross["examples"] == 6 and {"base", "pruned"} <= cross.keys()
+    assert "cross-dataset, drug_reviews (6 examples)" in capsys.readouterr().out
     stages = ["calibrate", "project", "search", "refit", "recover", "export", "evaluate"]
     first = {s: read_json(run / s / "stage.json")["fingerprint"] for s in stages}
     assert (run / "export" / "model" / "model.safetensors").exists()
@@ -100,6 +105,14 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
     assert all(last[s] == after[s] for s in ("calibrate", "project", "search", "refit"))
     assert last["recover"] != after["recover"] and last["evaluate"] != after["evaluate"]
     assert not list(run.glob(".*.tmp"))  # no temporary stage folder left behind
+
+    # a finished run scored on another dataset of the same task, base and pruned side by side
+    capsys.readouterr()
+    assert run_cli("test", "--config", str(run / "config.yaml"), "--data.source", "drug_reviews",
+                   "--data.label_map", "{positive: fresh, negative: rotten}", "--data.sizes",
+                   "{calibration: 0, validation: 0, test: 6, train: 0}", *QUIET) == 0
+    out = capsys.readouterr().out
+    assert "base: test accuracy" in out and "pruned: test accuracy" in out and "(6 examples" in out
 
 
 @pytest.mark.slow

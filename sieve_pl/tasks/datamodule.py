@@ -70,6 +70,9 @@ class TaskDataModule(L.LightningDataModule):
         max_length: prompts longer than this many tokens are truncated on the left (answers
             are appended after the prompt).
         seed: seed of the shuffle that defines the splits.
+        label_map: renames values of the task's label column before anything else (e.g.
+            ``{positive: fresh, negative: rotten}`` scores another sentiment set with this
+            task's label words); values not in the map are kept.
     """
 
     def __init__(
@@ -82,9 +85,11 @@ class TaskDataModule(L.LightningDataModule):
         batch_size: int = 16,
         max_length: int = 256,
         seed: int = 0,
+        label_map: dict[str, str] | None = None,
     ):
         super().__init__()
         self.source, self.name, self.split = source, name, split
+        self.label_map = dict(label_map or {})
         # the default is built here, not given as a lazy_instance: jsonargparse keeps a default
         # instance's arguments (``prompt``) when a config switches the class to another kind
         self.task = task if task is not None else Classification()
@@ -100,7 +105,7 @@ class TaskDataModule(L.LightningDataModule):
         """
         before = SPLITS[:SPLITS.index(split) + 1]
         return {"source": self.source, "name": self.name, "split": self.split,
-                "task": self.task.config(), "max_length": self.max_length, "seed": self.seed,
+                "label_map": self.label_map, "task": self.task.config(), "max_length": self.max_length, "seed": self.seed,
                 "sizes": {s: getattr(self.sizes, s) for s in before}}
 
     def prepare(self, tokenizer) -> None:
@@ -109,11 +114,12 @@ class TaskDataModule(L.LightningDataModule):
             return
         self.tokenizer = tokenizer
         data = load_source(self.source, self.name, self.split)
+        if self.label_map:
+            data = self._relabel(data)
         self.task.check(data, tokenizer)
         wanted = [(s, getattr(self.sizes, s)) for s in SPLITS]
-        if any(n < 0 for _, n in wanted) or min(self.sizes.calibration, self.sizes.validation,
-                                                 self.sizes.test) < 1:
-            raise SieveError(f"split sizes must be >= 1 (train >= 0), got {asdict(self.sizes)}")
+        if any(n < 0 for _, n in wanted) or self.sizes.test < 1:
+            raise SieveError(f"split sizes must be >= 0 and test >= 1, got {asdict(self.sizes)}")
         total = sum(n for _, n in wanted)
         if total > len(data):
             raise SieveError(f"splits need {total} examples ({asdict(self.sizes)}) but "
@@ -124,6 +130,25 @@ class TaskDataModule(L.LightningDataModule):
             # (an empty range at the very end is not a valid contiguous selection)
             self.splits[split] = data.select(range(start, start + n) if n else [])
             start += n
+
+    def _relabel(self, data):
+        column = getattr(self.task, "label_field", None)
+        if column is None:
+            raise SieveError(f"data.label_map needs a task with a label_field; "
+                             f"{type(self.task).__name__} has none")
+        if column not in data.column_names:
+            return data  # the task's own check names the missing column
+        mapping = self.label_map
+        return data.map(lambda e: {column: mapping.get(str(e[column]), e[column])})
+
+    def other_source(self, source: str, label_map: dict[str, str] | None,
+                     examples: int) -> "TaskDataModule":
+        """The same task on another dataset: ``examples`` test examples (cross-dataset check)."""
+        other = TaskDataModule(source, task=self.task, sizes=SplitSizes(0, 0, examples, 0),
+                               batch_size=self.batch_size, max_length=self.max_length,
+                               seed=self.seed, label_map=label_map)
+        other.prepare(self.tokenizer)
+        return other
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
