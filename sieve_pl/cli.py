@@ -17,6 +17,7 @@ from .io import say, write_json
 from .models.module import SieveLM, evaluate, measure
 from .pipeline import Pipeline, QuantizeConfig, RunConfig, TransferConfig
 from .stages.calibrate import CalibrationConfig
+from .stages.distill import DistillConfig
 from .stages.project import ProjectionConfig
 from .stages.recover import RecoverConfig
 from .stages.refit import RefitConfig
@@ -25,7 +26,8 @@ from .tasks.datamodule import TaskDataModule
 
 STAGE_CONFIGS = {"run": RunConfig, "calibration": CalibrationConfig,
                  "projection": ProjectionConfig, "search": SearchConfig, "refit": RefitConfig,
-                 "recover": RecoverConfig, "quantize": QuantizeConfig, "transfer": TransferConfig}
+                 "distill": DistillConfig, "recover": RecoverConfig, "quantize": QuantizeConfig,
+                 "transfer": TransferConfig}
 
 
 class SieveCLI(LightningCLI):

@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
@@ -111,3 +112,32 @@ def crash_point(name: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SafetensorsFolder(Mapping):
+    """The tensors of every ``*.safetensors`` file in a folder, each read only when accessed.
+
+    Calibration statistics of a large model are tens of GB: projection reads one input group at a
+    time, so the whole set never has to be in memory.
+    """
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        self.files: dict[str, Path] = {}
+        for path in sorted(self.folder.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as handle:
+                self.files.update(dict.fromkeys(handle.keys(), path))
+
+    def __getitem__(self, key: str):
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), "pt") as handle:
+            return handle.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)

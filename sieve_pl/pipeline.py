@@ -24,11 +24,12 @@ from safetensors.torch import load_file, save_file
 
 from .errors import SieveError
 from .report import format_summary, save_search
-from .io import crash_point, fingerprint, read_json, say, write_json
+from .io import SafetensorsFolder, crash_point, fingerprint, read_json, say, write_json
 from .models.hf import save_pruned
 from .models.module import SieveLM, evaluate
 from .models.pruning import Pruner
 from .stages.calibrate import CalibrationConfig, calibrate
+from .stages.distill import DistillConfig, distill, distill_loader
 from .stages.project import ProjectionConfig, project
 from .stages.recover import RecoverConfig, lora_targets, recover, with_weights
 from .stages.refit import RefitConfig, refit
@@ -111,20 +112,20 @@ class RunDir:
         self.trainer.strategy.barrier()
         self.timings[name] = round(time.perf_counter() - start, 2)
         rank_zero_info(f"[sieve-pl] {name}: {self.timings[name]:.1f}s -> {final}")
-        return result
+        return load(final)  # every rank reads what rank 0 wrote
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
-def _save_bases(bases, folder: Path) -> None:
+def _save_bases(bases, folder: Path, name: str = "bases.safetensors") -> None:
     _save_tensors({f"{n}.{part}": t for n, ab in bases.items() for part, t in zip("AB", ab)},
-                  folder / "bases.safetensors")
+                  folder / name)
 
 
-def _load_bases(folder: Path):
-    flat = load_file(str(folder / "bases.safetensors"))
+def _load_bases(folder: Path, name: str = "bases.safetensors"):
+    flat = load_file(str(folder / name))
     return {n[:-2]: (flat[n], flat[n[:-2] + ".B"]) for n in flat if n.endswith(".A")}
 
 
@@ -186,17 +187,20 @@ class Pipeline:
                  calibration: CalibrationConfig, projection: ProjectionConfig,
                  search: SearchConfig, refit: RefitConfig, recover: RecoverConfig,
                  quantize: QuantizeConfig, transfer: TransferConfig | None = None,
+                 distill: DistillConfig | None = None,
                  make_trainer: Callable[..., L.Trainer] | None = None):
         self.trainer, self.lm, self.data, self.run = trainer, lm, data, run
         self.calibration, self.projection, self.search = calibration, projection, search
         self.refit, self.recover, self.quantize = refit, recover, quantize
         self.transfer = transfer or TransferConfig()
+        self.distill = distill or DistillConfig()
         self.make_trainer = make_trainer
 
     def prepare(self, fitting: bool = True) -> None:
         """Every check that needs no weights: architecture, data columns, label words, options."""
         self.search.check()
         self.recover.check(self.data.sizes.train)
+        self.distill.check(self.data.sizes)
         sizes = self.data.sizes
         if fitting and min(sizes.calibration, sizes.validation) < 1:
             raise SieveError(f"fit needs calibration and validation examples, got {sizes}")
@@ -220,8 +224,11 @@ class Pipeline:
                              f"data); choose another run.name or pass --run.overwrite true")
 
     def _calibrate_config(self) -> dict:
+        """What the statistics depend on (how many layers share a pass changes nothing)."""
+        config = asdict(self.calibration)
+        config.pop("layers_per_pass")
         return {"model": {"pretrained": self.lm.pretrained, "dtype": self.lm.dtype_name},
-                "data": self.data.fingerprint_config("calibration"), **asdict(self.calibration)}
+                "data": self.data.fingerprint_config("calibration"), **config}
 
     def load(self) -> RunDir:
         """Checks, then weights; returns the run directory."""
@@ -232,18 +239,45 @@ class Pipeline:
 
     def calibrate(self, run: RunDir, groups: dict[str, list[str]]) -> dict:
         lm, data = self.lm, self.data
-        return run.stage(
-            "calibrate", self._calibrate_config(),
-            lambda work: calibrate(self.trainer, lm.net, groups, data.calibration_dataloader(),
-                              self.calibration),
-            lambda s, d: _save_tensors(s, d / "stats.safetensors"),
-            lambda d: load_file(str(d / "stats.safetensors")))
 
-    def project(self, run: RunDir, groups: dict[str, list[str]], stats: dict) -> dict:
-        return run.stage(
-            "project", asdict(self.projection),
-            lambda work: project(self.lm.net, groups, stats, self.projection), _save_bases,
-            _load_bases)
+        def compute(work: Path) -> Path:
+            shards = work / "stats"
+            if self.trainer.is_global_zero:
+                shutil.rmtree(shards, ignore_errors=True)  # a killed pass's leftovers
+                shards.mkdir()
+            calibrate(self.trainer, lm.net, groups, data.calibration_dataloader(),
+                      self.calibration, out=shards)
+            return shards
+
+        def save(shards: Path, folder: Path) -> None:
+            for shard in sorted(shards.glob("stats-*.safetensors")):
+                os.replace(shard, folder / shard.name)
+
+        return run.stage("calibrate", self._calibrate_config(), compute, save, SafetensorsFolder)
+
+    def project(self, run: RunDir, groups: dict[str, list[str]], stats) -> dict:
+        """Bases of every target matrix; under DDP each rank decomposes every world-th group."""
+        trainer = self.trainer
+
+        def compute(work: Path) -> dict:
+            if self.projection.method == "learned":  # one data-parallel fit of every matrix
+                return project(self.lm.net, groups, stats, self.projection, self.make_trainer,
+                               self.data.calibration_dataloader(), work)
+            world, rank = trainer.world_size, trainer.global_rank
+            mine = {key: names for i, (key, names) in enumerate(groups.items())
+                    if i % world == rank}
+            bases = project(self.lm.net, mine, stats, self.projection)
+            if world == 1:
+                return bases
+            _save_bases(bases, work, f"bases-{rank}.safetensors")
+            trainer.strategy.barrier()
+            return {} if rank else {name: ab for r in range(world) for name, ab in
+                                    _load_bases(work, f"bases-{r}.safetensors").items()}
+
+        config = asdict(self.projection)
+        if self.projection.method != "learned":  # its settings change nothing then
+            config.pop("learned")
+        return run.stage("project", config, compute, _save_bases, _load_bases)
 
     def _recover(self, work: Path) -> dict:
         lm, data = self.lm, self.data
@@ -305,13 +339,31 @@ class Pipeline:
                             data.loader("calibration", limit=self.refit.examples),
                             self.refit.ridge)
             after = evaluate(self.trainer, lm, data.val_dataloader())
-            return {"used": after >= found["accuracy"], "factors": factors,
+            return {"used": after >= found["accuracy"] - 1e-6, "factors": factors,
                     "accuracy_before": found["accuracy"], "accuracy_after": after}
 
         refitted = run.stage("refit", asdict(self.refit), run_refit, _save_refit, _load_refit)
         if refitted["used"]:
             pruner.refitted = refitted["factors"]
         pruned_accuracy = refitted["accuracy_after"] if refitted["used"] else found["accuracy"]
+
+        def run_distill(work: Path) -> dict:
+            if not self.distill.enabled:
+                return {"used": False, "factors": {}}
+            result = distill(self.make_trainer, lm.net, pruner, levels,
+                             distill_loader(data, self.distill.splits), data.val_dataloader(),
+                             self.distill, work)
+            after = evaluate(self.trainer, lm, data.val_dataloader())
+            # (1e-6: the same accuracy re-evaluated may differ in the last float32 bit)
+            return {**result, "used": after >= pruned_accuracy - 1e-6,
+                    "accuracy_before": pruned_accuracy, "accuracy_after": after}
+
+        distilled = run.stage("distill", {"data": data.fingerprint_config("train"),
+                                          **asdict(self.distill)}, run_distill, _save_refit,
+                              _load_refit)
+        if distilled["used"]:
+            pruner.refitted = {**pruner.refitted, **distilled["factors"]}
+            pruned_accuracy = distilled["accuracy_after"]
         ranks = pruner.apply(levels)
 
         def run_recover(work: Path) -> dict:
@@ -376,6 +428,7 @@ class Pipeline:
                     "factored_matrices": len(ranks),
                     "bottlenecks": found.get("bottlenecks", []), "cost": found.get("cost"),
                     "refit": {k: v for k, v in refitted.items() if k != "factors"},
+                    "distill": {k: v for k, v in distilled.items() if k != "factors"},
                     "recover": {k: v for k, v in recovered.items() if k != "weights"},
                     "model_dir": str(self.run.path / "export" / "model")}
 

@@ -44,6 +44,10 @@ def format_summary(r: dict) -> str:
         f = r["refit"]
         lines.append(f"refit: validation accuracy {_pct(f['accuracy_before'])} -> "
                      f"{_pct(f['accuracy_after'])} ({'kept' if f['used'] else 'discarded'})")
+    if (r.get("distill") or {}).get("accuracy_after") is not None:
+        f = r["distill"]
+        lines.append(f"distillation: validation accuracy {_pct(f['accuracy_before'])} -> "
+                     f"{_pct(f['accuracy_after'])} ({'kept' if f['used'] else 'discarded'})")
     rec = r.get("recover") or {}
     if rec.get("best_val_acc") is not None:
         kind = "LoRA" if rec.get("quantize", "none") == "none" else f"QLoRA ({rec['quantize']})"

@@ -1,3 +1,4 @@
+import lightning as L
 import torch
 
 from sieve_pl.models.module import SieveLM
@@ -38,3 +39,59 @@ def test_float32_sums_close_to_float64(tiny_llama, tiny_data, trainer):
     for key in groups:
         assert s32[key].dtype == torch.float32
         torch.testing.assert_close(s32[key].double(), s64[key], rtol=1e-4, atol=1e-4)
+
+
+class SumsHeld(L.Callback):
+    """Bytes of statistics the calibration module holds during each pass."""
+
+    def __init__(self):
+        self.passes = []
+
+    def on_predict_batch_end(self, trainer, module, *args):
+        if hasattr(module, "sums"):
+            held = sum(t.nbytes for t in module.sums.values())
+            if not self.passes or self.passes[-1][0] is not module:
+                self.passes.append((module, held))
+
+
+def stats_bytes(config, layers: int, bytes_per: int) -> int:
+    """The README's formula for Llama-like models: L·(3·h² + I²)·b (one Σxᵀx per distinct input:
+    q/k/v share h, o_proj reads heads·head_dim = h, gate/up share h, down_proj reads I)."""
+    h, i = config.hidden_size, config.intermediate_size
+    return layers * (3 * h * h + i * i) * bytes_per
+
+
+def test_layers_per_pass_same_statistics_in_per_layer_shards_and_memory_formula(
+        tiny_llama, tiny_data, tmp_path):
+    from sieve_pl.io import SafetensorsFolder
+
+    lm = SieveLM(tiny_llama)
+    lm.load()
+    groups = lm.adapter.input_groups(lm.net)
+    loader = tiny_data.calibration_dataloader()
+    layers = lm.net.config.num_hidden_layers
+
+    def run(layers_per_pass, out=None):
+        held = SumsHeld()
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[held])
+        stats = calibrate(trainer, lm.net, groups, loader,
+                          CalibrationConfig("float64", layers_per_pass), out=out)
+        return stats, [b for _, b in held.passes]
+
+    whole, held_whole = run(0)
+    (tmp_path / "shards").mkdir()
+    assert run(1, tmp_path / "shards")[0] is None
+    sharded, held_per_layer = run(1)
+    on_disk = SafetensorsFolder(tmp_path / "shards")
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        f"stats-{i:05d}.safetensors" for i in range(layers)]
+    for stats in (sharded, on_disk):
+        assert stats.keys() == whole.keys()
+        for key in whole:
+            assert torch.equal(stats[key], whole[key]), key
+    # memory: the formula, all layers in one pass, one layer's share per pass with 1 per pass
+    total = stats_bytes(lm.net.config, layers, 8)
+    assert held_whole == [total]
+    assert held_per_layer == [total // layers] * layers
+    assert sum(whole[k].nbytes for k in whole if not k.endswith(".count")) == total

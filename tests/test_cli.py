@@ -82,7 +82,7 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
     cross = summary["transfer"]["drug_reviews"]
     assert cross["examples"] == 6 and {"base", "pruned"} <= cross.keys()
     assert "cross-dataset, drug_reviews (6 examples)" in capsys.readouterr().out
-    stages = ["calibrate", "project", "search", "refit", "recover", "export", "evaluate"]
+    stages = ["calibrate", "project", "search", "refit", "distill", "recover", "export", "evaluate"]
     first = {s: read_json(run / s / "stage.json")["fingerprint"] for s in stages}
     assert (run / "export" / "model" / "model.safetensors").exists()
     assert (run / "config.yaml").exists()
@@ -181,3 +181,19 @@ def _quantized_logits_stay_close(folder: Path) -> None:
             logits = last_logits(model, batch)
         error = float((logits - reference).norm() / reference.norm())
         assert error < 0.35 and (fmt != "int8" or error > 0), (fmt, error)
+
+
+def test_fit_with_learned_projection_and_distillation(tmp_path, tiny_llama, capsys):
+    args = ["fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
+            "--run.name", "tiny", "--data.sizes",
+            "{calibration: 12, validation: 10, test: 6, train: 8}", "--data.batch_size", "4",
+            "--projection.method", "learned", "--projection.learned.epochs", "2",
+            "--distill.enabled", "true", "--distill.epochs", "1", "--search.generations", "1",
+            "--search.population", "4", *QUIET]
+    assert run_cli(*args) == 0
+    run = tmp_path / "tiny"
+    summary = read_json(run / "summary.json")
+    assert summary["distill"]["accuracy_after"] is not None
+    assert (run / "distill" / "stage.json").exists() and (run / "project" / "stage.json").exists()
+    assert read_json(run / "project" / "stage.json")["config"]["learned"]["epochs"] == 2
+    assert "distillation: validation accuracy" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sieve_pl.io import read_json
+from sieve_pl.io import SafetensorsFolder, read_json
 
 SIEVE_PL = str(Path(sys.executable).parent / "sieve-pl")
 
@@ -30,8 +30,8 @@ def test_two_processes_equal_one(tiny_llama, tmp_path):
     one = _fit(tiny_llama, tmp_path / "one", "--trainer.devices", "1")
     two = _fit(tiny_llama, tmp_path / "two", "--trainer.devices", "2",
                "--trainer.strategy", "ddp")
-    s1 = load_file(str(one / "calibrate" / "stats.safetensors"))
-    s2 = load_file(str(two / "calibrate" / "stats.safetensors"))
+    s1 = dict(SafetensorsFolder(one / "calibrate"))
+    s2 = dict(SafetensorsFolder(two / "calibrate"))
     assert s1.keys() == s2.keys()
     for key in s1:
         if key.endswith(".count"):
@@ -48,3 +48,19 @@ def test_two_processes_equal_one(tiny_llama, tmp_path):
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6)
     assert read_json(one / "summary.json")["rows"] == read_json(two / "summary.json")["rows"]
+
+
+def test_recovery_trains_under_ddp_and_rank_zero_writes_once(tiny_llama, tmp_path):
+    run = _fit(tiny_llama, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+               "--recover.enabled", "true", "--data.sizes.train", "16", "--recover.epochs", "2",
+               "--recover.compare_dense", "false", "--recover.lr", "0.005")
+    recovered = read_json(run / "recover" / "recover.json")
+    assert len(recovered["val_acc"]) == 2 and len(recovered["train_loss"]) == 2
+    weights = load_file(str(run / "recover" / "weights.safetensors"))
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    rows = read_json(run / "summary.json")["rows"]
+    assert "pruned+lora" in rows and rows["pruned+lora"]["validation"] == max(
+        recovered["val_acc"])
+    # one CSV log (rank 0's), no stray temporary or work folders
+    assert len(list((run / "recover").glob("*.safetensors"))) == 1
+    assert not list(run.glob(".*.tmp")) and not list(run.glob(".*.work"))

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sieve_pl.io import read_json
+from sieve_pl.io import SafetensorsFolder, read_json
 
 DEMO = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
-STAGES = ["calibrate", "project", "search", "refit", "recover", "export", "evaluate"]
-ARTIFACTS = ["calibrate/stats.safetensors", "project/bases.safetensors",
+STAGES = ["calibrate", "project", "search", "refit", "distill", "recover", "export", "evaluate"]
+ARTIFACTS = ["calibrate", "project/bases.safetensors",
              "recover/weights.safetensors", "export/model/model.safetensors"]
 
 
@@ -39,6 +39,11 @@ def fit(tiny_llama: str, root: Path, crash_at: str | None = None) -> subprocess.
                "--quantize.measure", "false", "--trainer.enable_progress_bar", "false",
                "--trainer.enable_model_summary", "false"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def tensors(path: Path) -> dict:
+    """A safetensors file, or every shard of a folder."""
+    return dict(SafetensorsFolder(path)) if path.is_dir() else load_file(str(path))
 
 
 def finished_stages(run: Path) -> list[str]:
@@ -75,7 +80,7 @@ def test_killed_in_every_stage_then_rerun_equals_uninterrupted(reference, tiny_l
     assert done.returncode == 0, done.stderr[-3000:]
     assert finished_stages(run) == STAGES
     for path in ARTIFACTS:
-        ours, theirs = load_file(str(run / path)), load_file(str(reference / path))
+        ours, theirs = tensors(run / path), tensors(reference / path)
         assert ours.keys() == theirs.keys(), path
         for key in ours:
             assert ours[key].equal(theirs[key]), f"{path}: {key} differs"

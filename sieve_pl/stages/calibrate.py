@@ -7,10 +7,12 @@ Sums (not means) plus token counts are kept so ranks all-reduce them exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from ..errors import SieveError
 from ..io import crash_point
@@ -25,9 +27,14 @@ class CalibrationConfig:
     Args:
         dtype: accumulator dtype of the Σ xᵀx sums (float64: exact to ~1e-12 over millions of
             tokens; float32 halves memory).
+        layers_per_pass: decoder layers whose statistics are accumulated in one pass over the
+            calibration data (0 = all). The sums live on the model's device during a pass
+            and go to disk after it, so k layers per pass hold k/L of the statistics at a time,
+            for L/k passes (the memory formula is in the README).
     """
 
     dtype: str = "float64"
+    layers_per_pass: int = 0
 
 
 class Calibration(L.LightningModule):
@@ -80,18 +87,40 @@ def reduce_sums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def layer_of(key: str) -> str:
+    """``model.layers.3.attn_in`` -> ``model.layers.3``: statistics are stored per layer."""
+    return key.rpartition(".")[0]
+
+
 def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
-              config: CalibrationConfig) -> dict[str, torch.Tensor]:
-    """``{input key: Σ xᵀx}`` plus ``{input key + '.count': tokens}``, summed over all ranks."""
-    module = Calibration(net, groups, config.dtype)
-    trainer.predict(module, dataloaders=dataloader, return_predictions=False)
-    stats = {}
-    for key in groups:
-        s = module.sums[key].cpu()
-        if not torch.isfinite(s).all():
-            raise SieveError(f"calibration statistics of {key} (input of "
-                             f"{', '.join(groups[key])}) contain NaN/inf; run the model in "
-                             f"float32 (model.dtype) and keep calibration.dtype float64")
-        stats[key] = s
-        stats[f"{key}.count"] = torch.tensor(module.counts[key])
-    return stats
+              config: CalibrationConfig, out: Path | None = None) -> dict | None:
+    """``{input key: Σ xᵀx}`` plus ``{input key + '.count': tokens}``, summed over all ranks.
+
+    With ``out``, rank 0 writes each layer's statistics to ``out/stats-<layer>.safetensors`` as
+    soon as its pass ends (nothing is returned: read them with ``SafetensorsFolder`` once every
+    rank is done); without, they are returned as a dict.
+    """
+    layers = list(dict.fromkeys(layer_of(key) for key in groups))
+    per_pass = config.layers_per_pass or len(layers)
+    stats: dict[str, torch.Tensor] = {}
+    for start in range(0, len(layers), per_pass):
+        chunk = layers[start:start + per_pass]
+        module = Calibration(net, {k: v for k, v in groups.items() if layer_of(k) in chunk},
+                             config.dtype)
+        trainer.predict(module, dataloaders=dataloader, return_predictions=False)
+        for index, layer in enumerate(chunk, start):
+            shard = {}
+            for key in (k for k in groups if layer_of(k) == layer):
+                s = module.sums.pop(key).cpu()
+                if not torch.isfinite(s).all():
+                    raise SieveError(f"calibration statistics of {key} (input of "
+                                     f"{', '.join(groups[key])}) contain NaN/inf; run the model "
+                                     f"in float32 (model.dtype) and keep calibration.dtype "
+                                     f"float64")
+                shard[key] = s
+                shard[f"{key}.count"] = torch.tensor(module.counts[key])
+            if out is None:
+                stats.update(shard)
+            elif trainer.is_global_zero:
+                save_file(shard, str(Path(out) / f"stats-{index:05d}.safetensors"))
+    return stats if out is None else None

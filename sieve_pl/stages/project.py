@@ -7,17 +7,22 @@ For ``W`` (H × D) with input second moment ``C``:
   rank-R matrices (reduced-rank regression), and the error is the sum of the discarded eigenvalues.
 - ``weight_svd``: truncated SVD of W (ignores the data).
 - ``input_pca``: top eigenvectors ``V`` of C (SliceGPT-like): ``A = V_Rᵀ``, ``B = W V_R``.
+- ``learned``: A and B fitted by gradient descent on the calibration activations, as the paper
+  does (a Lightning fit; see ``learned.py``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import SieveError
 from ..models.factored import dense_weight
 from ..models.pruning import max_rank
+from .learned import LearnedConfig, learn
 
 
 @dataclass
@@ -25,14 +30,17 @@ class ProjectionConfig:
     """How each matrix's bases are computed.
 
     Args:
-        method: output_aligned (task-aware optimum), weight_svd or input_pca (baselines).
+        method: output_aligned (task-aware optimum), weight_svd or input_pca (baselines), or
+            learned (output-aligned factors fitted by gradient descent, as in the paper).
         dtype: dtype of the decompositions (float64 ranks tiny eigenvalues reliably).
         device: where decompositions run (cpu, cuda, or auto = the model's device).
+        learned: the gradient-descent fit of method learned.
     """
 
-    method: Literal["output_aligned", "weight_svd", "input_pca"] = "output_aligned"
+    method: Literal["output_aligned", "weight_svd", "input_pca", "learned"] = "output_aligned"
     dtype: str = "float64"
     device: str = "auto"
+    learned: LearnedConfig = field(default_factory=LearnedConfig)
 
 
 def _eigh_desc(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +69,21 @@ METHODS = {"output_aligned": output_aligned, "weight_svd": weight_svd, "input_pc
 
 
 def project(net: torch.nn.Module, groups: dict[str, list[str]], stats: dict[str, torch.Tensor],
-            config: ProjectionConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{matrix name: (A_full, B_full)}`` up to each matrix's largest parameter-saving rank."""
+            config: ProjectionConfig, make_trainer=None, loader=None, work: Path | None = None
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{matrix name: (A_full, B_full)}`` up to each matrix's largest parameter-saving rank.
+
+    ``learned`` trains: it needs ``make_trainer`` (a Trainer factory), the calibration ``loader``
+    and a ``work`` folder for its checkpoints.
+    """
+    if config.method == "learned":
+        if make_trainer is None or loader is None or work is None:
+            raise SieveError("projection.method learned needs a trainer factory, the calibration "
+                             "data and a work folder")
+        start = None
+        if config.learned.init == "closed_form":
+            start = project(net, groups, stats, replace(config, method="output_aligned"))
+        return learn(make_trainer, net, groups, stats, loader, config.learned, work, start)
     dtype = getattr(torch, config.dtype)
     fit = METHODS[config.method]
     bases = {}

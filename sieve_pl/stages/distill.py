@@ -1,0 +1,192 @@
+"""Task-level distillation of the factored weights (after the search, before recovery).
+
+The projections minimise each matrix's own output error, but inside the pruned model those errors
+add up through the layers, and what the task needs is the model's answer, not any one matrix's
+output. This stage trains only the factored ``A`` / ``B`` weights of the pruned model (no new
+parameters; dense matrices, norms and embeddings stay frozen) so that its next-token distribution
+at the answer positions matches the original dense model's:
+
+    KL(p_dense(· / T) ‖ p_pruned(· / T)) · T²   over the whole vocabulary
+
+on the prompts of the calibration and train splits; validation KL picks the best epoch.
+
+The answer positions are the last prompt position (where classification and multiple choice read
+their answer) and, for batches that carry their reference answer (``answer_mask``: generation),
+every position that predicts an answer token, teacher-forced on the reference.
+
+The teacher is the same model with its dense matrices put back: the pruner keeps the dense
+Linears anyway, so each step swaps them in for one no-grad forward and the factored ones back for
+the student's. No second model is held and nothing is cached, the KL is over the full vocabulary
+(no top-k truncation), and a resumed or DDP run needs no teacher state; the price is one extra
+forward per step (about a third more compute than the student's forward and backward).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader
+
+from ..errors import SieveError
+from ..models.factored import FactoredLinear, set_submodule
+from ..tasks.base import last_logits
+from ..tasks.datamodule import EpochShuffle
+from .learned import frozen_except
+from .recover import _logged
+
+
+@dataclass
+class DistillConfig:
+    """Distillation of the pruned model's factored weights towards the dense model.
+
+    Args:
+        enabled: train the factored A/B weights at the chosen levels so the pruned model's
+            answer distribution matches the dense model's (kept only if validation accuracy
+            does not drop).
+        splits: splits whose prompts are distilled (the validation split picks the best epoch).
+        lr: Adam learning rate.
+        epochs: training epochs.
+        temperature: softmax temperature of teacher and student (the loss is scaled by T²).
+    """
+
+    enabled: bool = False
+    splits: list[Literal["calibration", "train"]] = field(
+        default_factory=lambda: ["calibration", "train"])
+    lr: float = 1e-4
+    epochs: int = 3
+    temperature: float = 1.0
+
+    def check(self, sizes) -> None:
+        """Fail before any weight loads if there is nothing to train on."""
+        if self.enabled and sum(getattr(sizes, s) for s in self.splits) < 1:
+            raise SieveError(f"distill.enabled needs examples in {self.splits}")
+        if self.epochs < 1 or self.lr <= 0 or self.temperature <= 0:
+            raise SieveError("distill needs epochs >= 1, lr > 0 and temperature > 0")
+
+
+def distill_loader(data, splits: list[str]) -> DataLoader:
+    """The examples of these splits in one loader, shuffled per epoch (same order on resume)."""
+    loaders = [data.loader(s) for s in splits if len(data.splits[s])]
+    dataset = ConcatDataset([loader.dataset for loader in loaders])
+    return DataLoader(dataset, batch_size=data.batch_size, collate_fn=loaders[0].collate_fn,
+                      sampler=EpochShuffle(len(dataset), data.seed))
+
+
+def answer_logits(model, batch: dict) -> torch.Tensor:
+    """Next-token logits at the answer positions (positions × vocabulary)."""
+    if "answer_mask" not in batch:
+        return last_logits(model, batch)
+    mask = batch["answer_mask"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=mask.shape[1] + 1,
+                use_cache=False)
+    return out.logits[:, :-1][mask.bool()]  # position t predicts token t + 1
+
+
+def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
+    """Mean over positions of ``KL(teacher ‖ student)`` at a temperature, times T²."""
+    t = temperature
+    return F.kl_div((student.float() / t).log_softmax(-1), (teacher.float() / t).log_softmax(-1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
+class Distillation(L.LightningModule):
+    """The pruned model learns the dense model's answers; only factored A/B weights train."""
+
+    def __init__(self, net: nn.Module, dense: dict[str, nn.Module], config: DistillConfig,
+                 checkpoints: Path):
+        super().__init__()
+        self.net, self.config, self.checkpoints = net, config, Path(checkpoints)
+        self.factored = {name: net.get_submodule(name) for name in dense
+                         if isinstance(net.get_submodule(name), FactoredLinear)}
+        self.dense = {name: dense[name] for name in self.factored}  # not submodules: not saved
+        self.trainable = [f"net.{name}.{part}.weight" for name in self.factored for part in "AB"]
+        self.strict_loading = False  # checkpoints hold the factored weights only
+
+    @contextmanager
+    def _teacher(self):
+        """The dense matrices in place of the factored ones, for one forward."""
+        try:
+            for name, module in self.dense.items():
+                set_submodule(self.net, name, module)
+            yield
+        finally:
+            for name, module in self.factored.items():
+                set_submodule(self.net, name, module)
+
+    def _kl(self, batch) -> tuple[torch.Tensor, int]:
+        with torch.no_grad(), self._teacher():
+            teacher = answer_logits(self.net, batch)
+        student = answer_logits(self.net, batch)
+        return kl_to_teacher(student, teacher, self.config.temperature), len(teacher)
+
+    def on_fit_start(self) -> None:
+        for module in self.dense.values():
+            module.to(self.device)
+
+    def on_train_epoch_start(self) -> None:
+        self.net.eval()  # teacher and student without dropout: the deployed behaviour
+
+    def training_step(self, batch, batch_idx):
+        loss, positions = self._kl(batch)
+        self.log("train_kl", loss, prog_bar=True, on_step=False, on_epoch=True,
+                 batch_size=positions)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, positions = self._kl(batch)
+        self.log("val_kl", loss, prog_bar=True, on_epoch=True, batch_size=positions)
+
+    def configure_optimizers(self):
+        params = dict(self.named_parameters())
+        return torch.optim.Adam([params[k] for k in self.trainable], lr=self.config.lr)
+
+    def configure_callbacks(self):
+        return [ModelCheckpoint(dirpath=self.checkpoints, filename="best", monitor="val_kl",
+                                mode="min", save_last=True, save_top_k=1)]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: checkpoint["state_dict"][k] for k in self.trainable}
+
+    def best_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The best epoch's ``(A, B)`` of every factored matrix (loaded into the model too)."""
+        best = self.trainer.checkpoint_callback.best_model_path
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            self.load_state_dict(state, strict=False)
+        return {name: (m.A.weight.detach().cpu().clone(), m.B.weight.detach().cpu().clone())
+                for name, m in self.factored.items()}
+
+
+def distill(make_trainer, net: nn.Module, pruner, levels: dict[str, float], train_loader,
+            val_loader, config: DistillConfig, work: Path) -> dict:
+    """Distil the factored weights at ``levels``; returns ``{"factors": {name: (A, B)}, ...}``.
+
+    The factors have the shape of ``refit``'s: put them in ``pruner.refitted`` and every later
+    ``pruner.apply(levels)`` uses them. The model is left at ``levels`` with these factors; its
+    dense weights (and the pruner's) are untouched. ``last.ckpt`` in ``work`` resumes a killed run.
+    """
+    work = Path(work)
+    pruner.apply(levels)
+    module = Distillation(net, pruner.dense, config, work)
+    if not module.factored:
+        return {"factors": {}, "val_kl": [], "train_kl": [], "epochs": 0}
+    trainer = make_trainer(max_epochs=config.epochs, enable_checkpointing=True,
+                           logger=CSVLogger(str(work), name="logs"))
+    last = work / "last.ckpt"
+    params = dict(module.named_parameters())
+    with frozen_except(net, [params[k] for k in module.trainable]):
+        trainer.fit(module, train_loader, val_loader,
+                    ckpt_path=str(last) if last.exists() else None)
+    factors = module.best_factors()
+    history = _logged(work, "val_kl")
+    return {"factors": factors, "val_kl": history, "best_val_kl": min(history, default=None),
+            "train_kl": _logged(work, "train_kl"), "epochs": trainer.current_epoch}
