@@ -104,8 +104,9 @@ class TaskDataModule(L.LightningDataModule):
         the sizes of the splits before it, not on those after it.
         """
         before = SPLITS[:SPLITS.index(split) + 1]
-        return {"source": self.source, "name": self.name, "split": self.split,
-                "label_map": self.label_map, "task": self.task.config(), "max_length": self.max_length, "seed": self.seed,
+        extra = {"label_map": self.label_map} if self.label_map else {}
+        return {"source": self.source, "name": self.name, "split": self.split, **extra,
+                "task": self.task.config(), "max_length": self.max_length, "seed": self.seed,
                 "sizes": {s: getattr(self.sizes, s) for s in before}}
 
     def prepare(self, tokenizer) -> None:
