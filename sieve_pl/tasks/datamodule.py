@@ -70,9 +70,9 @@ class TaskDataModule(L.LightningDataModule):
         max_length: prompts longer than this many tokens are truncated on the left (answers
             are appended after the prompt).
         seed: seed of the shuffle that defines the splits.
-        label_map: renames values of the task's label column before anything else (e.g.
-            ``{positive: fresh, negative: rotten}`` scores another sentiment set with this
-            task's label words); values not in the map are kept.
+        label_map: renames values of the task's label (or answer) column before anything
+            else (``{positive: fresh, negative: rotten}`` scores another sentiment set with
+            this task's label words); values not in the map are kept.
     """
 
     def __init__(
@@ -133,10 +133,11 @@ class TaskDataModule(L.LightningDataModule):
             start += n
 
     def _relabel(self, data):
-        column = getattr(self.task, "label_field", None)
-        if column is None:
-            raise SieveError(f"data.label_map needs a task with a label_field; "
-                             f"{type(self.task).__name__} has none")
+        column = getattr(self.task, "label_field", None) or getattr(self.task, "answer_field",
+                                                                    None)
+        if not isinstance(column, str):
+            raise SieveError(f"data.label_map needs a task with one label_field or "
+                             f"answer_field column; {type(self.task).__name__} has none")
         if column not in data.column_names:
             return data  # the task's own check names the missing column
         mapping = self.label_map
