@@ -62,6 +62,22 @@ class PeakMemory:
 
         self.cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
         self.mb: float | None = None
+        self.start_mb: float | None = None  # in use when the block began
+
+    @property
+    def extra_mb(self) -> float | None:
+        """What the block added on top of what was already there (activations, caches…)."""
+        return None if self.mb is None or self.start_mb is None else self.mb - self.start_mb
+
+    def _current(self, field: str) -> float | None:
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        return None
 
     def __enter__(self):
         import gc
@@ -71,11 +87,13 @@ class PeakMemory:
         gc.collect()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
+            self.start_mb = torch.cuda.memory_allocated() / 2**20
         else:
             try:
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError:
                 pass
+            self.start_mb = self._current("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -83,14 +101,8 @@ class PeakMemory:
 
         if self.cuda:
             self.mb = torch.cuda.max_memory_allocated() / 2**20
-            return
-        try:
-            status = Path("/proc/self/status").read_text()
-        except OSError:
-            return
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                self.mb = int(line.split()[1]) / 1024
+        else:
+            self.mb = self._current("VmHWM")
 
 
 _crash_counts: dict[str, int] = {}
