@@ -224,9 +224,10 @@ class Pipeline:
                              f"data); choose another run.name or pass --run.overwrite true")
 
     def _calibrate_config(self) -> dict:
-        """What the statistics depend on (how many layers share a pass changes nothing)."""
+        """What the statistics depend on (passes and where the sums live change nothing)."""
         config = asdict(self.calibration)
         config.pop("layers_per_pass")
+        config.pop("device")
         return {"model": {"pretrained": self.lm.pretrained, "dtype": self.lm.dtype_name},
                 "data": self.data.fingerprint_config("calibration"), **config}
 

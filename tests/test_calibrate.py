@@ -71,22 +71,23 @@ def test_layers_per_pass_same_statistics_in_per_layer_shards_and_memory_formula(
     loader = tiny_data.calibration_dataloader()
     layers = lm.net.config.num_hidden_layers
 
-    def run(layers_per_pass, out=None):
+    def run(layers_per_pass, out=None, device="auto"):
         held = SumsHeld()
         trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[held])
         stats = calibrate(trainer, lm.net, groups, loader,
-                          CalibrationConfig("float64", layers_per_pass), out=out)
+                          CalibrationConfig("float64", layers_per_pass, device), out=out)
         return stats, [b for _, b in held.passes]
 
     whole, held_whole = run(0)
     (tmp_path / "shards").mkdir()
     assert run(1, tmp_path / "shards")[0] is None
     sharded, held_per_layer = run(1)
+    on_host = run(1, device="cpu")[0]
     on_disk = SafetensorsFolder(tmp_path / "shards")
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
         f"stats-{i:05d}.safetensors" for i in range(layers)]
-    for stats in (sharded, on_disk):
+    for stats in (sharded, on_disk, on_host):
         assert stats.keys() == whole.keys()
         for key in whole:
             assert torch.equal(stats[key], whole[key]), key

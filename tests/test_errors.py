@@ -34,6 +34,30 @@ def test_keep_ladder_outside_unit_interval(tmp_path, capsys, ladder):
     assert "search.ladder values must be in (0, 1]" in last_error_line(capsys)
 
 
+@pytest.mark.parametrize("sizes,message", [
+    ("{calibration: 0, validation: 10, test: 10, train: 8}", "fit needs calibration and validation"),
+    ("{calibration: 10, validation: 10, test: 0, train: 8}", "test >= 1"),
+])
+def test_empty_split(tmp_path, capsys, sizes, message):
+    assert run_cli("fit", "--config", DEMO, "--run.root", str(tmp_path), "--data.sizes",
+                   sizes) == 2
+    assert message in last_error_line(capsys)
+
+
+def test_label_word_outside_the_vocabulary(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sieve_pl.tasks.classification import label_word_tokens
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "positive": 1, "negative": 2}, "[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+    assert label_word_tokens(tokenizer, {"a": "positive", "b": "negative"}) == [[1], [2]]
+    with pytest.raises(SieveError, match="'négatif' .* is not in the model's vocabulary"):
+        label_word_tokens(tokenizer, {"a": "positive", "b": "négatif"})
+
+
 def test_config_key_typo_is_named_by_lightning_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", DEMO, "--search.epsilonn", "0.1"])

@@ -7,6 +7,7 @@ Sums (not means) plus token counts are kept so ranks all-reduce them exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import lightning as L
@@ -31,18 +32,23 @@ class CalibrationConfig:
             calibration data (0 = all). The sums live on the model's device during a pass
             and go to disk after it, so k layers per pass hold k/L of the statistics at a time,
             for L/k passes (the memory formula is in the README).
+        device: where the sums live: auto (the model's device) or cpu (each batch's xᵀx is
+            computed on the model's device and added to a sum in host memory: accelerator
+            memory for one group's xᵀx at a time, at the cost of a transfer per batch).
     """
 
     dtype: str = "float64"
     layers_per_pass: int = 0
+    device: Literal["auto", "cpu"] = "auto"
 
 
 class Calibration(L.LightningModule):
     """Runs the model and accumulates input second moments through forward hooks."""
 
-    def __init__(self, net: torch.nn.Module, groups: dict[str, list[str]], dtype: str = "float64"):
+    def __init__(self, net: torch.nn.Module, groups: dict[str, list[str]], dtype: str = "float64",
+                 device: str = "auto"):
         super().__init__()
-        self.net = net
+        self.net, self.sum_device = net, device
         self.groups = groups
         self.sum_dtype = getattr(torch, dtype)
         self.sums: dict[str, torch.Tensor] = {}
@@ -54,14 +60,15 @@ class Calibration(L.LightningModule):
         def hook(module, args):
             x = args[0][self._mask]  # (non-padding tokens, in_features)
             x = x.to(torch.float64 if self.sum_dtype == torch.float64 else torch.float32)
-            self.sums[key] += (x.T @ x).to(self.sum_dtype)
+            self.sums[key] += (x.T @ x).to(self.sums[key].device, self.sum_dtype)
             self.counts[key] += x.shape[0]
         return hook
 
     def on_predict_start(self) -> None:
         first = {key: self.net.get_submodule(names[0]) for key, names in self.groups.items()}
         self.sums = {key: torch.zeros((dense_shape(m)[1],) * 2, dtype=self.sum_dtype,
-                                      device=m.weight.device) for key, m in first.items()}
+                                      device="cpu" if self.sum_device == "cpu" else m.weight.device)
+                     for key, m in first.items()}
         self.counts = dict.fromkeys(self.groups, 0)
         self._handles = [m.register_forward_pre_hook(self._hook(key)) for key, m in first.items()]
 
@@ -80,10 +87,20 @@ class Calibration(L.LightningModule):
 
 
 def reduce_sums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum each tensor over all ranks, in place (a no-op in one process)."""
+    """Sum each tensor over all ranks, in place (a no-op in one process).
+
+    NCCL reduces CUDA tensors only: host tensors go through the GPU one at a time.
+    """
     if dist.is_available() and dist.is_initialized():
+        via_gpu = dist.get_backend() == "nccl"
         for key in sorted(tensors):  # same order on every rank
-            dist.all_reduce(tensors[key])
+            t = tensors[key]
+            if via_gpu and t.device.type == "cpu":
+                on_gpu = t.cuda()
+                dist.all_reduce(on_gpu)
+                t.copy_(on_gpu.cpu())
+            else:
+                dist.all_reduce(t)
     return tensors
 
 
@@ -106,7 +123,7 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
     for start in range(0, len(layers), per_pass):
         chunk = layers[start:start + per_pass]
         module = Calibration(net, {k: v for k, v in groups.items() if layer_of(k) in chunk},
-                             config.dtype)
+                             config.dtype, config.device)
         trainer.predict(module, dataloaders=dataloader, return_predictions=False)
         for index, layer in enumerate(chunk, start):
             shard = {}

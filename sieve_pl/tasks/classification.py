@@ -121,6 +121,9 @@ def label_word_tokens(tokenizer, words: dict[str, str]) -> list[list[int]]:
         ids = tokenizer(word, add_special_tokens=False)["input_ids"]
         if not ids:
             raise SieveError(f"label word {word!r} (label {label!r}) has no tokens")
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+            raise SieveError(f"label word {word!r} (label {label!r}) is not in the model's "
+                             f"vocabulary: it tokenizes to {tokenizer.convert_ids_to_tokens(ids)}")
         tokens.append(ids)
     seen: dict[tuple, str] = {}
     for (label, word), ids in zip(words.items(), tokens):
