@@ -60,6 +60,16 @@ def main() -> None:
 
     rows = []
     work = Path(args.out).parent / ".recovery.work"
+
+    def save() -> None:  # after every row: a long sweep that is stopped keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained,
+            "recover": dataclasses.asdict(config),
+            "machine": {"cpu": platform.processor() or platform.machine(),
+                        "threads": torch.get_num_threads(), "torch": torch.__version__}},
+            indent=2) + "\n")
+
     for name, keep, fmt in variants:
         pruner.apply(keep)
         kept, total = pruner.params(keep)
@@ -67,6 +77,7 @@ def main() -> None:
         if fmt == "none":  # the un-recovered model is the same for LoRA and QLoRA
             rows.append(row)
             print(rows[-1], file=sys.stderr, flush=True)
+            save()
         shutil.rmtree(work, ignore_errors=True)
         start = time.perf_counter()
         result = recover(pipeline.make_trainer, lm.net, data.task,
@@ -79,6 +90,7 @@ def main() -> None:
                          "recover_peak_memory_mb": result["peak_memory_mb"],
                          "epochs": result["epochs"]})
         print(rows[-1], file=sys.stderr, flush=True)
+        save()
     shutil.rmtree(work, ignore_errors=True)
 
     print("| levels | decoder weights kept | recovery | validation acc | test acc "
@@ -88,13 +100,6 @@ def main() -> None:
                  if "recover_seconds" in r else " | ")
         print(f"| {r['levels']} | {100 * r['kept']:.1f}% | {r['lora']} "
               f"| {100 * r['validation']:.1f}% | {100 * r['test']:.1f}% | {extra} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained,
-        "recover": dataclasses.asdict(config),
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__}},
-        indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,20 +20,28 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, tokenizer):
-    """A 2-layer random Llama in a local folder: loads through the same path as any HF model."""
+def make_tiny_llama(tmp_path_factory, tokenizer):
+    """Random 2-layer Llamas saved as local folders: they load through the same path as any HF
+    model. Keyword arguments override the config (e.g. sizes bitsandbytes' CPU kernel accepts)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    def make(name: str, **overrides) -> str:
+        torch.manual_seed(0)
+        config = LlamaConfig(**{
+            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 256, "tie_word_embeddings": True,
+            "pad_token_id": tokenizer.pad_token_id, **overrides})
+        path = tmp_path_factory.mktemp(name)
+        LlamaForCausalLM(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return str(path)
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(make_tiny_llama):
+    return make_tiny_llama("tiny_llama")
 
 
 @pytest.fixture

@@ -18,19 +18,25 @@ from sieve_pl.tasks.base import last_logits
 CONFIG = RecoverConfig(enabled=True, rank=4, alpha=8, lr=5e-3, epochs=3, patience=10)
 
 
-@pytest.fixture
-def pruned(tiny_llama, tokenizer):
+def prune(model: str, tokenizer, keep) -> tuple[SieveLM, TaskDataModule, Pruner]:
+    """``model`` calibrated, projected and cut at ``keep(index, name)`` per matrix."""
     data = TaskDataModule(sizes=SplitSizes(calibration=8, validation=8, test=4, train=24),
                           batch_size=6)
     data.prepare(tokenizer)
-    lm = SieveLM(tiny_llama)
+    lm = SieveLM(model)
     lm.load()
     lm.set_task(data.task)
     groups = lm.adapter.input_groups(lm.net)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     stats = calibrate(trainer, lm.net, groups, data.calibration_dataloader(), CalibrationConfig())
     pruner = Pruner(lm.net, project(lm.net, groups, stats, ProjectionConfig()))
-    pruner.apply({n: (0.5 if i % 2 else 1.0) for i, n in enumerate(pruner.dense)})
+    pruner.apply({n: keep(i, n) for i, n in enumerate(pruner.dense)})
+    return lm, data, pruner
+
+
+@pytest.fixture
+def pruned(tiny_llama, tokenizer):
+    lm, data, _ = prune(tiny_llama, tokenizer, lambda i, n: 0.5 if i % 2 else 1.0)
     return lm, data
 
 
@@ -126,19 +132,10 @@ def test_merged_export_reloads_with_the_peft_models_logits(pruned, tmp_path, tok
 
 
 @pytest.fixture(scope="module")
-def tiny64(tmp_path_factory, tokenizer):
+def tiny64(make_tiny_llama):
     """A tiny Llama whose Linears bitsandbytes' CPU nf4 kernel accepts (sizes multiple of 64)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=256, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("tiny64")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return make_tiny_llama("tiny64", hidden_size=64, intermediate_size=128,
+                           num_key_value_heads=4)
 
 
 def test_qlora_trains_on_nf4_weights_and_merges_into_full_precision(tiny64, tokenizer, tmp_path):
@@ -146,17 +143,7 @@ def test_qlora_trains_on_nf4_weights_and_merges_into_full_precision(tiny64, toke
 
     from sieve_pl.stages.recover import quantized_copy
 
-    data = TaskDataModule(sizes=SplitSizes(calibration=8, validation=8, test=4, train=24),
-                          batch_size=6)
-    data.prepare(tokenizer)
-    lm = SieveLM(tiny64)
-    lm.load()
-    lm.set_task(data.task)
-    groups = lm.adapter.input_groups(lm.net)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    stats = calibrate(trainer, lm.net, groups, data.calibration_dataloader(), CalibrationConfig())
-    pruner = Pruner(lm.net, project(lm.net, groups, stats, ProjectionConfig()))
-    pruner.apply({n: (0.5 if "mlp" in n else 1.0) for n in pruner.dense})
+    lm, data, pruner = prune(tiny64, tokenizer, lambda i, n: 0.5 if "mlp" in n else 1.0)
     before = _train_loss(lm, data)
     original = {k: v.clone() for k, v in lm.net.state_dict().items()}
     config = RecoverConfig(enabled=True, rank=4, alpha=8, lr=5e-3, epochs=3, patience=10,
