@@ -123,7 +123,7 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
             "--run.root", str(tmp_path), "--data.sizes.calibration", "32",
             "--data.sizes.validation", "48", "--data.sizes.test", "48",
             "--data.sizes.train", "32", "--search.population", "6", "--search.generations", "2",
-            "--recover.epochs", "1", *QUIET]
+            "--recover.epochs", "1", "--distill.epochs", "1", "--transfer.examples", "16", *QUIET]
     assert run_cli("fit", *args) == 0
     run = tmp_path / "demo"
     summary = read_json(run / "summary.json")
@@ -136,6 +136,7 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
     # the GA starts from the uniform level, so it never removes less
     assert pruned["target_params_kept"] <= uniform["target_params_kept"] < summary["target_params"]
     assert summary["factored_matrices"] > 0
+    assert summary["transfer"]["drug_reviews"]["examples"] == 16
     for plot in ("levels.png", "fitness.png", "logbook.csv", "levels.json"):
         assert (run / "search" / plot).exists()
     assert summary["final"] == "pruned+lora" and "dense+lora" in rows
