@@ -1,0 +1,73 @@
+"""The demo's pruned variants side by side at the same parameter count (the run's GA levels):
+closed form, + distillation, + LoRA, on the test split and on each ``transfer`` source.
+
+Reuses the run's stages (calibration, projection, search, distillation, recovery weights) from
+its run directory; nothing is trained here. Usage:
+
+    python bench/demo_variants.py --config configs/demo.yaml
+
+Prints a Markdown table and writes bench/results/demo_variants.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sieve_pl.cli import SieveCLI
+from sieve_pl.io import read_json
+from sieve_pl.models.module import evaluate
+from sieve_pl.models.pruning import Pruner
+from sieve_pl.pipeline import _load_refit
+from sieve_pl.stages.recover import with_weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/demo_variants.json")
+    args, cli_args = parser.parse_known_args()
+    cli = SieveCLI(args=cli_args + ["--trainer.enable_progress_bar", "false"], run=False)
+    pipeline = cli.pipeline()
+    run = pipeline.load()
+    lm, data, trainer = pipeline.lm, pipeline.data, pipeline.trainer
+    groups = lm.adapter.input_groups(lm.net)
+    bases = pipeline.project(run, groups, pipeline.calibrate(run, groups))
+    pruner = Pruner(lm.net, bases, pipeline.search.rank_multiple)
+    levels = read_json(run.path / "search" / "search.json")["levels"]
+    distilled = run.path / "distill"
+    recovered = run.path / "recover" / "weights.safetensors"
+    variants = [("base", 1.0, {}, {}), ("closed form", levels, {}, {})]
+    if (distilled / "refit.json").exists():
+        variants.append(("+ distillation", levels, _load_refit(distilled)["factors"], {}))
+    if recovered.exists():
+        variants.append(("+ LoRA", levels, {}, load_file(str(recovered))))
+    others = {s: data.other_source(s, m, pipeline.transfer.examples)
+              for s, m in pipeline.transfer.sources.items()}
+    rows = []
+    for name, keep, factors, weights in variants:
+        pruner.refitted = factors
+        pruner.apply(keep)
+        with with_weights(lm.net, weights):
+            row = {"variant": name, "test": evaluate(trainer, lm, data.test_dataloader())}
+            for source, other in others.items():
+                row[source] = evaluate(trainer, lm, other.test_dataloader())
+        rows.append(row)
+        print(row, flush=True)
+    print("| variant | test | " + " | ".join(others) + " |\n|---|---|" + "---|" * len(others))
+    for r in rows:
+        print(f"| {r['variant']} | {100 * r['test']:.1f}% | "
+              + " | ".join(f"{100 * r[s]:.1f}%" for s in others) + " |")
+    Path(args.out).write_text(json.dumps({
+        "rows": rows, "levels_from": str(run.path / "search"),
+        "transfer_examples": pipeline.transfer.examples,
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__}},
+        indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
