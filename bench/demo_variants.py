@@ -11,14 +11,10 @@ Prints a Markdown table and writes bench/results/demo_variants.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
-from sieve_pl.cli import SieveCLI
+from common import open_run, write_result
 from sieve_pl.io import read_json
 from sieve_pl.models.module import evaluate
 from sieve_pl.models.pruning import Pruner
@@ -30,9 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/demo_variants.json")
     args, cli_args = parser.parse_known_args()
-    cli = SieveCLI(args=cli_args + ["--trainer.enable_progress_bar", "false"], run=False)
-    pipeline = cli.pipeline()
-    run = pipeline.load()
+    pipeline, run = open_run(cli_args)
     lm, data, trainer = pipeline.lm, pipeline.data, pipeline.trainer
     groups = lm.adapter.input_groups(lm.net)
     bases = pipeline.project(run, groups, pipeline.calibrate(run, groups))
@@ -61,12 +55,9 @@ def main() -> None:
     for r in rows:
         print(f"| {r['variant']} | {100 * r['test']:.1f}% | "
               + " | ".join(f"{100 * r[s]:.1f}%" for s in others) + " |")
-    Path(args.out).write_text(json.dumps({
+    write_result(args.out, {
         "rows": rows, "levels_from": str(run.path / "search"),
-        "transfer_examples": pipeline.transfer.examples,
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__}},
-        indent=2) + "\n")
+        "transfer_examples": pipeline.transfer.examples})
 
 
 if __name__ == "__main__":

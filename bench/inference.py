@@ -12,14 +12,12 @@ Prints a Markdown table and writes bench/results/inference.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from common import write_result
 from sieve_pl.cli import SieveCLI
 from sieve_pl.io import PeakMemory
 from sieve_pl.models.loading import load_model
@@ -92,13 +90,9 @@ def main() -> None:
         print(f"| {r['batch_size']} | {r['workload']} | {r['dense_ms']:.0f} | {r['pruned_ms']:.0f} "
               f"| {r['latency_ratio']:.3f} | {r['param_ratio']:.3f} | {r['dense_peak_mb']:.0f} "
               f"| {r['pruned_peak_mb']:.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    write_result(args.out, {
         "rows": rows, "params": params, "model": lm.pretrained, "export": str(exported),
-        "repeats": args.repeats, "new_tokens": args.new_tokens,
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__}},
-        indent=2) + "\n")
+        "repeats": args.repeats, "new_tokens": args.new_tokens})
 
 
 if __name__ == "__main__":

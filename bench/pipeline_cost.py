@@ -17,16 +17,13 @@ Prints a Markdown table and writes bench/results/pipeline_cost.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
 
-from sieve_pl.cli import SieveCLI
+from common import open_run, write_result
 from sieve_pl.io import SafetensorsFolder, read_json
 from sieve_pl.models.pruning import Pruner
 from sieve_pl.stages.calibrate import Calibration
@@ -83,9 +80,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/pipeline_cost.json")
     args, cli_args = parser.parse_known_args()
 
-    cli = SieveCLI(args=cli_args + ["--trainer.enable_progress_bar", "false"], run=False)
-    pipeline = cli.pipeline()
-    run = pipeline.load()
+    pipeline, run = open_run(cli_args)
     lm, data, trainer = pipeline.lm, pipeline.data, pipeline.trainer
     groups = lm.adapter.input_groups(lm.net)
     result = {}
@@ -146,12 +141,8 @@ def main() -> None:
           f"({s['ga_tokens']:,} / {s['naive_tokens']:,}) | <= 25% |")
     print(f"| LoRA step, pruned ({100 * lo['target_params_kept']:.1f}% kept) / dense | "
           f"{lo['ratio']:.2f}x ({lo['pruned_s']:.2f} s vs {lo['dense_s']:.2f} s) | |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        **result, "model": lm.pretrained, "batch_size": data.batch_size,
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__}},
-        indent=2) + "\n")
+    write_result(args.out, {
+        **result, "model": lm.pretrained, "batch_size": data.batch_size})
 
 
 if __name__ == "__main__":

@@ -10,14 +10,10 @@ Prints a Markdown table and writes bench/results/projection_methods.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-from pathlib import Path
 
-import torch
 
-from sieve_pl.cli import SieveCLI
+from common import open_run, write_result
 from sieve_pl.models.module import evaluate
 from sieve_pl.models.pruning import Pruner
 from sieve_pl.stages.project import METHODS, ProjectionConfig, project
@@ -30,9 +26,7 @@ def main() -> None:
     args, cli_args = parser.parse_known_args()
     levels = [float(x) for x in args.levels.split(",")]
 
-    cli = SieveCLI(args=cli_args + ["--trainer.enable_progress_bar", "false"], run=False)
-    pipeline = cli.pipeline()
-    run = pipeline.load()
+    pipeline, run = open_run(cli_args)
     lm, data, trainer = pipeline.lm, pipeline.data, pipeline.trainer
     groups = lm.adapter.input_groups(lm.net)
     stats = pipeline.calibrate(run, groups)
@@ -55,12 +49,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['method']} | {r['keep']} | {100 * r['validation']:.1f}% "
               f"| {100 * r['test']:.1f}% |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained,
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__}},
-        indent=2) + "\n")
+    write_result(args.out, {
+        "rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained})
 
 
 if __name__ == "__main__":

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
 
-from sieve_pl.cli import SieveCLI
+from common import open_run, write_result
 from sieve_pl.io import read_json
 from sieve_pl.models.module import evaluate
 from sieve_pl.models.pruning import Pruner
@@ -37,9 +34,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/recovery.json")
     args, cli_args = parser.parse_known_args()
 
-    cli = SieveCLI(args=cli_args + ["--trainer.enable_progress_bar", "false"], run=False)
-    pipeline = cli.pipeline()
-    run = pipeline.load()
+    pipeline, run = open_run(cli_args)
     lm, data, trainer = pipeline.lm, pipeline.data, pipeline.trainer
     groups = lm.adapter.input_groups(lm.net)
     bases = pipeline.project(run, groups, pipeline.calibrate(run, groups))
@@ -62,13 +57,9 @@ def main() -> None:
     work = Path(args.out).parent / ".recovery.work"
 
     def save() -> None:  # after every row: a long sweep that is stopped keeps what it measured
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({
+        write_result(args.out, {
             "rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained,
-            "recover": dataclasses.asdict(config),
-            "machine": {"cpu": platform.processor() or platform.machine(),
-                        "threads": torch.get_num_threads(), "torch": torch.__version__}},
-            indent=2) + "\n")
+            "recover": dataclasses.asdict(config)})
 
     for name, keep, fmt in variants:
         pruner.apply(keep)
