@@ -51,10 +51,10 @@ def main() -> None:
                 row[source] = evaluate(trainer, lm, other.test_dataloader())
         rows.append(row)
         print(row, flush=True)
-    print("| variant | test | " + " | ".join(others) + " |\n|---|---|" + "---|" * len(others))
+    columns = ["test", *others]
+    print("| variant | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
     for r in rows:
-        print(f"| {r['variant']} | {100 * r['test']:.1f}% | "
-              + " | ".join(f"{100 * r[s]:.1f}%" for s in others) + " |")
+        print(f"| {r['variant']} | " + " | ".join(f"{100 * r[c]:.1f}%" for c in columns) + " |")
     write_result(args.out, {
         "rows": rows, "levels_from": str(run.path / "search"),
         "transfer_examples": pipeline.transfer.examples})
