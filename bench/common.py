@@ -3,6 +3,7 @@ machine they were measured on."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -18,8 +19,17 @@ def open_run(cli_args: list[str]):
     return pipeline, pipeline.load()
 
 
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def write_result(path: str, payload: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     Path(path).write_text(json.dumps({**payload, "machine": machine}, indent=2) + "\n")

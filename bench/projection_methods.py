@@ -41,7 +41,8 @@ def main() -> None:
                                         ProjectionConfig(method, pipeline.projection.dtype)))
         for keep in levels:
             pruner.apply(keep)
-            rows.append({"method": method, "keep": keep, **accuracies()})
+            kept, total = pruner.params(keep)
+            rows.append({"method": method, "keep": keep, "kept": kept / total, **accuracies()})
             print(rows[-1], file=sys.stderr, flush=True)
         pruner.apply(1.0)
 

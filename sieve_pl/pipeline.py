@@ -224,10 +224,11 @@ class Pipeline:
                              f"data); choose another run.name or pass --run.overwrite true")
 
     def _calibrate_config(self) -> dict:
-        """What the statistics depend on (passes and where the sums live change nothing)."""
+        """What the statistics depend on (passes and where the sums live change nothing;
+        float32 and float64 products agree to ~1e-6, so either set of statistics serves)."""
         config = asdict(self.calibration)
-        config.pop("layers_per_pass")
-        config.pop("device")
+        for setting in ("layers_per_pass", "device", "product_dtype"):
+            config.pop(setting)
         return {"model": {"pretrained": self.lm.pretrained, "dtype": self.lm.dtype_name},
                 "data": self.data.fingerprint_config("calibration"), **config}
 

@@ -37,9 +37,12 @@ def format_summary(r: dict) -> str:
                                  if row != "examples"))
     if r.get("cost"):
         c = r["cost"]
-        lines.append(f"search cost: {c['ga_tokens']:,} forward tokens in {c['ga_evaluations']} "
-                     f"evaluations = {_pct(c['ga_tokens'] / c['naive_tokens'])} of a naive "
-                     f"search (population x generations x validation set)")
+        line = (f"search cost: {c['search_tokens']:,} forward tokens in {c['evaluations']} "
+                "evaluations (base, bisection and GA)")
+        if c.get("naive_tokens"):
+            line += (f" = {_pct(c['search_tokens'] / c['naive_tokens'])} of a naive GA "
+                     "(population x generations x validation set)")
+        lines.append(line)
     if r.get("refit", {}).get("accuracy_after") is not None:
         f = r["refit"]
         lines.append(f"refit: validation accuracy {_pct(f['accuracy_before'])} -> "

@@ -14,7 +14,9 @@ def test_statistics_equal_direct_xtx_over_non_padding_tokens(tiny_llama, tiny_da
     handles = [lm.net.get_submodule(n).register_forward_pre_hook(
         lambda m, args, n=n: seen[n].append(args[0].detach().clone())) for n in seen]
     stats = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
-                      CalibrationConfig(dtype="float64"))
+                      CalibrationConfig(dtype="float64", product_dtype="float64"))
+    fast = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
+                     CalibrationConfig(dtype="float64"))  # float32 products, float64 sums
     for h in handles:
         h.remove()
     masks = [b["attention_mask"].bool() for b in tiny_data.calibration_dataloader()]
@@ -24,6 +26,8 @@ def test_statistics_equal_direct_xtx_over_non_padding_tokens(tiny_llama, tiny_da
         for name in names:  # every Linear of a shared-input group sees the same input
             x = torch.cat([x[m] for x, m in zip(seen[name], masks)]).double()
             torch.testing.assert_close(stats[key], x.T @ x, rtol=1e-10, atol=1e-10)
+            assert fast[key].dtype == torch.float64
+            torch.testing.assert_close(fast[key], x.T @ x, rtol=1e-5, atol=1e-5)
         assert int(stats[f"{key}.count"]) == tokens
     # one statistic per distinct input: 4 groups per Llama layer, not 7 matrices
     assert len([k for k in stats if not k.endswith(".count")]) == 4 * 2

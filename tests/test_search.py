@@ -1,4 +1,5 @@
-"""Genetic search: exact early rejection, the genome cache, resume == uninterrupted; refit."""
+"""Genetic search: exact early rejection, lazy scoring == scoring everything, the caches,
+resume == uninterrupted; refit."""
 from __future__ import annotations
 
 import random
@@ -70,10 +71,73 @@ def test_cache_prevents_reevaluation(setup):
     fitness = _fitness(setup)
     result = search(fitness, list(setup[2].dense), CONFIG, None)
     assert result["feasible"] and result["accuracy"] >= result["target"]
-    # every GA evaluation was a distinct genome; elites and unchanged children were not rescored
-    assert result["cost"]["ga_evaluations"] == result["distinct_genomes"]
+    # lazy: genomes that could not win were never scored on the whole split
+    assert result["scored_genomes"] < result["distinct_genomes"]
     assert result["distinct_genomes"] < CONFIG.population * (CONFIG.generations + 1)
-    assert result["cost"]["ga_tokens"] < result["cost"]["naive_tokens"]
+    assert result["cost"]["search_tokens"] < result["cost"]["naive_tokens"]
+
+
+class EagerSearch(GeneticSearch):
+    """The same GA scoring every contender before choosing (DEAP's plain selection)."""
+
+    def best(self, genomes, k, full=True):
+        values = [self.score(g)["value"] for g in genomes]
+        return [genomes[i] for i in sorted(range(len(genomes)), key=lambda i: -values[i])[:k]]
+
+
+def test_lazy_scoring_takes_the_decisions_of_scoring_everything(setup, monkeypatch):
+    names = list(setup[2].dense)
+    config = SearchConfig(epsilon=0.02, min_keep=0.6, population=8, generations=4, elite=2, seed=5,
+                          gene_mutation_prob=0.2, screen=1.0)
+    lazy = search(_fitness(setup), names, config, None)
+    import sieve_pl.stages.search as module
+
+    monkeypatch.setattr(module, "GeneticSearch", EagerSearch)
+    eager = search(_fitness(setup), names, config, None)
+    assert lazy["genome"] == eager["genome"] and lazy["value"] == eager["value"]
+    assert [r["best"] for r in lazy["logbook"]] == [r["best"] for r in eager["logbook"]]
+    assert lazy["distinct_genomes"] == eager["distinct_genomes"]  # the same genomes were bred
+    assert lazy["scored_genomes"] < eager["scored_genomes"] == eager["distinct_genomes"]
+    assert lazy["cost"]["ga_tokens"] < eager["cost"]["ga_tokens"]
+
+
+def test_hardest_examples_are_scored_first(setup):
+    fitness = _fitness(setup)
+    base = fitness.hardest_first()
+    assert 0 < sum(base) < len(base), "the tiny model must get some examples wrong"
+    again = fitness.correct(1.0)
+    assert sorted(again) == again == sorted(base)  # the same scores, wrong ones first
+    margins = fitness.correct(1.0, measure=setup[1].task.confidence)
+    right = [m for m, s in zip(margins, again) if s == 1]
+    assert right == sorted(right) and all(m >= 0 for m in right)  # least safe first
+    assert all(m <= 0 for m, s in zip(margins, again) if s == 0)
+
+
+def test_screening_is_continued_not_redone_and_its_rejections_are_final(setup):
+    names = list(setup[2].dense)
+    screened, full = _fitness(setup), _fitness(setup)
+    budget = screened.budget(0.9 * screened.accuracy(1.0))
+    full.tokens_spent = screened.tokens_spent = 0
+    rng = random.Random(1)
+    for level in (0.9, 0.5, 0.2, 0.05):
+        keep = {n: rng.choice([1.0, level]) for n in names}
+        part = screened.judge(keep, budget, until=screened.n // 2)
+        done = screened.judge(keep, budget)
+        reference = full.judge(keep, budget)
+        assert {k: done[k] for k in reference} == reference
+        assert part.get("provisional", False) == (part["feasible"] and reference["seen"] > part["seen"])
+        if not part["feasible"]:
+            assert done is part or done == {k: part[k] for k in reference}
+    assert screened.tokens_spent == full.tokens_spent  # nothing scored twice
+
+
+def test_screened_search_ends_within_epsilon_on_the_whole_split(setup):
+    fitness = _fitness(setup)
+    config = SearchConfig(epsilon=0.02, min_keep=0.6, population=8, generations=4, elite=2, seed=5,
+                          gene_mutation_prob=0.2, screen=0.3)
+    result = search(fitness, list(setup[2].dense), config, None)
+    assert result["feasible"] and result["accuracy"] >= result["target"]
+    assert _fitness(setup).accuracy(result["levels"]) == pytest.approx(result["accuracy"])
 
 
 class Killed(Exception):
@@ -93,10 +157,12 @@ def test_resume_after_interruption_equals_uninterrupted(setup, tmp_path):
 
     def dying(*args, **kwargs):  # dies mid-generation 2
         calls["n"] += 1
-        if calls["n"] > uninterrupted["uniform"]["evaluations"] + 9:
+        if calls["n"] > kill_after:
             raise Killed
         return correct(*args, **kwargs)
 
+    cost = uninterrupted["cost"]
+    kill_after = cost["evaluations"] - cost["ga_evaluations"] // 3
     fitness.correct = dying
     with pytest.raises(Killed):
         search(fitness, names, CONFIG, work)

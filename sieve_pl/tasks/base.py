@@ -78,8 +78,23 @@ class Task:
         """Training loss on the answer tokens only (recovery)."""
         raise NotImplementedError
 
+    def confidence(self, model, batch: dict) -> torch.Tensor:
+        """Per example, how safely the model gets it right (higher: safer; any monotone measure).
+        The search scores the least safe examples first, where pruned candidates fail first.
+        Default: the primary score."""
+        return self.score(model, batch).float()
+
 
 # --- fields ------------------------------------------------------------------------------------
+
+def margin(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Score of the right answer minus the best wrong one's, per row (< 0: answered wrong)."""
+    rows = torch.arange(len(labels), device=labels.device)
+    right = scores[rows, labels]
+    wrong = scores.clone()
+    wrong[rows, labels] = float("-inf")
+    return (right - wrong.max(-1).values).float()
+
 
 def column_of(field: str, columns) -> str:
     """The dataset column a field path reads: ``answers.text`` reads column ``answers``."""

@@ -5,7 +5,7 @@ import torch
 
 from ..errors import SieveError
 from .base import (Task, answer_loss, choice_logprobs, encode_prompts, field_text, last_logits,
-                   pad_id, pad_tokens, with_answers)
+                   margin, pad_id, pad_tokens, with_answers)
 
 
 class Classification(Task):
@@ -100,6 +100,11 @@ class Classification(Task):
     @torch.no_grad()
     def scores(self, model, batch: dict) -> dict[str, torch.Tensor]:
         return {"accuracy": (self.predict(model, batch) == batch["labels"]).float()}
+
+    @torch.no_grad()
+    def confidence(self, model, batch: dict) -> torch.Tensor:
+        """Log-likelihood margin of the right label word over the best wrong one."""
+        return margin(self.class_scores(model, batch), batch["labels"])
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         """Cross-entropy of the label word's tokens after the prompt (not a target itself)."""

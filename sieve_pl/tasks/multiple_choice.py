@@ -7,7 +7,7 @@ import torch
 
 from ..errors import SieveError
 from .base import (Task, answer_loss, choice_logprobs, encode_prompts, field_text, field_value,
-                   pad_id, pad_tokens, prompt_part, with_answers)
+                   margin, pad_id, pad_tokens, prompt_part, with_answers)
 from .classification import label_word_tokens
 
 
@@ -213,6 +213,11 @@ class MultipleChoice(Task):
     @torch.no_grad()
     def scores(self, model, batch: dict) -> dict[str, torch.Tensor]:
         return {"accuracy": (self.predict(model, batch) == batch["labels"]).float()}
+
+    @torch.no_grad()
+    def confidence(self, model, batch: dict) -> torch.Tensor:
+        """Log-likelihood margin of the right option over the best wrong one."""
+        return margin(self.option_scores(model, batch), batch["labels"])
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         """Cross-entropy of the right answer's tokens (letter or text) after the prompt."""
