@@ -3,25 +3,34 @@
 One calibration (the run's own, reused from its run directory when it exists), the same splits
 for every row. Usage:
 
-    python bench/projection_methods.py --config configs/demo.yaml [--levels 0.9,0.75,0.5]
+    python bench/projection_methods.py --config configs/demo.yaml [--levels 0.9,0.75,0.5] \
+        [--methods output_aligned,weight_svd,input_pca,learned]
+
+Rows of methods not measured in this call are kept from an earlier output file, so the slow
+``learned`` projection (a gradient-descent fit, the run's ``projection.learned`` settings) can be
+measured on its own.
 
 Prints a Markdown table and writes bench/results/projection_methods.json.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
 
 
 from common import open_run, write_result
 from sieve_pl.models.module import evaluate
 from sieve_pl.models.pruning import Pruner
-from sieve_pl.stages.project import METHODS, ProjectionConfig, project
+from sieve_pl.stages.project import METHODS, project
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="0.9,0.75,0.5")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="bench/results/projection_methods.json")
     args, cli_args = parser.parse_known_args()
     levels = [float(x) for x in args.levels.split(",")]
@@ -35,23 +44,34 @@ def main() -> None:
         return {"validation": evaluate(trainer, lm, data.val_dataloader()),
                 "test": evaluate(trainer, lm, data.test_dataloader())}
 
-    rows = [{"method": "dense", "keep": 1.0, **accuracies()}]
-    for method in METHODS:
-        pruner = Pruner(lm.net, project(lm.net, groups, stats,
-                                        ProjectionConfig(method, pipeline.projection.dtype)))
+    methods = args.methods.split(",")
+    out = Path(args.out)
+    earlier = json.loads(out.read_text())["rows"] if out.exists() else []
+    rows = [r for r in earlier if r["method"] not in methods and r["method"] != "dense"]
+    rows.insert(0, {"method": "dense", "keep": 1.0, "kept": 1.0, **accuracies()})
+    (out.parent / ".learned.work").mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every row: a stopped sweep keeps what it measured
+        write_result(args.out, {"rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained})
+
+    for method in methods:
+        config = dataclasses.replace(pipeline.projection, method=method)
+        pruner = Pruner(lm.net, project(lm.net, groups, stats, config, pipeline.make_trainer,
+                                        data.calibration_dataloader(),
+                                        out.parent / ".learned.work"))
         for keep in levels:
             pruner.apply(keep)
             kept, total = pruner.params(keep)
             rows.append({"method": method, "keep": keep, "kept": kept / total, **accuracies()})
             print(rows[-1], file=sys.stderr, flush=True)
+            save()
         pruner.apply(1.0)
 
     print("| method | keep | validation acc | test acc |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['keep']} | {100 * r['validation']:.1f}% "
               f"| {100 * r['test']:.1f}% |")
-    write_result(args.out, {
-        "rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained})
+    save()
 
 
 if __name__ == "__main__":

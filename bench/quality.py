@@ -85,7 +85,7 @@ def main() -> None:
         print(f"| {r['variant']} | {r['lora']} | {100 * r['kept']:.1f}% "
               f"| {100 * r['validation']:.1f}% | {100 * r['test']:.1f}% |")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), sharey=True)
     variants = sorted({r["variant"] for r in rows})
     colors = dict(zip(variants, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, split in zip(axes, ("validation", "test")):
@@ -102,8 +102,8 @@ def main() -> None:
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[1].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"{first['model']}: accuracy vs weights kept (filled line: closed form; "
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{first['model']}: accuracy vs weights kept (solid: closed form; "
                  "dashed: + LoRA)")
     fig.tight_layout()
     fig.savefig(results / "quality.png", dpi=120)
