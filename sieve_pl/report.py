@@ -37,10 +37,12 @@ def format_summary(r: dict) -> str:
                                  if row != "examples"))
     if r.get("cost"):
         c = r["cost"]
-        line = (f"search cost: {c['search_tokens']:,} forward tokens in {c['evaluations']} "
-                "evaluations (base, bisection and GA)")
+        # (runs made before the whole search was counted recorded the GA's part only)
+        tokens = c.get("search_tokens", c.get("ga_tokens", 0))
+        line = (f"search cost: {tokens:,} forward tokens in "
+                f"{c.get('evaluations', c.get('ga_evaluations'))} evaluations")
         if c.get("naive_tokens"):
-            line += (f" = {_pct(c['search_tokens'] / c['naive_tokens'])} of a naive GA "
+            line += (f" = {_pct(tokens / c['naive_tokens'])} of a naive GA "
                      "(population x generations x validation set)")
         lines.append(line)
     if r.get("refit", {}).get("accuracy_after") is not None:
