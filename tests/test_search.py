@@ -131,6 +131,12 @@ def test_screening_is_continued_not_redone_and_its_rejections_are_final(setup):
     assert screened.tokens_spent == full.tokens_spent  # nothing scored twice
 
 
+def test_a_budget_of_a_few_errors_is_warned_about(setup):
+    config = SearchConfig(epsilon=0.001, strategy="uniform")
+    with pytest.warns(UserWarning, match=r"allows 0\.\d more lost score .* on 40 validation"):
+        search(_fitness(setup), list(setup[2].dense), config, None)
+
+
 def test_screened_search_ends_within_epsilon_on_the_whole_split(setup):
     fitness = _fitness(setup)
     config = SearchConfig(epsilon=0.02, min_keep=0.6, population=8, generations=4, elite=2, seed=5,

@@ -17,6 +17,7 @@ from typing import Callable, Literal
 
 import torch
 from deap import algorithms, base, creator, tools
+from lightning.pytorch.utilities import rank_zero_warn
 from tqdm.auto import tqdm
 
 from ..errors import SieveError
@@ -103,7 +104,8 @@ class Fitness:
     process would. With ``early_reject`` scoring stops at the first batch round after the
     budget ``n − target·n`` of lost score is exceeded: feasibility is still exact (the lost
     score only grows). :meth:`hardest_first` puts the examples the base model gets wrong first,
-    so a candidate that is going to fail spends its budget, and is stopped, sooner.
+    then those it gets right by the smallest margin, so a candidate that is going to fail spends
+    its budget, and is stopped, sooner. Candidates are memoised on their ranks (:meth:`judge`).
     """
 
     def __init__(self, trainer, lm, pruner, dataloader, early_reject: bool = True):
@@ -478,6 +480,12 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
         base_scores = fitness.hardest_first()
         base_accuracy = sum(base_scores) / fitness.n
         budget = fitness.budget(config.target(base_accuracy))
+        slack = budget - Fitness.lost(base_scores)
+        if slack < 3:
+            rank_zero_warn(
+                f"search: epsilon {config.epsilon} allows {slack:.1f} more lost score than the "
+                f"base model's on {fitness.n} validation examples; levels chosen on so few errors "
+                "fit this split's noise (use more validation examples or a larger epsilon)")
         uniform = uniform_search(lambda keep: fitness.judge(keep, budget), base_accuracy, config)
         uniform["fitness"] = fitness.state()
         if uniform_path and is_writer:
