@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sieve_pl.cli import SieveCLI
+from sieve_pl.models.pruning import Pruner
 
 
 def open_run(cli_args: list[str]):
@@ -17,6 +18,14 @@ def open_run(cli_args: list[str]):
     cli = SieveCLI(args=cli_args + ["--trainer.enable_progress_bar", "false"], run=False)
     pipeline = cli.pipeline()
     return pipeline, pipeline.load()
+
+
+def run_pruner(pipeline, run) -> Pruner:
+    """A Pruner over the run's own projection (its calibration and projection stages reused)."""
+    net = pipeline.lm.net
+    groups = pipeline.lm.adapter.input_groups(net)
+    bases = pipeline.project(run, groups, pipeline.calibrate(run, groups))
+    return Pruner(net, bases, pipeline.search.rank_multiple)
 
 
 def cpu_name() -> str:

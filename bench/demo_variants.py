@@ -14,10 +14,9 @@ import argparse
 
 from safetensors.torch import load_file
 
-from common import open_run, write_result
+from common import open_run, run_pruner, write_result
 from sieve_pl.io import read_json
 from sieve_pl.models.module import evaluate
-from sieve_pl.models.pruning import Pruner
 from sieve_pl.pipeline import _load_refit
 from sieve_pl.stages.recover import with_weights
 
@@ -28,9 +27,7 @@ def main() -> None:
     args, cli_args = parser.parse_known_args()
     pipeline, run = open_run(cli_args)
     lm, data, trainer = pipeline.lm, pipeline.data, pipeline.trainer
-    groups = lm.adapter.input_groups(lm.net)
-    bases = pipeline.project(run, groups, pipeline.calibrate(run, groups))
-    pruner = Pruner(lm.net, bases, pipeline.search.rank_multiple)
+    pruner = run_pruner(pipeline, run)
     levels = read_json(run.path / "search" / "search.json")["levels"]
     distilled = run.path / "distill"
     recovered = run.path / "recover" / "weights.safetensors"

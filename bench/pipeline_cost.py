@@ -28,9 +28,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from common import open_run, write_result
-from sieve_pl.io import SafetensorsFolder, read_json
-from sieve_pl.models.pruning import Pruner
+from common import open_run, run_pruner, write_result
+from sieve_pl.io import read_json
 from sieve_pl.stages.calibrate import Calibration
 from sieve_pl.stages.project import project
 from sieve_pl.stages.recover import lora_targets
@@ -97,9 +96,7 @@ def main() -> None:
     out = Path(args.out)
     result = read_json(out) if out.exists() else {}
     result.pop("machine", None)
-    bases = SafetensorsFolder(run.path / "project")
-    pruner = Pruner(lm.net, {n[:-2]: (bases[n], bases[n[:-2] + ".B"]) for n in bases
-                             if n.endswith(".A")}, pipeline.search.rank_multiple)
+    pruner = run_pruner(pipeline, run)
     found = read_json(run.path / "search" / "search.json")
 
     if "calibration" in parts:  # alternated, same batches
@@ -125,7 +122,7 @@ def main() -> None:
             "float64_products_ratio": best["plain"] / best["float64 products"]}
 
     if "projection" in parts:  # one decoder layer, per matrix
-        stats = SafetensorsFolder(run.path / "calibrate")
+        stats = pipeline.calibrate(run, groups)
         layer = {k: v for k, v in groups.items() if k.startswith(f"{lm.adapter.layers}.0.")}
         per_matrix = {}
         for key, names in layer.items():

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 
-from common import open_run, write_result
+from common import open_run, run_pruner, write_result
 from sieve_pl.io import read_json
 from sieve_pl.models.module import evaluate
-from sieve_pl.models.pruning import Pruner
 from sieve_pl.stages.recover import lora_targets, recover, with_weights
 
 
@@ -36,9 +35,7 @@ def main() -> None:
 
     pipeline, run = open_run(cli_args)
     lm, data, trainer = pipeline.lm, pipeline.data, pipeline.trainer
-    groups = lm.adapter.input_groups(lm.net)
-    bases = pipeline.project(run, groups, pipeline.calibrate(run, groups))
-    pruner = Pruner(lm.net, bases, pipeline.search.rank_multiple)
+    pruner = run_pruner(pipeline, run)
     config = dataclasses.replace(pipeline.recover, enabled=True)
 
     variants = [(f"uniform {float(k):g}", float(k), "none") for k in args.levels.split(",")]
