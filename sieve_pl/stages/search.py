@@ -347,8 +347,8 @@ class GeneticSearch:
             return self.cache[key]
         levels = self.levels(genome)
         verdict = self.fitness.judge(levels, self.budget, None if full else self.screen)
-        kept, _ = self.fitness.pruner.params(levels)
-        value = (self.bound(genome) if verdict["feasible"]
+        kept, total = self.fitness.pruner.params(levels)
+        value = (1 - kept / total if verdict["feasible"]
                  else verdict["over_at"] / self.fitness.n - 1)
         record = {"value": value, "kept": kept,
                   **{k: v for k, v in verdict.items() if k != "scores"}}
@@ -361,12 +361,13 @@ class GeneticSearch:
         as ``sorted`` does), scoring only the genomes that could be among them."""
         if k <= 0:
             return []
-        order = sorted(range(len(genomes)), key=lambda i: -self.bound(genomes[i]))
+        bounds = [self.bound(g) for g in genomes]
+        order = sorted(range(len(genomes)), key=lambda i: -bounds[i])
         known: list[tuple[float, int]] = []
         for i in order:
             if len(known) >= k:
                 kth = sorted(known, key=lambda t: (-t[0], t[1]))[k - 1][0]
-                if self.bound(genomes[i]) < kth:
+                if bounds[i] < kth:
                     break  # this and every later genome scores below the k-th best
             known.append((self.score(genomes[i], full)["value"], i))
         return [genomes[i] for _, i in sorted(known, key=lambda t: (-t[0], t[1]))[:k]]

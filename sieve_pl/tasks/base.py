@@ -87,15 +87,6 @@ class Task:
 
 # --- fields ------------------------------------------------------------------------------------
 
-def margin(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Score of the right answer minus the best wrong one's, per row (< 0: answered wrong)."""
-    rows = torch.arange(len(labels), device=labels.device)
-    right = scores[rows, labels]
-    wrong = scores.clone()
-    wrong[rows, labels] = float("-inf")
-    return (right - wrong.max(-1).values).float()
-
-
 def column_of(field: str, columns) -> str:
     """The dataset column a field path reads: ``answers.text`` reads column ``answers``."""
     return field if field in columns else field.split(".")[0]
@@ -171,6 +162,15 @@ def prompt_part(batch: dict) -> dict:
 
 
 # --- scoring -----------------------------------------------------------------------------------
+
+def margin(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Score of the right answer minus the best wrong one's, per row (< 0: answered wrong)."""
+    rows = torch.arange(len(labels), device=labels.device)
+    right = scores[rows, labels]
+    wrong = scores.clone()
+    wrong[rows, labels] = float("-inf")
+    return (right - wrong.max(-1).values).float()
+
 
 def last_logits(model, batch: dict) -> torch.Tensor:
     """Next-token logits at the last position only (``logits_to_keep=1``)."""
