@@ -141,7 +141,7 @@ def main() -> None:
             work.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             fitness = Fitness(trainer, lm, pruner, data.val_dataloader(), config.early_reject)
-            rerun = search(fitness, list(pruner.dense), config, work)
+            rerun = search(fitness, pruner.names, config, work)
             pruner.apply(1.0)
             cost = rerun["cost"]
             result["search"][f"{screen:g}"] = {

@@ -4,7 +4,11 @@ One calibration (the run's own, reused from its run directory when it exists), t
 for every row. Usage:
 
     python bench/projection_methods.py --config configs/demo.yaml [--levels 0.9,0.75,0.5] \
-        [--methods output_aligned,weight_svd,input_pca,learned]
+        [--methods output_aligned,weight_svd,input_pca,learned] [--mlp factored,neurons] \
+        [--neuron_order greedy,magnitude] [--units all|mlp]
+
+``--mlp neurons`` prunes each MLP as one unit (neurons kept, down refitted) and the attention
+matrices factored by the method; ``--units mlp`` cuts the MLPs only (attention stays dense).
 
 Rows of methods not measured in this call are kept from an earlier output file, so the slow
 ``learned`` projection (a gradient-descent fit, the run's ``projection.learned`` settings) can be
@@ -18,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -31,6 +36,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="0.9,0.75,0.5")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--mlp", default="factored")
+    parser.add_argument("--neuron_order", default="greedy")
+    parser.add_argument("--units", choices=["all", "mlp"], default="all")
     parser.add_argument("--out", default="bench/results/projection_methods.json")
     args, cli_args = parser.parse_known_args()
     levels = [float(x) for x in args.levels.split(",")]
@@ -44,33 +52,52 @@ def main() -> None:
         return {"validation": evaluate(trainer, lm, data.val_dataloader()),
                 "test": evaluate(trainer, lm, data.test_dataloader())}
 
-    methods = args.methods.split(",")
+    variants = [(method, mlp, order if mlp == "neurons" else None)
+                for method in args.methods.split(",") for mlp in args.mlp.split(",")
+                for order in args.neuron_order.split(",")]
+    variants = list(dict.fromkeys(variants))
+
+    def variant(r: dict) -> tuple:
+        return (r["method"], r.get("mlp", "factored"), r.get("neuron_order"), r.get("units", "all"))
+
+    measured = {(m, mlp, order, args.units) for m, mlp, order in variants}
     out = Path(args.out)
     earlier = json.loads(out.read_text())["rows"] if out.exists() else []
-    rows = [r for r in earlier if r["method"] not in methods and r["method"] != "dense"]
+    rows = [r for r in earlier if variant(r) not in measured and r["method"] != "dense"]
     rows.insert(0, {"method": "dense", "keep": 1.0, "kept": 1.0, **accuracies()})
     (out.parent / ".learned.work").mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after every row: a stopped sweep keeps what it measured
         write_result(args.out, {"rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained})
 
-    for method in methods:
-        config = dataclasses.replace(pipeline.projection, method=method)
+    for method, mlp, order in variants:
+        config = dataclasses.replace(pipeline.projection, method=method, mlp=mlp,
+                                     neuron_order=order or "greedy")
+        start = time.perf_counter()
         pruner = Pruner(lm.net, project(lm.net, groups, stats, config, pipeline.make_trainer,
                                         data.calibration_dataloader(),
-                                        out.parent / ".learned.work"))
+                                        out.parent / ".learned.work", lm.adapter.mlps(lm.net)),
+                        pipeline.search.rank_multiple)
+        seconds = round(time.perf_counter() - start, 1)
         for keep in levels:
+            if args.units == "mlp":  # the MLPs' inner dimension (or their three matrices) only
+                keep = {n: keep if ".mlp" in n else 1.0 for n in pruner.names}
             pruner.apply(keep)
             kept, total = pruner.params(keep)
-            rows.append({"method": method, "keep": keep, "kept": kept / total, **accuracies()})
+            level = keep if args.units == "all" else next(v for v in keep.values() if v < 1)
+            rows.append({"method": method, "mlp": mlp, "neuron_order": order,
+                         "units": args.units, "keep": level, "kept": kept / total,
+                         "projection_seconds": seconds, **accuracies()})
             print(rows[-1], file=sys.stderr, flush=True)
             save()
         pruner.apply(1.0)
 
-    print("| method | keep | validation acc | test acc |\n|---|---|---|---|")
+    print("| method | MLP as | units cut | keep | decoder weights kept | validation acc | test acc |"
+          "\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['keep']} | {100 * r['validation']:.1f}% "
-              f"| {100 * r['test']:.1f}% |")
+        mlp = r.get("mlp", "factored") + (f" ({r['neuron_order']})" if r.get("neuron_order") else "")
+        print(f"| {r['method']} | {mlp} | {r.get('units', 'all')} | {r['keep']} "
+              f"| {100 * r['kept']:.1f}% | {100 * r['validation']:.1f}% | {100 * r['test']:.1f}% |")
     save()
 
 

@@ -80,8 +80,7 @@ class SieveCLI(LightningCLI):
                                            and (exported / "config.json").exists()):
             if not (exported / "config.json").exists():
                 raise SieveError(f"no exported model at {exported}: run `sieve-pl fit` first")
-            rows.append(("pruned", SieveLM(str(exported), self.model.dtype_name,
-                                           trust_remote_code=True)))
+            rows.append(("pruned", SieveLM(str(exported), self.model.dtype_name)))
         if cfg["measure_json"]:
             if len(rows) != 1:
                 raise SieveError("--measure_json scores one model: add --evaluate base|pruned")

@@ -20,6 +20,7 @@ from typing import Callable, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import SieveError
@@ -27,7 +28,7 @@ from .report import format_summary, save_search
 from .io import SafetensorsFolder, crash_point, fingerprint, read_json, say, write_json
 from .models.hf import save_pruned
 from .models.module import SieveLM, evaluate
-from .models.pruning import Pruner
+from .models.pruning import Pruner, flatten_bases, unflatten_bases
 from .stages.calibrate import CalibrationConfig, calibrate
 from .stages.distill import DistillConfig, distill, distill_loader
 from .stages.project import ProjectionConfig, project
@@ -120,11 +121,22 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _save_bases(bases, folder: Path, name: str = "bases.safetensors") -> None:
-    _save_tensors({f"{n}.{part}": t for n, ab in bases.items() for part, t in zip("AB", ab)},
-                  folder / name)
+    tensors, metadata = flatten_bases(bases)
+    save_file(tensors, str(folder / name), metadata=metadata)
 
 
 def _load_bases(folder: Path, name: str = "bases.safetensors"):
+    with safe_open(str(folder / name), "pt") as f:
+        metadata = f.metadata()
+    return unflatten_bases(load_file(str(folder / name)), metadata)
+
+
+def _save_factors(factors: dict, folder: Path, name: str = "factors.safetensors") -> None:
+    _save_tensors({f"{n}.{part}": t for n, ab in factors.items() for part, t in zip("AB", ab)},
+                  folder / name)
+
+
+def _load_factors(folder: Path, name: str = "factors.safetensors") -> dict:
     flat = load_file(str(folder / name))
     return {n[:-2]: (flat[n], flat[n[:-2] + ".B"]) for n in flat if n.endswith(".A")}
 
@@ -170,11 +182,11 @@ class TransferConfig:
 
 def _save_refit(result: dict, folder: Path) -> None:
     write_json(folder / "refit.json", {k: v for k, v in result.items() if k != "factors"})
-    _save_bases(result["factors"], folder)
+    _save_factors(result["factors"], folder)
 
 
 def _load_refit(folder: Path) -> dict:
-    return {**read_json(folder / "refit.json"), "factors": _load_bases(folder)}
+    return {**read_json(folder / "refit.json"), "factors": _load_factors(folder)}
 
 
 class Pipeline:
@@ -199,6 +211,7 @@ class Pipeline:
     def prepare(self, fitting: bool = True) -> None:
         """Every check that needs no weights: architecture, data columns, label words, options."""
         self.search.check()
+        self.projection.check()
         self.recover.check(self.data.sizes.train)
         self.distill.check(self.data.sizes)
         sizes = self.data.sizes
@@ -260,15 +273,16 @@ class Pipeline:
     def project(self, run: RunDir, groups: dict[str, list[str]], stats) -> dict:
         """Bases of every target matrix; under DDP each rank decomposes every world-th group."""
         trainer = self.trainer
+        mlps = self.lm.adapter.mlps(self.lm.net)
 
         def compute(work: Path) -> dict:
             if self.projection.method == "learned":  # one data-parallel fit of every matrix
                 return project(self.lm.net, groups, stats, self.projection, self.make_trainer,
-                               self.data.calibration_dataloader(), work)
+                               self.data.calibration_dataloader(), work, mlps)
             world, rank = trainer.world_size, trainer.global_rank
             mine = {key: names for i, (key, names) in enumerate(groups.items())
                     if i % world == rank}
-            bases = project(self.lm.net, mine, stats, self.projection)
+            bases = project(self.lm.net, mine, stats, self.projection, mlps=mlps)
             if world == 1:
                 return bases
             _save_bases(bases, work, f"bases-{rank}.safetensors")
@@ -279,6 +293,9 @@ class Pipeline:
         config = asdict(self.projection)
         if self.projection.method != "learned":  # its settings change nothing then
             config.pop("learned")
+        if self.projection.mlp != "neurons":
+            for setting in ("ridge", "neuron_order"):
+                config.pop(setting)
         return run.stage("project", config, compute, _save_bases, _load_bases)
 
     def _recover(self, work: Path) -> dict:
@@ -327,7 +344,7 @@ class Pipeline:
         def run_search(work: Path) -> dict:
             fitness = Fitness(self.trainer, lm, pruner, data.val_dataloader(),
                               self.search.early_reject)
-            return search(fitness, list(bases), self.search, work, self.trainer.is_global_zero)
+            return search(fitness, pruner.names, self.search, work, self.trainer.is_global_zero)
 
         found = run.stage(
             "search", {"data": data.fingerprint_config("validation"), **asdict(self.search)},
@@ -366,7 +383,7 @@ class Pipeline:
         if distilled["used"]:
             pruner.refitted = {**pruner.refitted, **distilled["factors"]}
             pruned_accuracy = distilled["accuracy_after"]
-        ranks = pruner.apply(levels)
+        sizes = pruner.apply(levels)
 
         def run_recover(work: Path) -> dict:
             if not self.recover.enabled:
@@ -386,9 +403,9 @@ class Pipeline:
             "recover", {"data": data.fingerprint_config("train"), **asdict(self.recover)},
             run_recover, _save_recover, _load_recover)
         with with_weights(lm.net, recovered["weights"]):
-            run.stage("export", {}, lambda work: ranks,
-                      lambda r, d: save_pruned(lm.net, data.tokenizer, r, d / "model"),
-                      lambda d: read_json(d / "model" / "config.json")["sieve_ranks"])
+            run.stage("export", {}, lambda work: None,
+                      lambda _, d: save_pruned(lm.net, data.tokenizer, d / "model"),
+                      lambda d: read_json(d / "model" / "config.json")["sieve"])
 
         def test_report(work: Path) -> dict:
             test = data.test_dataloader()
@@ -397,6 +414,8 @@ class Pipeline:
             if self.search.strategy != "uniform":
                 variants.append(("uniform", found["uniform"]["keep"],
                                  found["uniform"]["accuracy"], {}))
+            if found.get("seed"):
+                variants.append(("seed", found["seed"]["levels"], found["seed"]["accuracy"], {}))
             variants.append(("pruned", levels, pruned_accuracy, {}))
             if recovered["weights"]:
                 variants.append(("pruned+lora", levels, recovered["best_val_acc"],
@@ -413,7 +432,7 @@ class Pipeline:
                 other = data.other_source(source, label_map, self.transfer.examples)
                 transfer[source] = {"examples": len(other.splits["test"])}
                 for row, keep, _, weights in variants:
-                    if row != "uniform":
+                    if row not in ("uniform", "seed"):
                         pruner.apply(keep)
                         with with_weights(lm.net, weights):
                             transfer[source][row] = evaluate(self.trainer, lm,
@@ -427,7 +446,7 @@ class Pipeline:
                 self._measure(rows, final, work)
             return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
                     "target_params": total, "rows": rows, "final": final, "transfer": transfer,
-                    "factored_matrices": len(ranks),
+                    "pruned_units": len(sizes), "units": len(pruner.names),
                     "bottlenecks": found.get("bottlenecks", []), "cost": found.get("cost"),
                     "refit": {k: v for k, v in refitted.items() if k != "factors"},
                     "distill": {k: v for k, v in distilled.items() if k != "factors"},

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 
 from .io import write_json
+from .models.pruning import layer_and_kind
 
 
 def _pct(x: float) -> str:
@@ -22,7 +22,7 @@ def format_summary(r: dict) -> str:
         head += " disk MB | weights MB | peak memory MB | ms / example |"
         rule += "---|---|---|---|"
     lines = ["", f"sieve-pl: {r['strategy']} search at epsilon {r['epsilon']} "
-                 f"({r['factored_matrices']} matrices factored)", head, rule]
+                 f"({r['pruned_units']} of {r['units']} units pruned)", head, rule]
     for name, row in r["rows"].items():
         line = (f"| {name} | {_pct(row['validation'])} | {_pct(row['test'])} "
                 f"| {row['params'] / 1e6:.2f}M | {_pct(row['target_params_kept'] / total)} |")
@@ -70,12 +70,6 @@ def format_summary(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _layer_and_kind(name: str) -> tuple[int, str]:
-    """``model.layers.3.self_attn.q_proj`` -> (3, ``self_attn.q_proj``)."""
-    match = re.search(r"\.(\d+)\.(.+)$", name)
-    return (int(match.group(1)), match.group(2)) if match else (0, name)
-
-
 def save_search(result: dict, folder: Path) -> None:
     """search.json, levels.json, logbook.csv and PNG plots of the search."""
     folder = Path(folder)
@@ -107,7 +101,7 @@ def save_search(result: dict, folder: Path) -> None:
     fig.savefig(folder / "fitness.png", dpi=120)
     plt.close(fig)
 
-    cells = {_layer_and_kind(n): keep for n, keep in result["levels"].items()}
+    cells = {layer_and_kind(n): keep for n, keep in result["levels"].items()}
     layers = sorted({layer for layer, _ in cells})
     kinds = list(dict.fromkeys(kind for _, kind in cells))
     grid = np.full((len(layers), len(kinds)), np.nan)
@@ -118,7 +112,7 @@ def save_search(result: dict, folder: Path) -> None:
     ax.set_xticks(range(len(kinds)), [k.split(".")[-1] for k in kinds], rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), layers)
     ax.set_ylabel("layer")
-    ax.set_title("keep level per matrix")
+    ax.set_title("keep level per unit")
     fig.colorbar(image, ax=ax, label="keep fraction")
     fig.tight_layout()
     fig.savefig(folder / "levels.png", dpi=120)

@@ -71,6 +71,7 @@ def family(request, tmp_path_factory, tokenizer, data):
                         enable_model_summary=False, enable_checkpointing=False)
     stats = calibrate(trainer, net, groups, data.calibration_dataloader(), CalibrationConfig())
     bases = {m: project(net, groups, stats, ProjectionConfig(method=m)) for m in METHODS}
+    bases["neurons"] = project(net, groups, stats, ProjectionConfig(), mlps=adapter.mlps(net))
     return net, adapter, groups, stats, bases
 
 
@@ -125,8 +126,8 @@ class TestAdapter:
                 rank = rank_for(0.5, *w.shape)
                 energy = torch.linalg.eigvalsh(w @ c @ w.T).flip(0)
                 err = {}
-                for method, method_bases in bases.items():
-                    a, b = (t.double() for t in method_bases[name])
+                for method in METHODS:
+                    a, b = bases[method][name].a.double(), bases[method][name].b.double()
                     assert a.shape[1] == w.shape[1] and b.shape[0] == w.shape[0]
                     d = w - b[:, :rank] @ a[:rank]
                     err[method] = float((d @ c @ d.T).trace())
@@ -144,7 +145,7 @@ class TestAdapter:
             pruner.apply(1.0)
         assert set(factors) == set(pruner.dense)
         for name, (a, b) in factors.items():
-            h, d = pruner.shape(name)
+            h, d = pruner.units[name].shape
             assert a.shape == (rank_for(0.5, h, d), d) and b.shape == (h, a.shape[0])
             assert torch.isfinite(a).all() and torch.isfinite(b).all()
 
@@ -154,9 +155,13 @@ class TestAdapter:
         from transformers import AutoModelForCausalLM
 
         net, adapter, _, _, bases = family
-        pruner = Pruner(net, bases["output_aligned"])
+        pruner = Pruner(net, bases["neurons"])
+        mlps = adapter.mlps(net)
+        assert set(mlps) <= set(pruner.names) and len(pruner.names) == len(pruner.dense) + 2
         dense = last_logits(net, batch)
-        ranks = pruner.apply({n: (0.5 if i % 2 else 1.0) for i, n in enumerate(pruner.dense)})
+        sizes = pruner.apply({n: (0.5 if i % 2 or n in mlps else 1.0)
+                              for i, n in enumerate(pruner.names)})
+        ranks = {n: r for n, r in sizes.items() if n not in mlps}
         try:
             assert ranks and all(isinstance(net.get_submodule(n), FactoredLinear) for n in ranks)
             expected = last_logits(net, batch)
@@ -165,15 +170,18 @@ class TestAdapter:
             targets = lora_targets(net, adapter.layers)
             assert {f"{n}.{c}" for n in ranks for c in "AB"} <= set(targets)
             assert set(pruner.dense) - set(ranks) <= set(targets)  # the dense ones too
+            inputs, output, _ = next(iter(mlps.values()))
+            assert {*inputs, output} <= set(targets)  # the resized MLP Linears too
             # peft adapts Conv1D too (it warns once that it sets fan_in_fan_out for them)
             lora = get_peft_model(copy.deepcopy(net), LoraConfig(r=2, target_modules=targets))
             torch.testing.assert_close(last_logits(lora, batch), expected)  # B starts at zero
 
-            save_pruned(net, tokenizer, ranks, tmp_path / "model")
+            layout = save_pruned(net, tokenizer, tmp_path / "model")
+            assert layout["ranks"] == ranks and len(layout["shapes"]) == 2 * (len(inputs) + 1)
             reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model",
                                                             trust_remote_code=True).eval()
-            assert type(reloaded).__name__ == "SieveForCausalLM"
-            assert reloaded.config.sieve_ranks == ranks
+            assert type(reloaded).__name__ == f"Sieve{type(net).__name__}"
+            assert reloaded.config.sieve["ranks"] == ranks
             torch.testing.assert_close(last_logits(reloaded, batch), expected, rtol=0, atol=1e-5)
         finally:
             pruner.apply(1.0)

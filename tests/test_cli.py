@@ -135,7 +135,7 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
         assert row["validation"] >= (1 - eps) * base["validation"] - 1e-9
     # the GA starts from the uniform level, so it never removes less
     assert pruned["target_params_kept"] <= uniform["target_params_kept"] < summary["target_params"]
-    assert summary["factored_matrices"] > 0
+    assert summary["pruned_units"] > 0
     assert summary["transfer"]["drug_reviews"]["examples"] == 16
     for plot in ("levels.png", "fitness.png", "logbook.csv", "levels.json"):
         assert (run / "search" / plot).exists()

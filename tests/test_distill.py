@@ -75,7 +75,7 @@ def test_kl_drops_and_only_factored_weights_change(pruned, tmp_path):
     assert all(torch.equal(v, dense[n][k])
                for n, m in pruner.dense.items() for k, v in m.state_dict().items())
     assert all(p.requires_grad for p in net.parameters())  # flags restored
-    ranks = pruner.ranks(levels)
+    ranks = pruner.sizes(levels)
     assert result["factors"].keys() == ranks.keys()
     assert all(a.shape[0] == ranks[n] for n, (a, _) in result["factors"].items())
     after = _kl(pruned, result["factors"])

@@ -52,17 +52,155 @@ def test_keep_one_reproduces_logits_and_counts_are_exact(pruned_setup):
     assert _params(lm.net) == dense_total
 
 
-def test_export_reloads_with_identical_logits(pruned_setup, tmp_path, tokenizer):
+def test_export_reloads_with_identical_logits_and_never_loads_as_the_base_model(
+        pruned_setup, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
+    from sieve_pl.models.loading import load_model
+
     lm, pruner, batch = pruned_setup
-    levels = {n: (0.5 if i % 3 else 1.0) for i, n in enumerate(pruner.dense)}
-    ranks = pruner.apply(levels)
+    levels = {n: (0.5 if i % 3 else 1.0) for i, n in enumerate(pruner.names)}
+    sizes = pruner.apply(levels)
     expected = last_logits(lm.net, batch)
-    save_pruned(lm.net, tokenizer, ranks, tmp_path / "model")
-    assert not hasattr(lm.net.config, "sieve_ranks")  # in-memory config untouched
+    layout = save_pruned(lm.net, tokenizer, tmp_path / "model")
+    assert layout["ranks"] == {n: r for n, r in sizes.items() if n in pruner.dense}
+    assert lm.net.config.model_type == "llama"  # in-memory config untouched
+    with pytest.raises(ValueError, match="trust_remote_code"):  # never as a plain Llama
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
-    assert type(reloaded).__name__ == "SieveForCausalLM"
-    assert reloaded.config.sieve_ranks == ranks
+    assert type(reloaded).__name__ == "SieveLlamaForCausalLM"
+    assert reloaded.config.sieve["ranks"] == layout["ranks"]
     assert _params(reloaded) == _params(lm.net)
     torch.testing.assert_close(last_logits(reloaded.eval(), batch), expected, rtol=0, atol=0)
+    own, _ = load_model(str(tmp_path / "model"))  # sieve_pl's own classes, no folder code
+    assert type(own).__module__.startswith("sieve_pl")
+    torch.testing.assert_close(last_logits(own, batch), expected, rtol=0, atol=0)
+    pruner.apply(1.0)
+
+
+@pytest.fixture
+def neuron_setup(tiny_llama, tiny_data, trainer):
+    """A tiny Llama with its MLPs as neuron units; the statistics of down's input."""
+    lm = SieveLM(tiny_llama)
+    lm.load()
+    groups = lm.adapter.input_groups(lm.net)
+    stats = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
+                      CalibrationConfig())
+    mlps = lm.adapter.mlps(lm.net)
+    bases = project(lm.net, groups, stats, ProjectionConfig(), mlps=mlps)
+    return lm, Pruner(lm.net, bases), stats, tiny_data
+
+
+def _mlp_io(net, mlp: str, loader):
+    """Inputs and outputs of one MLP over a loader's non-padding tokens."""
+    xs, ys = [], []
+    module = net.get_submodule(mlp)
+
+    def hook(m, args, out):
+        xs.append(args[0][mask])
+        ys.append(out[mask])
+
+    handle = module.register_forward_hook(hook)
+    with torch.no_grad():
+        for batch in loader:
+            mask = batch["attention_mask"].bool()
+            last_logits(net, batch)
+    handle.remove()
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_neuron_units_shrink_the_mlp_with_exact_counts(neuron_setup):
+    lm, pruner, _, data = neuron_setup
+    batch = next(iter(data.val_dataloader()))
+    mlps = [n for n in pruner.names if n.endswith(".mlp")]
+    assert len(mlps) == 2 and not any("mlp." in n for n in pruner.names)  # one unit per MLP
+    dense_logits, dense_total = last_logits(lm.net, batch), _params(lm.net)
+    inner = lm.net.config.intermediate_size
+    sizes = pruner.apply({n: (0.5 if n in mlps else 1.0) for n in pruner.names})
+    assert sizes == dict.fromkeys(mlps, inner // 2)
+    mlp = lm.net.get_submodule(mlps[0])
+    assert type(mlp.down_proj) is torch.nn.Linear and mlp.down_proj.in_features == inner // 2
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == inner // 2
+    kept, total = pruner.params({n: (0.5 if n in mlps else 1.0) for n in pruner.names})
+    assert _params(lm.net) == dense_total - (total - kept)
+    assert pruner.sizes({mlps[0]: 1e-9}) == {mlps[0]: 1}  # never zero neurons
+    pruner.apply(1.0)  # full keep is the dense model, exactly
+    assert torch.equal(last_logits(lm.net, batch), dense_logits)
+
+
+def test_refit_of_down_reduces_the_output_error_on_held_out_tokens(neuron_setup):
+    lm, pruner, _, data = neuron_setup
+    mlp = next(n for n in pruner.names if n.endswith(".mlp"))
+    basis = pruner.units[mlp].basis
+    x, y = _mlp_io(lm.net, mlp, data.val_dataloader())  # tokens the statistics never saw
+    module = lm.net.get_submodule(mlp)
+    hidden = torch.nn.functional.silu(module.gate_proj(x)) * module.up_proj(x)
+    w = module.down_proj.weight.detach()
+    for k in (8, 24, 40):
+        kept = basis.order[:k]
+        selected = hidden[:, kept] @ w[:, kept].T  # neurons dropped, down not refitted
+        refit = hidden[:, kept] @ (basis.g[:, :k] @ basis.l_inv[:k, :k]).T
+        assert (refit - y).square().sum() < (selected - y).square().sum()
+
+
+def test_prefix_refit_is_the_ridge_least_squares_and_a_dead_neuron_drops_exactly():
+    from sieve_pl.stages.project import neuron_basis
+
+    g = torch.Generator().manual_seed(0)
+    h, inner, n = 12, 20, 400
+    hidden = torch.randn(n, inner, generator=g, dtype=torch.float64) @ torch.randn(
+        inner, inner, generator=g, dtype=torch.float64)
+    w = torch.randn(h, inner, generator=g, dtype=torch.float64)
+    w[:, 7] = 0  # neuron 7 feeds nothing downstream
+    c = hidden.T @ hidden / n
+    for how in ("greedy", "magnitude"):
+        order, gg, l_inv = neuron_basis(w, c, 1e-3, how)
+        assert sorted(order.tolist()) == list(range(inner))
+        lam = 1e-3 * c.diagonal().mean()
+        for k in (1, 5, 13, inner):
+            s = order[:k]
+            expected = w @ c[:, s] @ torch.linalg.inv(c[s][:, s] + lam * torch.eye(k,
+                                                                                  dtype=c.dtype))
+            torch.testing.assert_close(gg[:, :k] @ l_inv[:k, :k], expected)
+    order, gg, l_inv = neuron_basis(w, c, 1e-12, "magnitude")
+    assert int(order[-1]) == 7
+    refit = gg[:, :inner - 1] @ l_inv[:inner - 1, :inner - 1]
+    torch.testing.assert_close(hidden[:, order[:-1]] @ refit.T, hidden @ w.T)
+
+
+def test_greedy_order_beats_magnitude_on_the_fitted_error():
+    from sieve_pl.stages.project import neuron_basis
+
+    g = torch.Generator().manual_seed(1)
+    h, inner, n = 16, 48, 600
+    mix = torch.randn(inner, inner, generator=g, dtype=torch.float64)
+    hidden = torch.randn(n, inner, generator=g, dtype=torch.float64) @ mix
+    w = torch.randn(h, inner, generator=g, dtype=torch.float64)
+    c = hidden.T @ hidden / n
+
+    def errors(how):
+        order, gg, l_inv = neuron_basis(w, c, 1e-6, how)
+        return [float((hidden[:, order[:k]] @ (gg[:, :k] @ l_inv[:k, :k]).T
+                       - hidden @ w.T).square().sum()) for k in range(4, inner, 4)]
+
+    greedy, magnitude = errors("greedy"), errors("magnitude")
+    assert sum(greedy) < sum(magnitude)
+    assert all(a <= b * 1.05 for a, b in zip(greedy, magnitude))
+
+
+def test_export_with_resized_mlps_reloads_exactly(neuron_setup, tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    lm, pruner, _, data = neuron_setup
+    batch = next(iter(data.val_dataloader()))
+    levels = {n: (0.5 if n.endswith(".mlp") else 0.7) for n in pruner.names}
+    pruner.apply(levels)
+    expected = last_logits(lm.net, batch)
+    layout = save_pruned(lm.net, tokenizer, tmp_path / "model")
+    inner = lm.net.config.intermediate_size
+    assert layout["shapes"]["model.layers.0.mlp.down_proj"] == [32, inner // 2]
+    assert layout["shapes"]["model.layers.1.mlp.gate_proj"] == [inner // 2, 32]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    torch.testing.assert_close(last_logits(reloaded.eval(), batch), expected, rtol=0, atol=0)
+    assert _params(reloaded) == _params(lm.net)
+    pruner.apply(1.0)

@@ -25,12 +25,25 @@ class Adapter:
     model_types: tuple[str, ...]
     layers: str
     groups: dict[str, tuple[str, ...]]
+    # the MLP's inner dimension: (Linears whose rows are its neurons, the Linear whose columns
+    # are, how many times each neuron appears in each of the first: 2 for a fused gate_up)
+    mlp: tuple[tuple[str, ...], str, int] | None = None
 
     def input_groups(self, model: nn.Module) -> dict[str, list[str]]:
         """``{input key: [full Linear names]}`` for every layer, in forward order."""
         layers = model.get_submodule(self.layers)
         return {f"{self.layers}.{i}.{group}": [f"{self.layers}.{i}.{lin}" for lin in linears]
                 for i in range(len(layers)) for group, linears in self.groups.items()}
+
+    def mlps(self, model: nn.Module) -> dict[str, tuple[tuple[str, ...], str, int]]:
+        """``{MLP name: (neuron-row Linears, neuron-column Linear, blocks)}`` per layer."""
+        if self.mlp is None:
+            return {}
+        inputs, output, blocks = self.mlp
+        layers = len(model.get_submodule(self.layers))
+        return {f"{self.layers}.{i}.{output.rpartition('.')[0]}": (
+                    tuple(f"{self.layers}.{i}.{n}" for n in inputs), f"{self.layers}.{i}.{output}",
+                    blocks) for i in range(layers)}
 
     def targets(self, model: nn.Module) -> list[str]:
         return [name for names in self.input_groups(model).values() for name in names]
@@ -57,12 +70,15 @@ GPT2 = {
     "mlp_out": ("mlp.c_proj",),
 }
 
+GATED_MLP = (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", 1)
+
 ADAPTERS = [
-    Adapter("llama", ("llama", "mistral", "qwen2", "gemma3_text"), "model.layers", LLAMA_LIKE),
+    Adapter("llama", ("llama", "mistral", "qwen2", "gemma3_text"), "model.layers", LLAMA_LIKE,
+            GATED_MLP),
     # Gemma 3 with a vision tower (Gemma3ForConditionalGeneration): only its language model
-    Adapter("gemma3", ("gemma3",), "model.language_model.layers", LLAMA_LIKE),
-    Adapter("phi3", ("phi3",), "model.layers", PHI3),
-    Adapter("gpt2", ("gpt2",), "transformer.h", GPT2),
+    Adapter("gemma3", ("gemma3",), "model.language_model.layers", LLAMA_LIKE, GATED_MLP),
+    Adapter("phi3", ("phi3",), "model.layers", PHI3, (("mlp.gate_up_proj",), "mlp.down_proj", 2)),
+    Adapter("gpt2", ("gpt2",), "transformer.h", GPT2, (("mlp.c_fc",), "mlp.c_proj", 1)),
 ]
 
 
@@ -72,7 +88,8 @@ def supported_model_types() -> list[str]:
 
 def adapter_for(config) -> Adapter:
     """The adapter for a transformers config; a clear error for anything else."""
-    model_type = getattr(config, "model_type", None)
+    model_type = getattr(config, "model_type", None) or ""
+    model_type = model_type.removeprefix("sieve_")  # a sieve-pl export of a supported model
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter

@@ -58,6 +58,56 @@ def dense_shape(module: nn.Module) -> tuple[int, int]:
     return tuple(dense_weight(module).shape)
 
 
+def new_linear(like: nn.Module, out_features: int, in_features: int, bias: bool) -> nn.Module:
+    """An uninitialised Linear of another size, of the same kind as ``like`` (Linear or Conv1D)."""
+    w = like.weight
+    if _transposed(like):
+        module = type(like)(out_features, in_features)  # Conv1D(nf=out, nx=in)
+        if not bias:
+            module.bias = None
+        return module.to(w.device, w.dtype)
+    return nn.Linear(in_features, out_features, bias=bias, device=w.device, dtype=w.dtype)
+
+
+def linear_like(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A Linear of the kind of ``like`` holding ``weight`` (out × in) and ``bias``."""
+    module = new_linear(like, *weight.shape, bias is not None)
+    with torch.no_grad():
+        module.weight.copy_(weight.T if _transposed(like) else weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
+def resize(model: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Replace each named Linear (or Conv1D) by an uninitialised one of shape ``(out, in)``."""
+    for name, (out_features, in_features) in shapes.items():
+        old = model.get_submodule(name)
+        set_submodule(model, name, new_linear(old, out_features, in_features,
+                                              old.bias is not None))
+
+
+def structure(model: nn.Module, reference: nn.Module) -> dict[str, dict]:
+    """What differs from ``reference`` (the same architecture, unpruned, e.g. on the meta
+    device): ``ranks`` of factored Linears and ``shapes`` of resized ones. ``resize`` then
+    ``factorize`` rebuild ``model``'s layout from ``reference``'s."""
+    ranks, shapes = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, FactoredLinear):
+            ranks[name] = module.rank
+        elif isinstance(module, nn.Linear) or _transposed(module):
+            parent = name.rpartition(".")[0]
+            if isinstance(model.get_submodule(parent) if parent else model, FactoredLinear):
+                continue
+            try:
+                original = reference.get_submodule(name)
+            except AttributeError:
+                continue
+            if dense_shape(original) != dense_shape(module):
+                shapes[name] = list(dense_shape(module))
+    return {"ranks": ranks, "shapes": shapes}
+
+
 def factorize(model: nn.Module, ranks: dict[str, int]) -> None:
     """Replace each named Linear (or Conv1D) by an uninitialised FactoredLinear of that rank."""
     for name, rank in ranks.items():

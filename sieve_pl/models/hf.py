@@ -1,48 +1,106 @@
-"""Save a pruned model as a Hugging Face folder that reloads with ``from_pretrained``.
+"""Save a pruned model as a Hugging Face folder that reloads with ``from_pretrained`` — and only
+as itself.
 
-The folder holds safetensors weights, a config recording every factored matrix's rank
-(``sieve_ranks``), and two small Python files (``factored.py``, ``modeling_sieve.py``) referenced
-from ``auto_map`` so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works
-with plain transformers, no sieve_pl installed.
+The folder holds safetensors weights, the tokenizer, two small Python files (``factored.py``,
+``modeling_sieve.py``) and a config whose ``model_type`` is ``sieve_<base type>`` with the
+layout under ``sieve``: the rank of every factored matrix and the shape of every resized Linear
+(MLPs that kept fewer neurons). Plain transformers does not know that model type, so loading
+without ``trust_remote_code=True`` raises instead of silently building the base architecture
+with random weights where the pruned ones differ; with it, ``auto_map`` points at the folder's
+classes and no sieve_pl is needed. sieve_pl itself registers the same classes from its own code
+(:func:`register`), so it never runs a folder's code to load an export.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from . import factored
 
-MODELING = '''"""A {base} whose target Linears are rank-R factored (written by sieve-pl)."""
-from transformers import {base}
+PREFIX = "sieve_"
 
-from .factored import factorize
+MODELING = '''"""A {model} with factored / resized Linears (written by sieve-pl)."""
+from transformers import {config}, {model}
+
+from .factored import factorize, resize
 
 
-class SieveForCausalLM({base}):
+class Sieve{config}({config}):
+    model_type = "{model_type}"
+
+
+class Sieve{model}({model}):
+    config_class = Sieve{config}
+
     def __init__(self, config):
         super().__init__(config)
-        factorize(self, getattr(config, "sieve_ranks", None) or {{}})
+        layout = getattr(config, "sieve", None) or {{}}
+        resize(self, layout.get("shapes") or {{}})
+        factorize(self, layout.get("ranks") or {{}})
 '''
 
 
-def save_pruned(net, tokenizer, ranks: dict[str, int], out: Path) -> None:
-    """Write ``net`` (already carrying FactoredLinears of these ranks) to ``out``."""
+def _base_classes(base_type: str):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_cls = CONFIG_MAPPING[base_type]
+    return config_cls, AutoModelForCausalLM._model_mapping[config_cls]
+
+
+def register(model_type: str) -> None:
+    """Make ``sieve_<base>`` loadable by transformers' Auto classes with sieve_pl's own code
+    (a no-op for other model types or when already registered)."""
+    if not model_type.startswith(PREFIX):
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type in CONFIG_MAPPING:
+        return
+    base_config, base_model = _base_classes(model_type.removeprefix(PREFIX))
+    config_cls = type(f"Sieve{base_config.__name__}", (base_config,), {"model_type": model_type})
+
+    def __init__(self, config):
+        base_model.__init__(self, config)
+        layout = getattr(config, "sieve", None) or {}
+        factored.resize(self, layout.get("shapes") or {})
+        factored.factorize(self, layout.get("ranks") or {})
+
+    model_cls = type(f"Sieve{base_model.__name__}", (base_model,),
+                     {"config_class": config_cls, "__init__": __init__})
+    AutoConfig.register(model_type, config_cls)
+    AutoModelForCausalLM.register(config_cls, model_cls)
+
+
+def layout(net) -> dict:
+    """``{"ranks": …, "shapes": …}``: how ``net`` differs from its unpruned architecture."""
+    base_model = _base_classes(net.config.model_type.removeprefix(PREFIX))[1]
+    with torch.device("meta"):
+        reference = base_model(net.config)
+    return factored.structure(net, reference)
+
+
+def save_pruned(net, tokenizer, out: Path) -> dict:
+    """Write ``net`` (carrying its pruned modules) to ``out``; returns its layout."""
     out = Path(out)
-    config = net.config
-    base = type(net).__name__
-    saved = {k: getattr(config, k, None) for k in ("sieve_ranks", "auto_map", "architectures")}
-    config.sieve_ranks = dict(ranks)
-    config.auto_map = {"AutoModelForCausalLM": "modeling_sieve.SieveForCausalLM"}
-    config.architectures = ["SieveForCausalLM"]
-    try:
-        net.save_pretrained(out)
-    finally:
-        for key, value in saved.items():  # leave the in-memory config as it was
-            if value is None:
-                config.__dict__.pop(key, None)
-            else:
-                setattr(config, key, value)
+    shape = layout(net)
+    base_type = net.config.model_type.removeprefix(PREFIX)
+    net.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    config_cls, model_cls = _base_classes(base_type)
+    config = json.loads((out / "config.json").read_text())
+    config.update({"model_type": PREFIX + base_type, "sieve": {"base_model_type": base_type,
+                                                             **shape},
+                   "architectures": [f"Sieve{model_cls.__name__}"],
+                   "auto_map": {"AutoConfig": f"modeling_sieve.Sieve{config_cls.__name__}",
+                                "AutoModelForCausalLM": f"modeling_sieve.Sieve{model_cls.__name__}"}})
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(factored.__file__, out / "factored.py")
-    (out / "modeling_sieve.py").write_text(MODELING.format(base=base))
+    (out / "modeling_sieve.py").write_text(MODELING.format(
+        config=config_cls.__name__, model=model_cls.__name__, model_type=PREFIX + base_type))
+    return shape

@@ -5,6 +5,7 @@ All three go through ``from_pretrained``; the built-in is a GGUF file shipped in
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -65,6 +66,13 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config (cheap: no weights), with a one-line error when it cannot be found."""
     from transformers import AutoConfig
 
+    from .hf import register
+
+    local = Path(resolve(name_or_path)) / "config.json"
+    try:  # a sieve-pl export loads through sieve_pl's own classes, not the folder's code
+        register(json.loads(local.read_text()).get("model_type", ""))
+    except (OSError, ValueError, AttributeError):
+        pass  # not a local folder, or a config.json that AutoConfig will report on
     try:
         return AutoConfig.from_pretrained(resolve(name_or_path),
                                           trust_remote_code=trust_remote_code)
@@ -103,9 +111,11 @@ def quantization_config(fmt: str, config, compute_dtype: torch.dtype = torch.flo
     if fmt == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if not torch.cuda.is_available():
-        skip += [f"{name}.{child}" for name, rank in
-                 (getattr(config, "sieve_ranks", None) or {}).items() if rank % 64
-                 for child in "AB"]
+        layout = getattr(config, "sieve", None) or {}
+        skip += [f"{name}.{child}" for name, rank in (layout.get("ranks") or {}).items()
+                 if rank % 64 for child in "AB"]
+        skip += [name for name, (out, inner) in (layout.get("shapes") or {}).items()
+                 if out % 32 or inner % 64]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
 
@@ -115,7 +125,7 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     """Weights and adapter; the architecture is checked before any weight is read."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(name_or_path, trust_remote_code)
+    config = load_config(name_or_path, trust_remote_code)  # registers a sieve-pl export
     adapter = adapter_for(config)
     kwargs = {}
     if quantize != "none":

@@ -1,16 +1,28 @@
-"""Keep levels -> ranks -> factored Linears cut from stored bases, with exact parameter counts.
+"""Pruning units and the one object that puts a model at a set of levels.
 
-A keep fraction ``p`` of an ``H × D`` matrix means rank ``R = ⌊p·H·D/(H + D)⌋`` (at least 1), so
-the factored matrix holds ``R·(H + D) ≤ p·H·D`` weights; ``p = 1`` keeps the dense Linear. Bases
-are stored up to the largest rank that still saves parameters, ``⌊H·D/(H + D)⌋``, so one
-projection serves every level by slicing.
+A *unit* is what the search gives one level (a keep fraction ``p`` of the unit's weights):
+
+- :class:`MatrixUnit` — one ``H × D`` matrix stored factored: rank ``R = ⌊p·H·D/(H + D)⌋`` (at
+  least 1), so the pair holds ``R·(H + D) ≤ p·H·D`` weights; ``p = 1`` keeps the dense Linear.
+  Its bases reach the largest rank that still saves parameters, ``⌊H·D/(H + D)⌋``.
+- :class:`NeuronUnit` — the inner dimension ``I`` of one MLP (``down(act(gate x) ⊙ up x)``):
+  ``k = ⌊p·I⌋`` neurons kept, the first ``k`` of one stored order (rows of gate/up, columns of
+  down); down's kept columns are refitted to the dense output, ``W_down C[:, S](C[S, S] + λI)⁻¹``.
+  The result is three ordinary, smaller Linears: no factor cost.
+
+Every level is a slice of what projection stored once ("decompose once, slice many").
+:class:`Pruner` owns the model's pruned state: nothing else swaps its modules.
 """
 from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .factored import FactoredLinear, dense_shape, set_submodule
+from .factored import FactoredLinear, dense_shape, dense_weight, linear_like, set_submodule
 
 
 def max_rank(out_features: int, in_features: int) -> int:
@@ -33,60 +45,191 @@ def matrix_params(out_features: int, in_features: int, rank: int | None) -> int:
     return out_features * in_features if rank is None else rank * (out_features + in_features)
 
 
-class Pruner:
-    """Swaps a model's target Linears (or Conv1Ds) between dense and factored forms.
+def layer_and_kind(name: str) -> tuple[int, str]:
+    """``model.layers.3.self_attn.q_proj`` -> (3, ``self_attn.q_proj``); ``model.layers.3.mlp``
+    -> (3, ``mlp``): units of one kind play the same part in every layer."""
+    match = re.search(r"\.(\d+)\.(.+)$", name)
+    return (int(match.group(1)), match.group(2)) if match else (0, name)
 
-    ``bases[name] = (A_full, B_full)`` with ``A_full`` (K × in) and ``B_full`` (out × K); the
-    rank-R matrix is ``B_full[:, :R] @ A_full[:R]``. The dense Linears are kept aside so any level
-    can be applied again without refitting.
+
+@dataclass
+class Factors:
+    """Bases of one matrix: ``a`` (K × in) and ``b`` (out × K); rank R is ``b[:, :R] @ a[:R]``."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+@dataclass
+class Neurons:
+    """Bases of one MLP's inner dimension (see :func:`sieve_pl.stages.project.neuron_basis`).
+
+    ``order``: neurons, most useful first. With ``P`` that order, ``C_λ = C + λI`` the second
+    moment of down's input and ``L`` the Cholesky factor of ``C_λ[P, P]``: ``g = W_down C[:, P]
+    L⁻ᵀ`` (out × I) and ``l_inv = L⁻¹`` (I × I, lower triangular). Both are triangular in the
+    order, so keeping the first k neurons refits down as ``g[:, :k] @ l_inv[:k, :k]``.
+    ``inputs`` are the Linears whose rows are the neurons (``blocks`` times each, for a fused
+    gate_up), ``output`` the Linear whose columns are.
     """
 
-    def __init__(self, model: nn.Module, bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    order: torch.Tensor
+    g: torch.Tensor
+    l_inv: torch.Tensor
+    inputs: tuple[str, ...]
+    output: str
+    blocks: int = 1
+
+    @property
+    def size(self) -> int:
+        return len(self.order)
+
+
+class MatrixUnit:
+    """One target matrix, dense or factored at a rank cut from its bases."""
+
+    def __init__(self, model: nn.Module, name: str, factors: Factors):
+        self.name, self.factors = name, factors
+        self.dense = {name: model.get_submodule(name)}
+        self.shape = dense_shape(self.dense[name])
+        self.total = matrix_params(*self.shape, None)
+
+    def size(self, keep: float, multiple: int) -> int | None:
+        return rank_for(keep, *self.shape, multiple)
+
+    def params(self, rank: int | None) -> int:
+        return matrix_params(*self.shape, rank)
+
+    def modules(self, rank: int, refitted: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> dict[str, nn.Module]:
+        """``refitted``: ``(A, B)`` fitted for this rank, used instead of the bases."""
+        dense = self.dense[self.name]
+        a, b = (refitted if refitted is not None and refitted[0].shape[0] == rank
+                else (self.factors.a, self.factors.b))
+        w = dense.weight
+        out_features, in_features = self.shape
+        module = FactoredLinear(in_features, out_features, rank, bias=dense.bias is not None,
+                                device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            module.A.weight.copy_(a[:rank])
+            module.B.weight.copy_(b[:, :rank])
+            if dense.bias is not None:
+                module.B.bias.copy_(dense.bias)
+        return {self.name: module}
+
+
+class NeuronUnit:
+    """One MLP's neurons: the first k of a stored order, down refitted to the dense output."""
+
+    def __init__(self, model: nn.Module, name: str, basis: Neurons):
+        self.name, self.basis = name, basis
+        self.dense = {n: model.get_submodule(n) for n in (*basis.inputs, basis.output)}
+        self.total = sum(matrix_params(*dense_shape(m), None) for m in self.dense.values())
+
+    def size(self, keep: float, multiple: int) -> int | None:
+        """Neurons kept; at least one (or ``multiple``) — an MLP is never removed outright."""
+        if keep >= 1.0:
+            return None
+        step = min(multiple, self.basis.size)
+        return max(step, int(keep * self.basis.size) // step * step)
+
+    def params(self, k: int | None) -> int:
+        return self.total if k is None else self.total * k // self.basis.size
+
+    def modules(self, k: int) -> dict[str, nn.Module]:
+        basis, inner = self.basis, self.basis.size
+        kept = basis.order[:k]
+        out = {}
+        for name in basis.inputs:  # rows of gate / up (each block of a fused gate_up)
+            old = self.dense[name]
+            rows = torch.cat([kept + b * inner for b in range(basis.blocks)]).to(old.weight.device)
+            w = dense_weight(old).detach()[rows]
+            bias = None if old.bias is None else old.bias.detach()[rows]
+            out[name] = linear_like(old, w, bias)
+        old = self.dense[basis.output]
+        w = dense_weight(old)
+        down = (basis.g[:, :k] @ basis.l_inv[:k, :k]).to(w.device, w.dtype)
+        out[basis.output] = linear_like(old, down, None if old.bias is None else old.bias.detach())
+        return out
+
+
+class Pruner:
+    """Owns a model's pruned state: puts it at any levels, and back to dense, from stored bases.
+
+    ``bases`` maps a unit name to :class:`Factors` (a matrix, by its module name) or
+    :class:`Neurons` (an MLP). The dense modules are kept aside so any level can be applied again
+    without refitting. ``refitted`` holds ``(A, B)`` refitted for one rank of a matrix unit; they
+    are used instead of the bases at that rank.
+    """
+
+    def __init__(self, model: nn.Module, bases: dict[str, Factors | Neurons],
                  rank_multiple: int = 1):
-        self.model, self.bases, self.rank_multiple = model, bases, rank_multiple
-        self.dense = {name: model.get_submodule(name) for name in bases}
-        # factors refitted for one particular rank; used instead of the bases at that rank
+        self.model, self.rank_multiple = model, rank_multiple
+        self.units = {name: (NeuronUnit if isinstance(b, Neurons) else MatrixUnit)(model, name, b)
+                      for name, b in bases.items()}
         self.refitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def shape(self, name: str) -> tuple[int, int]:
-        return dense_shape(self.dense[name])
+    @property
+    def names(self) -> list[str]:
+        """The units, one search gene each."""
+        return list(self.units)
+
+    @property
+    def dense(self) -> dict[str, nn.Module]:
+        """Dense modules of the matrices pruned as factored units (refit and distill train those)."""
+        return {n: u.dense[n] for n, u in self.units.items() if isinstance(u, MatrixUnit)}
 
     def levels(self, keep: float | dict[str, float]) -> dict[str, float]:
-        return dict.fromkeys(self.dense, float(keep)) if isinstance(keep, (int, float)) else keep
+        return dict.fromkeys(self.units, float(keep)) if isinstance(keep, (int, float)) else keep
 
-    def ranks(self, keep: float | dict[str, float]) -> dict[str, int]:
-        """Ranks of the matrices that are factored at these levels."""
-        ranks = {n: rank_for(p, *self.shape(n), self.rank_multiple)
-                 for n, p in self.levels(keep).items()}
-        return {n: r for n, r in ranks.items() if r is not None}
+    def sizes(self, keep: float | dict[str, float]) -> dict[str, int]:
+        """Size (rank, or neurons kept) of every unit that is not dense at these levels."""
+        sizes = {n: self.units[n].size(p, self.rank_multiple) for n, p in self.levels(keep).items()}
+        return {n: s for n, s in sizes.items() if s is not None}
 
     def params(self, keep: float | dict[str, float]) -> tuple[int, int]:
         """(target weights kept, target weights in the dense model)."""
-        ranks = self.ranks(keep)
-        kept = sum(matrix_params(*self.shape(n), ranks.get(n)) for n in self.dense)
-        return kept, sum(matrix_params(*self.shape(n), None) for n in self.dense)
-
-    def factored(self, name: str, rank: int) -> FactoredLinear:
-        dense = self.dense[name]
-        a_full, b_full = self.bases[name]
-        if name in self.refitted and self.refitted[name][0].shape[0] == rank:
-            a_full, b_full = self.refitted[name]
-        w = dense.weight
-        out_features, in_features = self.shape(name)
-        module = FactoredLinear(in_features, out_features, rank,
-                                bias=dense.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            module.A.weight.copy_(a_full[:rank])
-            module.B.weight.copy_(b_full[:, :rank])
-            if dense.bias is not None:
-                module.B.bias.copy_(dense.bias)
-        return module
+        sizes = self.sizes(keep)
+        kept = sum(u.params(sizes.get(n)) for n, u in self.units.items())
+        return kept, sum(u.total for u in self.units.values())
 
     def apply(self, keep: float | dict[str, float]) -> dict[str, int]:
-        """Put the model at these levels (in place); returns the ranks of factored matrices."""
-        ranks = self.ranks(keep)
+        """Put the model at these levels (in place); returns the sizes of the pruned units."""
+        sizes = self.sizes(keep)
         device = next(self.model.parameters()).device  # the model may have moved since
-        for name in self.dense:
-            module = self.factored(name, ranks[name]) if name in ranks else self.dense[name]
-            set_submodule(self.model, name, module.to(device))
-        return ranks
+        for name, unit in self.units.items():
+            if name not in sizes:
+                modules = unit.dense
+            elif isinstance(unit, MatrixUnit):
+                modules = unit.modules(sizes[name], self.refitted.get(name))
+            else:
+                modules = unit.modules(sizes[name])
+            for module_name, module in modules.items():
+                set_submodule(self.model, module_name, module.to(device))
+        return sizes
+
+
+def flatten_bases(bases: dict[str, Factors | Neurons]) -> tuple[dict[str, torch.Tensor],
+                                                                 dict[str, str]]:
+    """Tensors and string metadata for one safetensors file."""
+    tensors, neurons = {}, {}
+    for name, b in bases.items():
+        if isinstance(b, Factors):
+            tensors.update({f"{name}.A": b.a, f"{name}.B": b.b})
+        else:
+            tensors.update({f"{name}.order": b.order, f"{name}.g": b.g,
+                            f"{name}.l_inv": b.l_inv})
+            neurons[name] = {"inputs": list(b.inputs), "output": b.output, "blocks": b.blocks}
+    return ({k: v.contiguous() for k, v in tensors.items()},
+            {"neurons": json.dumps(neurons, sort_keys=True)})
+
+
+def unflatten_bases(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
+                    ) -> dict[str, Factors | Neurons]:
+    neurons = json.loads((metadata or {}).get("neurons", "{}"))
+    bases: dict[str, Factors | Neurons] = {
+        n[:-2]: Factors(tensors[n], tensors[n[:-2] + ".B"]) for n in tensors if n.endswith(".A")}
+    for name, meta in neurons.items():
+        bases[name] = Neurons(tensors[f"{name}.order"], tensors[f"{name}.g"],
+                              tensors[f"{name}.l_inv"], tuple(meta["inputs"]), meta["output"],
+                              meta["blocks"])
+    return bases

@@ -9,6 +9,9 @@ For ``W`` (H × D) with input second moment ``C``:
 - ``input_pca``: top eigenvectors ``V`` of C (SliceGPT-like): ``A = V_Rᵀ``, ``B = W V_R``.
 - ``learned``: A and B fitted by gradient descent on the calibration activations, as the paper
   does (a Lightning fit; see ``learned.py``).
+
+With ``mlp: neurons`` (default) each MLP is one unit instead of three matrices: its neurons are
+ordered once (:func:`neuron_basis`) and any prefix of that order is a level.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SieveError
 from ..models.factored import dense_weight
-from ..models.pruning import max_rank
+from ..models.pruning import Factors, Neurons, max_rank
 from .learned import LearnedConfig, learn
 
 
@@ -35,12 +38,27 @@ class ProjectionConfig:
         dtype: dtype of the decompositions (float64 ranks tiny eigenvalues reliably).
         device: where decompositions run (cpu, cuda, or auto = the model's device).
         learned: the gradient-descent fit of method learned.
+        mlp: how an MLP is pruned: neurons (one unit: keep a subset of its inner dimension,
+            rows of gate/up and columns of down, and refit down's kept columns; the result is
+            smaller dense Linears) or factored (gate, up and down each factored by ``method``).
+        ridge: damping of down's refit on kept neurons, relative to the mean diagonal of its
+            input's second moment: ``W C[:, S] (C[S, S] + ridge·mean(diag C)·I)⁻¹``.
+        neuron_order: greedy (each next neuron the one whose refit explains the most remaining
+            output energy of down: a pivoted Cholesky) or magnitude (``‖W_down[:, j]‖²·C[j, j]``,
+            the cheap baseline).
     """
 
     method: Literal["output_aligned", "weight_svd", "input_pca", "learned"] = "output_aligned"
     dtype: str = "float64"
     device: str = "auto"
     learned: LearnedConfig = field(default_factory=LearnedConfig)
+    mlp: Literal["neurons", "factored"] = "neurons"
+    ridge: float = 1e-2
+    neuron_order: Literal["greedy", "magnitude"] = "greedy"
+
+    def check(self) -> None:
+        if not self.ridge > 0:
+            raise SieveError(f"projection.ridge must be > 0, got {self.ridge}")
 
 
 def _eigh_desc(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,22 +86,95 @@ def input_pca(w: torch.Tensor, c: torch.Tensor, k: int):
 METHODS = {"output_aligned": output_aligned, "weight_svd": weight_svd, "input_pca": input_pca}
 
 
+def greedy_order(w: torch.Tensor, c_lam: torch.Tensor) -> torch.Tensor:
+    """Neurons in the order a greedy refit wants them: each next one the column ``j`` whose
+    addition to the kept set explains the most of ``W``'s remaining output energy,
+    ``‖W R[:, j]‖² / R[j, j]`` with ``R`` the residual of ``C_λ`` after the kept columns (a
+    pivoted Cholesky of ``C_λ``, O(I²·(I + H)) in all)."""
+    n = c_lam.shape[0]
+    residual_w = w @ c_lam  # W R, updated by rank one per step
+    diag = c_lam.diagonal().clone()
+    chol = torch.zeros_like(c_lam)  # columns in pivot order
+    free = torch.ones(n, dtype=torch.bool, device=w.device)
+    order = []
+    for t in range(n):
+        gain = residual_w.square().sum(0) / diag.clamp(min=1e-300)
+        j = int(torch.where(free, gain, -torch.inf).argmax())
+        col = c_lam[:, j] - chol[:, :t] @ chol[j, :t]
+        col = col / col[j].clamp(min=1e-300).sqrt()
+        chol[:, t] = col
+        diag -= col.square()
+        residual_w -= torch.outer(w @ col, col)
+        free[j] = False
+        order.append(j)
+    return torch.tensor(order, device=w.device)
+
+
+def neuron_basis(w_down: torch.Tensor, c: torch.Tensor, ridge: float, how: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(order, g, l_inv)`` of :class:`~sieve_pl.models.pruning.Neurons` for one MLP.
+
+    The refit of down on the first k neurons ``S`` of ``order``, ``W C[:, S] C_λ[S, S]⁻¹``,
+    equals ``g[:, :k] @ l_inv[:k, :k]`` because the Cholesky factor of a leading block is the
+    leading block of the Cholesky factor (and so are their inverses).
+    """
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    c_lam = c + ridge * c.diagonal().mean().clamp(min=1e-30) * eye
+    if how == "greedy":
+        order = greedy_order(w_down, c_lam)
+    else:
+        order = torch.argsort(w_down.square().sum(0) * c.diagonal(), descending=True)
+    chol = torch.linalg.cholesky(c_lam[order][:, order])
+    l_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    return order, w_down @ c[:, order] @ l_inv.T, l_inv
+
+
 def project(net: torch.nn.Module, groups: dict[str, list[str]], stats: dict[str, torch.Tensor],
-            config: ProjectionConfig, make_trainer=None, loader=None, work: Path | None = None
-            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{matrix name: (A_full, B_full)}`` up to each matrix's largest parameter-saving rank.
+            config: ProjectionConfig, make_trainer=None, loader=None, work: Path | None = None,
+            mlps: dict[str, tuple[tuple[str, ...], str, int]] | None = None
+            ) -> dict[str, Factors | Neurons]:
+    """Bases of every unit: ``{matrix name: Factors}`` up to each matrix's largest
+    parameter-saving rank and, with ``config.mlp`` neurons, ``{MLP name: Neurons}`` for the
+    ``mlps`` (``Adapter.mlps``) whose down input is among ``groups``.
 
     ``learned`` trains: it needs ``make_trainer`` (a Trainer factory), the calibration ``loader``
     and a ``work`` folder for its checkpoints.
     """
+    mlps = (mlps or {}) if config.mlp == "neurons" else {}
+    in_mlps = {n for inputs, output, _ in mlps.values() for n in (*inputs, output)}
+    key_of = {name: key for key, names in groups.items() for name in names}
+    matrices = {key: [n for n in names if n not in in_mlps] for key, names in groups.items()}
+    matrices = {key: names for key, names in matrices.items() if names}
+    bases: dict[str, Factors | Neurons] = {}
+    dtype = getattr(torch, config.dtype)
+    mine = {m: spec for m, spec in mlps.items() if spec[1] in key_of}
+    for mlp, (inputs, output, blocks) in tqdm(mine.items(), desc=f"project (neurons, "
+                                              f"{config.neuron_order})", unit="mlp"):
+        w = dense_weight(net.get_submodule(output)).detach()
+        device = w.device if config.device == "auto" else torch.device(config.device)
+        key = key_of[output]
+        c = stats[key].to(device, dtype) / max(int(stats[f"{key}.count"]), 1)
+        order, g, l_inv = neuron_basis(w.to(device, dtype), c, config.ridge, config.neuron_order)
+        bases[mlp] = Neurons(order.cpu(), g.to("cpu", w.dtype), l_inv.to("cpu", w.dtype),
+                             inputs, output, blocks)
+    return {**bases, **_factored(net, matrices, stats, config, make_trainer, loader, work)}
+
+
+def _factored(net, groups, stats, config, make_trainer, loader, work) -> dict[str, Factors]:
+    if not groups:
+        return {}
     if config.method == "learned":
         if make_trainer is None or loader is None or work is None:
             raise SieveError("projection.method learned needs a trainer factory, the calibration "
                              "data and a work folder")
         start = None
         if config.learned.init == "closed_form":
-            start = project(net, groups, stats, replace(config, method="output_aligned"))
-        return learn(make_trainer, net, groups, stats, loader, config.learned, work, start)
+            start = {n: (f.a, f.b) for n, f in _factored(
+                net, groups, stats, replace(config, method="output_aligned"), None, None,
+                None).items()}
+        return {n: Factors(a, b) for n, (a, b) in
+                learn(make_trainer, net, groups, stats, loader, config.learned, work,
+                      start).items()}
     dtype = getattr(torch, config.dtype)
     fit = METHODS[config.method]
     bases = {}
@@ -93,5 +184,6 @@ def project(net: torch.nn.Module, groups: dict[str, list[str]], stats: dict[str,
         device = w.device if config.device == "auto" else torch.device(config.device)
         c = stats[key].to(device, dtype) / max(int(stats[f"{key}.count"]), 1)
         a, b = fit(w.to(device, dtype), c, max_rank(*w.shape))
-        bases[name] = (a.to("cpu", w.dtype).contiguous(), b.to("cpu", w.dtype).contiguous())
+        bases[name] = Factors(a.to("cpu", w.dtype).contiguous(),
+                              b.to("cpu", w.dtype).contiguous())
     return bases

@@ -185,11 +185,10 @@ def quantized_copy(net: nn.Module, fmt: str, folder: Path) -> nn.Module:
     folder = Path(folder)
     if not (folder / "config.json").exists():  # written whole or not at all
         tmp = folder.with_name(folder.name + ".tmp")
-        ranks = {n: m.rank for n, m in net.named_modules() if hasattr(m, "rank")}
-        save_pruned(net, None, ranks, tmp)
+        save_pruned(net, None, tmp)
         tmp.replace(folder)
     dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
-    quantized, _ = load_model(str(folder), dtype, trust_remote_code=True, quantize=fmt)
+    quantized, _ = load_model(str(folder), dtype, quantize=fmt)
     return quantized
 
 

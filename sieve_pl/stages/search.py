@@ -1,8 +1,11 @@
-"""Search: one keep level per target matrix, as large a cut as validation accuracy allows.
+"""Search: one keep level per pruning unit, as large a cut as validation accuracy allows.
 
 First the largest *uniform* cut within tolerance is found by bisection over the keep fraction
-(accuracy is assumed to fall as the keep fraction falls). It seeds a genetic algorithm (DEAP)
-whose genome holds one rung of the keep ladder per matrix: different matrices tolerate very
+(accuracy is assumed to fall as the keep fraction falls); then, kind by kind (MLPs, q, k, v, o…:
+the units that play one part in every layer), largest first, each kind's keep is bisected
+further down with the others held (``seed_by_kind``): units of different kinds differ far more
+in what a cut costs than units of one kind. That allocation seeds a genetic algorithm (DEAP)
+whose genome holds one rung of the keep ladder per unit: different units tolerate very
 different cuts. Candidates are cut from the stored bases (nothing is refitted) and scored by
 :class:`Fitness`; every generation is checkpointed so a killed search resumes where it stopped
 and ends exactly where an uninterrupted one would.
@@ -22,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SieveError
 from ..io import crash_point, read_json, write_json
+from ..models.pruning import layer_and_kind
 
 
 @dataclass
@@ -29,10 +33,11 @@ class SearchConfig:
     """How much accuracy may be lost, and how the keep levels are searched.
 
     Args:
-        strategy: genetic (one level per matrix, seeded by the uniform level) or uniform only.
+        strategy: genetic (one level per unit, seeded by the uniform level) or uniform only.
         epsilon: allowed accuracy loss, in (0, 1).
         relative: true: target is (1 - epsilon) * base accuracy; false: base accuracy - epsilon.
-        ladder: keep fractions a matrix may take, each in (0, 1]; 1 keeps it dense.
+        ladder: keep fractions (of its weights) a unit may take, each in (0, 1]; 1 keeps it
+            dense.
         population: genomes per generation.
         generations: generations after the initial population.
         crossover_prob: probability that a pair of parents is crossed over (two-point).
@@ -51,6 +56,8 @@ class SearchConfig:
         min_keep: smallest uniform keep fraction tried.
         rank_multiple: round every factored rank down to a multiple of this (32 or 64 suit GPU
             kernels and bitsandbytes' CPU nf4 kernel; 1 = exact keep fractions).
+        seed_by_kind: after the uniform bisection, bisect each kind of unit further (largest
+            kind first, the others held) and seed the GA with that allocation too.
     """
 
     strategy: Literal["genetic", "uniform"] = "genetic"
@@ -71,6 +78,7 @@ class SearchConfig:
     resolution: float = 0.01
     min_keep: float = 0.05
     rank_multiple: int = 1
+    seed_by_kind: bool = True
 
     def check(self) -> None:
         if not 0 < self.epsilon < 1:
@@ -105,7 +113,7 @@ class Fitness:
     budget ``n − target·n`` of lost score is exceeded: feasibility is still exact (the lost
     score only grows). :meth:`hardest_first` puts the examples the base model gets wrong first,
     then those it gets right by the smallest margin, so a candidate that is going to fail spends
-    its budget, and is stopped, sooner. Candidates are memoised on their ranks (:meth:`judge`).
+    its budget, and is stopped, sooner. Candidates are memoised on their sizes (:meth:`judge`).
     """
 
     def __init__(self, trainer, lm, pruner, dataloader, early_reject: bool = True):
@@ -117,7 +125,7 @@ class Fitness:
         self.tokens_spent = 0
         self.evaluations = 0
         self.order: list[int] | None = None
-        self.memo: dict[str, dict] = {}  # judged candidates, by their ranks
+        self.memo: dict[str, dict] = {}  # judged candidates, by their unit sizes
 
     def budget(self, target: float) -> float:
         """Most score a feasible candidate may lose (mean score ≥ target); for 0/1 scores,
@@ -203,8 +211,8 @@ class Fitness:
                 "accuracy": sum(scores) / self.n if len(scores) == self.n else None}
 
     def judge(self, keep, budget: float, until: int | None = None) -> dict:
-        """Is the candidate feasible (lost score ≤ budget)? Memoised on its ranks: keep levels
-        that round to the same ranks (``rank_multiple``) are one candidate, scored once.
+        """Is the candidate feasible (lost score ≤ budget)? Memoised on its sizes: keep levels
+        that round to the same ranks / neuron counts (``rank_multiple``) are one candidate, scored once.
 
         ``over_at``: how many examples (in scoring order) it got through before its lost score
         exceeded the budget (None when feasible); ``accuracy`` is known when it was scored on
@@ -212,8 +220,8 @@ class Fitness:
         that fails on them is infeasible (exactly as full scoring would find), one that passes
         is only ``provisional``; completing it later continues where the screening stopped.
         """
-        ranks = self.pruner.ranks(keep)
-        key = f"{budget!r}:" + ",".join(str(ranks.get(n, 0)) for n in self.pruner.dense)
+        sizes = self.pruner.sizes(keep)
+        key = f"{budget!r}:" + ",".join(str(sizes.get(n, 0)) for n in self.pruner.names)
         if key in self.memo:
             return self.memo[key]
         part = self.memo.get(key + "~")
@@ -242,6 +250,23 @@ class Fitness:
             self.reorder(state["order"])
 
 
+def bisect(feasible: Callable[[float], dict], top: float, top_accuracy: float,
+           config: SearchConfig) -> tuple[float, float]:
+    """Smallest keep in ``[min_keep, top]`` found feasible (``top`` is), and its accuracy."""
+    lo, hi, hi_acc = config.min_keep, top, top_accuracy
+    verdict = feasible(lo)
+    if verdict["feasible"]:
+        return lo, verdict["accuracy"]
+    while hi - lo > config.resolution:
+        mid = round((lo + hi) / 2, 6)
+        verdict = feasible(mid)
+        if verdict["feasible"]:
+            hi, hi_acc = mid, verdict["accuracy"]
+        else:
+            lo = mid
+    return hi, hi_acc
+
+
 def uniform_search(judge: Callable[[float], dict], base_accuracy: float,
                    config: SearchConfig) -> dict:
     """Bisection on the uniform keep fraction; returns the level found and every evaluation.
@@ -249,7 +274,6 @@ def uniform_search(judge: Callable[[float], dict], base_accuracy: float,
     Only feasibility steers the bisection, so rejected levels are scored only until they
     exceed the error budget (their ``accuracy`` is then unknown: None).
     """
-    target = config.target(base_accuracy)
     history = [{"keep": 1.0, "accuracy": base_accuracy, "feasible": True}]
 
     def feasible(keep: float) -> dict:
@@ -258,19 +282,28 @@ def uniform_search(judge: Callable[[float], dict], base_accuracy: float,
                         "feasible": verdict["feasible"]})
         return verdict
 
-    lo, hi, hi_acc = config.min_keep, 1.0, base_accuracy
-    verdict = feasible(lo)
-    if verdict["feasible"]:
-        hi, hi_acc = lo, verdict["accuracy"]
-    while hi - lo > config.resolution and hi > config.min_keep:
-        mid = round((lo + hi) / 2, 6)
-        verdict = feasible(mid)
-        if verdict["feasible"]:
-            hi, hi_acc = mid, verdict["accuracy"]
-        else:
-            lo = mid
-    return {"keep": hi, "accuracy": hi_acc, "target": target, "base_accuracy": base_accuracy,
-            "history": history}
+    keep, accuracy = bisect(feasible, 1.0, base_accuracy, config)
+    return {"keep": keep, "accuracy": accuracy, "target": config.target(base_accuracy),
+            "base_accuracy": base_accuracy, "history": history}
+
+
+def kind_search(judge: Callable[[dict], dict], kinds: dict[str, list[str]], keep: float,
+                accuracy: float, config: SearchConfig) -> dict:
+    """From the uniform level, bisect each kind's keep lower with the other kinds held, in the
+    order of ``kinds`` (largest first); every step stays feasible."""
+    levels = {n: keep for names in kinds.values() for n in names}
+    history = []
+    for kind, names in kinds.items():
+        def feasible(k: float) -> dict:
+            verdict = judge({**levels, **dict.fromkeys(names, k)})
+            history.append({"kind": kind, "keep": k, "accuracy": verdict["accuracy"],
+                            "feasible": verdict["feasible"]})
+            return verdict
+
+        found, accuracy = bisect(feasible, keep, accuracy, config)
+        levels.update(dict.fromkeys(names, found))
+    return {"levels": levels, "accuracy": accuracy, "history": history,
+            "keeps": {kind: levels[names[0]] for kind, names in kinds.items()}}
 
 
 # DEAP's creator registers classes globally; create them once per process.
@@ -378,15 +411,15 @@ class GeneticSearch:
         return [self.best(tools.selRandom(population, self.config.tournament_size), 1,
                           full=False)[0] for _ in range(k)]
 
-    def initial(self, seed_rung: int):
-        """The uniform level's genome plus sparse random ones.
+    def initial(self, seeds: list[list[int]]):
+        """The seed genomes (the uniform level, the kind allocation) plus sparse random ones.
 
         Each random genome prunes a random share (5–50%) of the matrices, each to a random rung
         biased towards light cuts, and keeps the rest dense: cutting every matrix a little costs
         far more accuracy than cutting some a lot, so these start near the feasible region.
         """
         top = len(self.ladder) - 1
-        genomes = [[seed_rung] * len(self.names)]
+        genomes = [list(g) for g in dict.fromkeys(tuple(g) for g in seeds)]
         while len(genomes) < self.config.population:
             share = random.uniform(0.05, 0.5)
             genomes.append([random.randint(1, random.randint(1, top))
@@ -427,13 +460,13 @@ class GeneticSearch:
                        tokens_spent=self.fitness.tokens_spent)
         self._save(generation, population, logbook)
 
-    def run(self, seed_rung: int) -> dict:
+    def run(self, seeds: list[list[int]]) -> dict:
         cfg = self.config
         logbook = tools.Logbook()
         population, done = self._restore(logbook)
         if population is None:
             random.seed(cfg.seed)
-            population = self.initial(seed_rung)
+            population = self.initial(seeds)
             self._generation(0, population, logbook)
             done = 0
         bar = tqdm(range(done + 1, cfg.generations + 1), desc="search (genetic)", unit="gen",
@@ -465,9 +498,18 @@ def _cumulative_errors(flags: list[float]):
         yield errors
 
 
-def ladder_with(ladder: list[float], keep: float) -> list[float]:
-    """The ladder, descending, with the uniform level added as a rung of its own."""
-    return sorted(set(ladder) | {1.0, keep}, reverse=True)
+def ladder_with(ladder: list[float], *keeps: float) -> list[float]:
+    """The ladder, descending, with the seeds' levels added as rungs of their own."""
+    return sorted(set(ladder) | {1.0, *keeps}, reverse=True)
+
+
+def kinds_of(fitness: Fitness, names: list[str]) -> dict[str, list[str]]:
+    """Units grouped by kind, the kind holding the most weights first."""
+    kinds: dict[str, list[str]] = {}
+    for name in names:
+        kinds.setdefault(layer_and_kind(name)[1], []).append(name)
+    units = fitness.pruner.units
+    return dict(sorted(kinds.items(), key=lambda kv: -sum(units[n].total for n in kv[1])))
 
 
 def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
@@ -488,22 +530,29 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
                 f"base model's on {fitness.n} validation examples; levels chosen on so few errors "
                 "fit this split's noise (use more validation examples or a larger epsilon)")
         uniform = uniform_search(lambda keep: fitness.judge(keep, budget), base_accuracy, config)
+        if config.seed_by_kind and config.strategy == "genetic":
+            uniform["seed"] = kind_search(lambda levels: fitness.judge(levels, budget),
+                                          kinds_of(fitness, names), uniform["keep"],
+                                          uniform["accuracy"], config)
         uniform["fitness"] = fitness.state()
         if uniform_path and is_writer:
             write_json(uniform_path, uniform)
     uniform_tokens, uniform_evaluations = (uniform["fitness"]["tokens_spent"],
                                            uniform["fitness"]["evaluations"])
     result = {"base_accuracy": uniform["base_accuracy"], "target": uniform["target"],
-              "uniform": {k: v for k, v in uniform.items() if k != "fitness"},
+              "uniform": {k: v for k, v in uniform.items() if k not in ("fitness", "seed")},
+              "seed": uniform.get("seed"),
               "validation_examples": fitness.n, "validation_tokens": fitness.tokens_total}
     if config.strategy == "uniform":
         kept, total = fitness.pruner.params(uniform["keep"])
         return {**result, "levels": dict.fromkeys(names, uniform["keep"]),
                 "accuracy": uniform["accuracy"], "kept": kept, "feasible": True,
                 "cost": {"search_tokens": uniform_tokens, "evaluations": uniform_evaluations}}
-    ladder = ladder_with(config.ladder, uniform["keep"])
+    seed = uniform.get("seed") or {"levels": dict.fromkeys(names, uniform["keep"])}
+    ladder = ladder_with(config.ladder, uniform["keep"], *seed["levels"].values())
     ga = GeneticSearch(fitness, names, ladder, uniform["target"], config, work, is_writer)
-    found = ga.run(ladder.index(uniform["keep"]))
+    found = ga.run([[ladder.index(seed["levels"][n]) for n in names],
+                    [ladder.index(uniform["keep"])] * len(names)])
     naive = config.population * (config.generations + 1) * fitness.tokens_total
     return {**result, **found, "ladder": ladder,
             "cost": {"search_tokens": fitness.tokens_spent, "evaluations": fitness.evaluations,
