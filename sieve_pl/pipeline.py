@@ -132,13 +132,17 @@ def _load_bases(folder: Path, name: str = "bases.safetensors"):
 
 
 def _save_factors(factors: dict, folder: Path, name: str = "factors.safetensors") -> None:
-    _save_tensors({f"{n}.{part}": t for n, ab in factors.items() for part, t in zip("AB", ab)},
+    """Refitted weights: a tuple of tensors per unit (``(A, B)``, ``(W_down,)``)."""
+    _save_tensors({f"{n}.{i}": t for n, ts in factors.items() for i, t in enumerate(ts)},
                   folder / name)
 
 
 def _load_factors(folder: Path, name: str = "factors.safetensors") -> dict:
     flat = load_file(str(folder / name))
-    return {n[:-2]: (flat[n], flat[n[:-2] + ".B"]) for n in flat if n.endswith(".A")}
+    factors: dict[str, list] = {}
+    for key in sorted(flat, key=lambda k: int(k.rpartition(".")[2])):
+        factors.setdefault(key.rpartition(".")[0], []).append(flat[key])
+    return {n: tuple(ts) for n, ts in factors.items()}
 
 
 def _save_recover(result: dict, folder: Path) -> None:
@@ -354,7 +358,7 @@ class Pipeline:
         def run_refit(work: Path) -> dict:
             if not self.refit.enabled:
                 return {"used": False, "factors": {}}
-            factors = refit(self.trainer, lm.net, pruner, groups, levels,
+            factors = refit(self.trainer, lm.net, pruner, levels,
                             data.loader("calibration", limit=self.refit.examples),
                             self.refit.ridge)
             after = evaluate(self.trainer, lm, data.val_dataloader())

@@ -140,7 +140,7 @@ class TestAdapter:
         pruner = Pruner(net, bases["output_aligned"])
         levels = dict.fromkeys(pruner.dense, 0.5)
         try:
-            factors = refit(trainer, net, pruner, groups, levels, data.calibration_dataloader())
+            factors = refit(trainer, net, pruner, levels, data.calibration_dataloader())
         finally:
             pruner.apply(1.0)
         assert set(factors) == set(pruner.dense)

@@ -135,7 +135,9 @@ class NeuronUnit:
     def params(self, k: int | None) -> int:
         return self.total if k is None else self.total * k // self.basis.size
 
-    def modules(self, k: int) -> dict[str, nn.Module]:
+    def modules(self, k: int, refitted: tuple[torch.Tensor] | None = None
+                ) -> dict[str, nn.Module]:
+        """``refitted``: ``(W_down,)`` fitted for these k neurons, used instead of the bases."""
         basis, inner = self.basis, self.basis.size
         kept = basis.order[:k]
         out = {}
@@ -147,7 +149,8 @@ class NeuronUnit:
             out[name] = linear_like(old, w, bias)
         old = self.dense[basis.output]
         w = dense_weight(old)
-        down = (basis.g[:, :k] @ basis.l_inv[:k, :k]).to(w.device, w.dtype)
+        down = (refitted[0] if refitted is not None and refitted[0].shape[1] == k
+                else basis.g[:, :k] @ basis.l_inv[:k, :k]).to(w.device, w.dtype)
         out[basis.output] = linear_like(old, down, None if old.bias is None else old.bias.detach())
         return out
 
@@ -157,8 +160,9 @@ class Pruner:
 
     ``bases`` maps a unit name to :class:`Factors` (a matrix, by its module name) or
     :class:`Neurons` (an MLP). The dense modules are kept aside so any level can be applied again
-    without refitting. ``refitted`` holds ``(A, B)`` refitted for one rank of a matrix unit; they
-    are used instead of the bases at that rank.
+    without refitting. ``refitted`` holds weights refitted for one size of a unit (``(A, B)`` of
+    a matrix at one rank, ``(W_down,)`` of an MLP at one neuron count); they are used instead of
+    the bases at that size.
     """
 
     def __init__(self, model: nn.Module, bases: dict[str, Factors | Neurons],
@@ -166,7 +170,7 @@ class Pruner:
         self.model, self.rank_multiple = model, rank_multiple
         self.units = {name: (NeuronUnit if isinstance(b, Neurons) else MatrixUnit)(model, name, b)
                       for name, b in bases.items()}
-        self.refitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.refitted: dict[str, tuple[torch.Tensor, ...]] = {}
 
     @property
     def names(self) -> list[str]:
@@ -197,12 +201,8 @@ class Pruner:
         sizes = self.sizes(keep)
         device = next(self.model.parameters()).device  # the model may have moved since
         for name, unit in self.units.items():
-            if name not in sizes:
-                modules = unit.dense
-            elif isinstance(unit, MatrixUnit):
-                modules = unit.modules(sizes[name], self.refitted.get(name))
-            else:
-                modules = unit.modules(sizes[name])
+            modules = (unit.modules(sizes[name], self.refitted.get(name)) if name in sizes
+                       else unit.dense)
             for module_name, module in modules.items():
                 set_submodule(self.model, module_name, module.to(device))
         return sizes

@@ -1,25 +1,31 @@
-"""Error-compensating refit of the chosen levels.
+"""Sequential compensation: refit the chosen levels on the pruned model's own inputs.
 
-The projections were fitted on the dense model's inputs, but inside the pruned model each matrix
+The projections were fitted on the dense model's inputs, but inside the pruned model each unit
 receives inputs already distorted by the pruned layers before it. Layer by layer, in forward
-order, this refits every factored matrix so the pruned model's input ``x̃`` reproduces the dense
-model's output ``W x`` on the calibration tokens:
+order, this refits every pruned unit so that, on the calibration tokens, the pruned model's
+input ``x̃`` reproduces the dense model's output ``W x``, ridge-damped towards the weights it
+replaces (``λ = ridge · mean(diag C̃)``, with ``C̃ = Σ x̃ x̃ᵀ`` and ``K = Σ x x̃ᵀ``):
 
-    min over rank-R M of Σ ‖W x − M x̃‖²   →   M* = W K C̃⁻¹,  M = U_R U_Rᵀ M*
+- a factored matrix (rank R): ``M* = (W K + λW)(C̃ + λI)⁻¹``, then ``M = U_R U_Rᵀ M*`` with ``U``
+  the eigenvectors of ``M* C̃ M*ᵀ`` (the projection's reduced-rank regression, on ``x̃``);
+- an MLP's kept neurons: down's input is the kept neurons' activations ``h̃`` (k of them), and
+  ``W_down' = (W_down K + λ W_S)(C̃ + λI)⁻¹`` with ``W_S`` the down it replaces.
 
-with ``C̃ = Σ x̃ x̃ᵀ``, ``K = Σ x x̃ᵀ`` and ``U`` the eigenvectors of ``M* C̃ M*ᵀ`` (the same
-reduced-rank regression as the projection, on the pruned model's inputs). Matrices of a layer
-are refitted together from inputs of the pruned model whose earlier layers are refitted already.
+Units of a layer are refitted together from inputs of the pruned model whose earlier layers are
+refitted already.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import lightning as L
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.factored import dense_shape, dense_weight, set_submodule
+from ..models.factored import dense_weight, set_submodule
+from ..models.pruning import MatrixUnit
 from ..tasks.base import last_logits
 from .calibrate import reduce_sums
 from .project import _eigh_desc
@@ -27,20 +33,21 @@ from .project import _eigh_desc
 
 @dataclass
 class RefitConfig:
-    """Error-compensating refit of the chosen levels (after the search).
+    """Sequential compensation of the chosen levels (after the search).
 
     Args:
-        enabled: refit the factored matrices on the pruned model's own inputs; the refit is
-            kept only if validation accuracy does not drop.
+        enabled: refit the pruned units layer by layer on the pruned model's own inputs; the
+            refit is kept only if validation accuracy does not drop.
         examples: calibration examples used (the refit runs the model twice per layer, so its
             cost grows with layers x examples).
-        ridge: strength of the pull towards the original weights, relative to the mean input
-            energy (larger: closer to the plain projection, less fitted to the calibration set).
+        ridge: strength of the pull towards the weights being refitted, relative to the mean
+            input energy (larger: closer to the plain projection, less fitted to the
+            calibration set).
     """
 
     enabled: bool = False
-    examples: int = 64
-    ridge: float = 1e-6
+    examples: int = 256
+    ridge: float = 1e-2
 
 
 class _Stop(Exception):
@@ -48,11 +55,14 @@ class _Stop(Exception):
 
 
 class PairedMoments(L.LightningModule):
-    """One layer's ``C̃`` and ``K`` per input group: dense and pruned model on the same tokens."""
+    """One layer's ``C̃`` and ``K`` per fit point: the dense and the pruned model on the same
+    tokens. A fit point is ``(dense module, pruned module)``: the module whose input is ``x`` in
+    the dense model and the one whose input is ``x̃`` in the pruned model."""
 
-    def __init__(self, net, layer: str, groups: dict[str, list[str]], dense: dict, pruned: dict):
+    def __init__(self, net, layer: str, points: dict[str, tuple[nn.Module, nn.Module]],
+                 dense: dict[str, nn.Module], pruned: dict[str, nn.Module]):
         super().__init__()
-        self.net, self.layer, self.groups = net, layer, groups
+        self.net, self.layer, self.points = net, layer, points
         self.variants = {"dense": dense, "pruned": pruned}
         self.sums: dict[str, torch.Tensor] = {}
         self._seen: dict[str, torch.Tensor] = {}
@@ -76,15 +86,11 @@ class PairedMoments(L.LightningModule):
             for module in variant.values():
                 module.to(device)
         self.sums = {}
-        for key, names in self.groups.items():
-            first = self.net.get_submodule(names[0])
-            d, device = dense_shape(first)[1], first.weight.device
-            for part in ("ctt", "k"):
-                self.sums[f"{key}.{part}"] = torch.zeros(d, d, dtype=torch.float64, device=device)
-        # hooks sit on the modules of both variants (the dense and the pruned first Linear)
-        for key, names in self.groups.items():
-            for variant in self.variants.values():
-                self._handles.append(variant[names[0]].register_forward_pre_hook(capture(key)))
+        for key, (dense, pruned) in self.points.items():
+            inner, outer = dense_weight(dense).shape[1], dense_weight(pruned).shape[1]
+            self.sums[f"{key}.ctt"] = torch.zeros(outer, outer, dtype=torch.float64, device=device)
+            self.sums[f"{key}.k"] = torch.zeros(inner, outer, dtype=torch.float64, device=device)
+            self._handles += [m.register_forward_pre_hook(capture(key)) for m in (dense, pruned)]
         self._handles.append(self.net.get_submodule(self.layer).register_forward_hook(stop))
 
     def _inputs(self, variant: str, batch: dict, mask: torch.Tensor) -> dict:
@@ -100,7 +106,7 @@ class PairedMoments(L.LightningModule):
         mask = batch["attention_mask"].bool()
         x = self._inputs("dense", batch, mask)
         xt = self._inputs("pruned", batch, mask)
-        for key in self.groups:
+        for key in self.points:
             self.sums[f"{key}.ctt"] += xt[key].T @ xt[key]
             self.sums[f"{key}.k"] += x[key].T @ xt[key]
 
@@ -127,29 +133,52 @@ def refit_matrix(w: torch.Tensor, ctt: torch.Tensor, k: torch.Tensor, rank: int,
     return u.T @ m_star, u
 
 
-def refit(trainer: L.Trainer, net, pruner, groups: dict[str, list[str]], levels: dict,
-          dataloader, ridge: float = 1e-6) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Refitted ``(A, B)`` of every factored matrix at ``levels``; leaves the model at them."""
-    ranks = pruner.apply(levels)
-    pruned = {name: net.get_submodule(name) for name in pruner.dense}
-    by_layer: dict[str, dict[str, list[str]]] = {}
-    for key, names in groups.items():
-        if any(n in ranks for n in names):
-            by_layer.setdefault(key.rsplit(".", 1)[0], {})[key] = names
+def refit_down(w: torch.Tensor, ctt: torch.Tensor, k: torch.Tensor, current: torch.Tensor,
+               ridge: float) -> torch.Tensor:
+    """Down's kept columns: ``(W K + λ W_S)(C̃ + λI)⁻¹``, shrunk towards ``current`` (W_S)."""
+    eye = torch.eye(ctt.shape[0], dtype=ctt.dtype, device=ctt.device)
+    reg = ridge * ctt.diagonal().mean().clamp(min=1e-30)
+    return torch.linalg.solve(ctt + reg * eye, (w @ k + reg * current).T).T
+
+
+def _layer(unit: str) -> str:
+    """``model.layers.3.mlp`` / ``model.layers.3.self_attn.q_proj`` -> ``model.layers.3``."""
+    return re.match(r"(.*?\.\d+)\.", unit).group(1)
+
+
+def refit(trainer: L.Trainer, net, pruner, levels: dict, dataloader, ridge: float = 1e-2
+          ) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Refitted weights of every pruned unit at ``levels`` (``(A, B)`` of a factored matrix,
+    ``(W_down,)`` of an MLP, for ``pruner.refitted``); leaves the model at them."""
+    sizes = pruner.apply(levels)
+    units = {name: pruner.units[name] for name in sizes}
+    dense = {n: m for u in pruner.units.values() for n, m in u.dense.items()}
+    pruned = {n: net.get_submodule(n) for u in units.values() for n in u.dense}
+    by_layer: dict[str, list[str]] = {}
+    for name in units:
+        by_layer.setdefault(_layer(name), []).append(name)
     refitted = {}
-    for layer, layer_groups in tqdm(by_layer.items(), desc="refit", unit="layer",
-                                    disable=not trainer.is_global_zero):
-        moments = PairedMoments(net, layer, layer_groups, pruner.dense, pruned)
+    for layer, names in tqdm(by_layer.items(), desc="refit", unit="layer",
+                             disable=not trainer.is_global_zero):
+        point = {n: n if isinstance(units[n], MatrixUnit) else units[n].basis.output
+                 for n in names}  # the module whose input is refitted against
+        moments = PairedMoments(net, layer, {n: (dense[m], pruned[m]) for n, m in point.items()},
+                                dense, pruned)
         trainer.predict(moments, dataloaders=dataloader, return_predictions=False)
-        for key, names in layer_groups.items():
-            ctt, k = moments.sums[f"{key}.ctt"], moments.sums[f"{key}.k"]
-            for name in (n for n in names if n in ranks):
-                w = dense_weight(pruner.dense[name]).detach().to(ctt.device, torch.float64)
-                a, b = refit_matrix(w, ctt, k, ranks[name], ridge)
-                module = pruned[name]
-                with torch.no_grad():
+        for name in names:
+            ctt, k = moments.sums[f"{name}.ctt"], moments.sums[f"{name}.k"]
+            w = dense_weight(dense[point[name]]).detach().to(ctt.device, torch.float64)
+            module = pruned[point[name]]
+            with torch.no_grad():
+                if isinstance(units[name], MatrixUnit):
+                    a, b = refit_matrix(w, ctt, k, sizes[name], ridge)
                     module.A.weight.copy_(a)
                     module.B.weight.copy_(b)
-                refitted[name] = (module.A.weight.detach().cpu().clone(),
-                                  module.B.weight.detach().cpu().clone())
+                    refitted[name] = (module.A.weight.detach().cpu().clone(),
+                                      module.B.weight.detach().cpu().clone())
+                else:
+                    current = dense_weight(module).detach().to(ctt.device, torch.float64)
+                    down = refit_down(w, ctt, k, current, ridge)
+                    dense_weight(module).copy_(down)
+                    refitted[name] = (dense_weight(module).detach().cpu().clone(),)
     return refitted

@@ -20,7 +20,7 @@ from typing import Callable, Literal
 
 import torch
 from deap import algorithms, base, creator, tools
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
 from ..errors import SieveError
@@ -250,6 +250,13 @@ class Fitness:
             self.reorder(state["order"])
 
 
+def _progress(what: str, keep: float, verdict: dict) -> None:
+    """One line per bisection step: these take minutes on a CPU and have no natural bar."""
+    accuracy = "" if verdict["accuracy"] is None else f", accuracy {verdict['accuracy']:.4f}"
+    rank_zero_info(f"[sieve-pl] search ({what}): keep {keep:.4f} "
+                   f"{'feasible' if verdict['feasible'] else 'rejected'}{accuracy}")
+
+
 def bisect(feasible: Callable[[float], dict], top: float, top_accuracy: float,
            config: SearchConfig) -> tuple[float, float]:
     """Smallest keep in ``[min_keep, top]`` found feasible (``top`` is), and its accuracy."""
@@ -280,6 +287,7 @@ def uniform_search(judge: Callable[[float], dict], base_accuracy: float,
         verdict = judge(keep)
         history.append({"keep": keep, "accuracy": verdict["accuracy"],
                         "feasible": verdict["feasible"]})
+        _progress("uniform", keep, verdict)
         return verdict
 
     keep, accuracy = bisect(feasible, 1.0, base_accuracy, config)
@@ -298,6 +306,7 @@ def kind_search(judge: Callable[[dict], dict], kinds: dict[str, list[str]], keep
             verdict = judge({**levels, **dict.fromkeys(names, k)})
             history.append({"kind": kind, "keep": k, "accuracy": verdict["accuracy"],
                             "feasible": verdict["feasible"]})
+            _progress(f"by kind, {kind}", k, verdict)
             return verdict
 
         found, accuracy = bisect(feasible, keep, accuracy, config)
