@@ -140,7 +140,8 @@ def main() -> None:
             work = out.parent / f".search-screen{screen:g}.work"
             work.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            fitness = Fitness(trainer, lm, pruner, data.val_dataloader(), config.early_reject)
+            fitness = Fitness(trainer, lm, pruner, data.val_dataloader(), config.early_reject,
+                              config.confidence)
             rerun = search(fitness, pruner.names, config, work)
             pruner.apply(1.0)
             cost = rerun["cost"]

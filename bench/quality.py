@@ -3,10 +3,13 @@
 Gathers what the other benchmarks and the pipeline measured on the same model and splits (it
 refuses inputs whose model or split sizes differ):
 
-* uniform keep levels per projection method, before recovery (``projection_methods.json``);
+* uniform keep levels per projection method and MLP form (factored matrices or neuron units),
+  before recovery (``projection_methods.json``);
 * uniform ``output_aligned`` levels before and after LoRA (``recovery.json``);
-* the genetic search at each run's epsilon, before and after LoRA, and the dense model with and
-  without the same LoRA budget (each run's ``summary.json``, written by ``sieve-pl fit``).
+* each run's uniform bisection, per-kind seed and genetic search at its epsilon, before and after
+  LoRA, and the dense model with and without the same LoRA budget (each run's
+  ``summary.json``, written by ``sieve-pl fit``); the factored-only GA rows measured before
+  neuron units existed are kept from the previous ``quality.json``, labelled as such.
 
 Usage (after those have run):
 
@@ -35,9 +38,14 @@ def run_rows(run: Path) -> tuple[list[dict], dict]:
     config = yaml.safe_load((run / "config.yaml").read_text())
     total = summary["rows"]["base"]["target_params_kept"]
     eps = summary["epsilon"]
+    form = ("neurons" if config.get("projection", {}).get("mlp", "factored") == "neurons"
+            else "factored")
+    refit = " + compensation" if summary.get("refit", {}).get("used") else ""
     names = {"base": ("dense", "none"), "dense+lora": ("dense", "lora"),
-             "pruned": (f"genetic, eps {eps:g}", "none"),
-             "pruned+lora": (f"genetic, eps {eps:g}", "lora")}
+             "uniform": (f"{form}: uniform, eps {eps:g}", "none"),
+             "seed": (f"{form}: per-kind seed, eps {eps:g}", "none"),
+             "pruned": (f"{form}: genetic{refit}, eps {eps:g}", "none"),
+             "pruned+lora": (f"{form}: genetic{refit}, eps {eps:g}", "lora")}
     rows = [{"variant": variant, "lora": lora,
              "kept": summary["rows"][key]["target_params_kept"] / total,
              "validation": summary["rows"][key]["validation"],
@@ -54,13 +62,27 @@ def main() -> None:
     results = Path(args.results)
 
     rows, sources = [], {}
+    earlier = results / "quality.json"
+    if earlier.exists():  # the factored-only GA runs measured before neuron units existed
+        rows += [{**r, "variant": f"factored: {r['variant']} (earlier run)"}
+                 for r in json.loads(earlier.read_text())["rows"]
+                 if r["variant"].startswith("genetic")]
+        rows += [r for r in json.loads(earlier.read_text())["rows"]
+                 if r["variant"].startswith("factored: genetic")
+                 and r["variant"].endswith("(earlier run)")]
     for run in map(Path, args.runs):
         found, sources[str(run)] = run_rows(run)
         rows += [r for r in found if not (r["variant"] == "dense" and any(
             q["variant"] == "dense" and q["lora"] == r["lora"] for q in rows))]
     methods = json.loads((results / "projection_methods.json").read_text())
     sources["projection_methods.json"] = {"model": methods["model"], "sizes": methods["sizes"]}
-    rows += [{"variant": f"uniform {r['method']}", "lora": "none", "kept": r["kept"],
+    def method_variant(r: dict) -> str:
+        if r.get("mlp", "factored") == "factored":
+            return f"uniform {r['method']}"
+        cut = "MLP neurons only" if r.get("units") == "mlp" else f"MLP neurons + {r['method']}"
+        return f"uniform {cut} ({r['neuron_order']})"
+
+    rows += [{"variant": method_variant(r), "lora": "none", "kept": r["kept"],
               "validation": r["validation"], "test": r["test"],
               "source": "projection_methods.json"}
              for r in methods["rows"] if r["method"] != "dense" and "kept" in r]

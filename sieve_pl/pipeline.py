@@ -347,7 +347,7 @@ class Pipeline:
 
         def run_search(work: Path) -> dict:
             fitness = Fitness(self.trainer, lm, pruner, data.val_dataloader(),
-                              self.search.early_reject)
+                              self.search.early_reject, self.search.confidence)
             return search(fitness, pruner.names, self.search, work, self.trainer.is_global_zero)
 
         found = run.stage(

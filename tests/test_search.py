@@ -42,17 +42,20 @@ CONFIG = SearchConfig(epsilon=0.1, population=6, generations=3, elite=1, seed=3,
                       gene_mutation_prob=0.2)
 
 
-def _fitness(setup, early_reject=True):
+def _fitness(setup, early_reject=True, confidence=0.0):
     trainer, lm, pruner, data = setup
-    return Fitness(trainer, lm, pruner, data.val_dataloader(), early_reject)
+    return Fitness(trainer, lm, pruner, data.val_dataloader(), early_reject, confidence)
 
 
-def test_early_rejection_never_changes_a_decision(setup):
+@pytest.mark.parametrize("confidence", [0.0, 1.0])
+def test_early_rejection_never_changes_a_decision(setup, confidence):
     names = list(setup[2].dense)
     ladder = [1.0, 0.7, 0.4, 0.1]
     rng = random.Random(0)
     genomes = [[rng.randint(0, d) for _ in names] for d in (0, 1, 2, 3, 3, 3, 2, 1)]
-    fast, full = _fitness(setup, True), _fitness(setup, False)
+    fast, full = _fitness(setup, True, confidence), _fitness(setup, False, confidence)
+    for fitness in (fast, full):
+        fitness.hardest_first()
     base = full.accuracy(1.0)
     target = CONFIG.target(base)
     ga_fast = GeneticSearch(fast, names, ladder, target, CONFIG, None)
@@ -246,3 +249,17 @@ def test_sequential_refit_of_neurons_lowers_the_mlp_error_on_the_pruned_models_i
     assert error() == after  # the Pruner reproduces the refitted model
     assert after < before
     pruner.apply(1.0)
+
+
+def test_confidence_bound_refuses_what_lucky_fixes_rescue(setup):
+    """Same lost score, more examples answered differently from the base model: the bound
+    spends more of the budget; with confidence 0 it is the plain accuracy constraint."""
+    fitness = _fitness(setup, confidence=1.0)
+    fitness.base = [1.0, 1.0, 0.0, 0.0]
+    same = [1.0, 1.0, 0.0, 0.0]
+    swapped = [0.0, 0.0, 1.0, 1.0]  # two broken, two fixed: the same accuracy
+    assert list(fitness.excess(same))[-1] == 2.0
+    assert list(fitness.excess(swapped))[-1] == pytest.approx(2.0 + 2.0)
+    assert all(b >= a for a, b in zip(fitness.excess(swapped), list(fitness.excess(swapped))[1:]))
+    fitness.confidence = 0.0
+    assert list(fitness.excess(swapped))[-1] == 2.0

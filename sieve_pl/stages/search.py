@@ -58,6 +58,12 @@ class SearchConfig:
             kernels and bitsandbytes' CPU nf4 kernel; 1 = exact keep fractions).
         seed_by_kind: after the uniform bisection, bisect each kind of unit further (largest
             kind first, the others held) and seed the GA with that allocation too.
+        confidence: z of a one-sided bound on the accuracy change: a candidate is feasible when
+            its lost score plus ``confidence·sqrt(Σ (s_base − s)²)`` stays within the budget.
+            The root term is the noise of the paired difference (for 0/1 scores: the square
+            root of the examples it answers differently from the base model), so a candidate
+            that breaks many examples and is rescued by lucky fixes — one that holds epsilon on
+            this split only — is refused. 0 = the plain accuracy constraint.
     """
 
     strategy: Literal["genetic", "uniform"] = "genetic"
@@ -79,6 +85,7 @@ class SearchConfig:
     min_keep: float = 0.05
     rank_multiple: int = 1
     seed_by_kind: bool = True
+    confidence: float = 1.0
 
     def check(self) -> None:
         if not 0 < self.epsilon < 1:
@@ -91,6 +98,8 @@ class SearchConfig:
             raise SieveError(f"search.resolution must be in (0, 1), got {self.resolution}")
         if not self.ladder or any(not 0 < p <= 1 for p in self.ladder):
             raise SieveError(f"search.ladder values must be in (0, 1], got {self.ladder}")
+        if self.confidence < 0:
+            raise SieveError(f"search.confidence must be >= 0, got {self.confidence}")
         if self.rank_multiple < 1:
             raise SieveError(f"search.rank_multiple must be >= 1, got {self.rank_multiple}")
         if self.population < 2 or self.generations < 0 or not 0 <= self.elite < self.population:
@@ -116,8 +125,11 @@ class Fitness:
     its budget, and is stopped, sooner. Candidates are memoised on their sizes (:meth:`judge`).
     """
 
-    def __init__(self, trainer, lm, pruner, dataloader, early_reject: bool = True):
+    def __init__(self, trainer, lm, pruner, dataloader, early_reject: bool = True,
+                 confidence: float = 0.0):
         self.trainer, self.lm, self.pruner, self.early_reject = trainer, lm, pruner, early_reject
+        self.confidence = confidence
+        self.base: list[float] | None = None  # the base model's scores, in scoring order
         self.loader = dataloader
         self.batches = list(dataloader)
         self.n = sum(len(b["input_ids"]) for b in self.batches)
@@ -148,6 +160,7 @@ class Fitness:
         scores = self.correct(1.0)
         safety = self.correct(1.0, measure=self.lm.task.confidence)
         self.reorder(sorted(range(self.n), key=lambda i: (scores[i], safety[i])))
+        self.base = [scores[i] for i in self.order]
         return scores
 
     @staticmethod
@@ -157,6 +170,18 @@ class Fitness:
         for s in scores:
             total += 1 - s
         return total
+
+    def excess(self, scores: list[float]):
+        """Running ``Σ(1 − s) + confidence·sqrt(Σ(s_base − s)²)`` over scores in scoring order:
+        what a candidate spends of the budget. Both sums only grow, so a candidate over the
+        budget after some examples is over it after all of them (early rejection is exact)."""
+        lost, spread = 0.0, 0.0
+        base = self.base if self.confidence and self.base is not None else None
+        for i, s in enumerate(scores):
+            lost += 1 - s
+            if base is not None:
+                spread += (base[i] - s) ** 2
+            yield lost + self.confidence * spread ** 0.5
 
     @torch.inference_mode()
     def correct(self, keep, max_errors: float | None = None, *, until: int | None = None,
@@ -194,7 +219,8 @@ class Fitness:
             gathered = strategy.all_gather(local).reshape(-1, size + 1) if world > 1 else local[None]
             self.tokens_spent += int(gathered[:, -1].sum())
             scores += [x for x in gathered[:, :-1].flatten().tolist() if x == x]
-            if max_errors is not None and self.early_reject and self.lost(scores) > max_errors:
+            if (max_errors is not None and self.early_reject and scores
+                    and list(self.excess(scores))[-1] > max_errors):
                 break
             if until is not None and len(scores) >= until:
                 break
@@ -205,8 +231,7 @@ class Fitness:
         return sum(self.correct(keep)) / self.n
 
     def _verdict(self, scores: list[float], budget: float) -> dict:
-        over_at = next((i for i, lost in enumerate(_cumulative_errors(scores)) if lost > budget),
-                       None)
+        over_at = next((i for i, spent in enumerate(self.excess(scores)) if spent > budget), None)
         return {"feasible": over_at is None, "over_at": over_at, "seen": len(scores),
                 "accuracy": sum(scores) / self.n if len(scores) == self.n else None}
 
@@ -241,11 +266,12 @@ class Fitness:
 
     def state(self) -> dict:
         return {"tokens_spent": self.tokens_spent, "evaluations": self.evaluations,
-                "memo": self.memo, "order": self.order}
+                "memo": self.memo, "order": self.order, "base": self.base}
 
     def restore(self, state: dict) -> None:
         self.tokens_spent, self.evaluations = state["tokens_spent"], state["evaluations"]
         self.memo = state["memo"]
+        self.base = state.get("base")
         if state["order"] is not None and state["order"] != self.order:
             self.reorder(state["order"])
 
@@ -497,14 +523,6 @@ class GeneticSearch:
                                 if feasible and all(self.ladder[g[i]] == 1.0 for g in feasible)],
                 "logbook": list(logbook), "distinct_genomes": len(self.seen),
                 "scored_genomes": len(self.cache)}
-
-
-def _cumulative_errors(flags: list[float]):
-    """Running lost score ``Σ(1 − s)`` (errors, for 0/1 scores), summed as ``Fitness.lost``."""
-    errors = 0.0
-    for score in flags:
-        errors += 1 - score
-        yield errors
 
 
 def ladder_with(ladder: list[float], *keeps: float) -> list[float]:
