@@ -406,7 +406,12 @@ class Pipeline:
         recovered = run.stage(
             "recover", {"data": data.fingerprint_config("train"), **asdict(self.recover)},
             run_recover, _save_recover, _load_recover)
-        with with_weights(lm.net, recovered["weights"]):
+        # LoRA is exported only where it does not lower validation accuracy (selection on
+        # validation, like refit and distillation)
+        lora = (bool(recovered["weights"]) and recovered["best_val_acc"] is not None
+                and recovered["best_val_acc"] >= pruned_accuracy - 1e-6)
+        final = "pruned+lora" if lora else "pruned"
+        with with_weights(lm.net, recovered["weights"] if lora else {}):
             run.stage("export", {}, lambda work: None,
                       lambda _, d: save_pruned(lm.net, data.tokenizer, d / "model"),
                       lambda d: read_json(d / "model" / "config.json")["sieve"])
@@ -445,7 +450,6 @@ class Pipeline:
                 rows["dense+lora"] = {**{k: recovered["dense"][k] for k in ("validation", "test")},
                                       "target_params_kept": total, "params": dense_params}
             pruner.apply(levels)
-            final = "pruned+lora" if recovered["weights"] else "pruned"
             if self.quantize.measure or self.quantize.formats:
                 self._measure(rows, final, work)
             return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
@@ -454,7 +458,8 @@ class Pipeline:
                     "bottlenecks": found.get("bottlenecks", []), "cost": found.get("cost"),
                     "refit": {k: v for k, v in refitted.items() if k != "factors"},
                     "distill": {k: v for k, v in distilled.items() if k != "factors"},
-                    "recover": {k: v for k, v in recovered.items() if k != "weights"},
+                    "recover": {**{k: v for k, v in recovered.items() if k != "weights"},
+                                "used": lora, "accuracy_before": pruned_accuracy},
                     "model_dir": str(self.run.path / "export" / "model")}
 
         report = run.stage("evaluate", {"data": data.fingerprint_config("test"),

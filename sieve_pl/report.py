@@ -59,7 +59,10 @@ def format_summary(r: dict) -> str:
         memory = rec.get("peak_memory_mb")
         lines.append(f"recovery: {kind}, {rec['epochs']} epochs, validation accuracy by epoch "
                      + ", ".join(_pct(a) for a in rec["val_acc"])
-                     + (f", peak memory {memory:.0f} MB" if memory else ""))
+                     + (f", peak memory {memory:.0f} MB" if memory else "")
+                     + ("" if rec.get("used", True) else
+                        f"; not exported (best {_pct(rec['best_val_acc'])} < "
+                        f"{_pct(rec['accuracy_before'])} without it)"))
     if r.get("bottlenecks"):
         lines.append(f"bottlenecks (never pruned): {len(r['bottlenecks'])} matrices, e.g. "
                      + ", ".join(r["bottlenecks"][:4]))
