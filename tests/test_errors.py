@@ -124,3 +124,12 @@ def test_disk_failure_mid_stage_keeps_nothing_partial_and_rerun_completes(tmp_pa
     again = RunDir(tmp_path / "run", trainer)
     assert again.stage("project", {"a": 1}, lambda work: pytest.fail("recomputed"),
                        lambda r, d: None, lambda d: int((d / "value.txt").read_text())) == 42
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--projection.ridge", "0", "projection.ridge must be > 0"),
+    ("--search.confidence", "-1", "search.confidence must be >= 0"),
+])
+def test_bad_unit_settings(tmp_path, capsys, option, value, message):
+    assert run_cli("fit", "--config", DEMO, "--run.root", str(tmp_path), option, value) == 2
+    assert message in last_error_line(capsys)
