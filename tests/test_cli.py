@@ -123,7 +123,9 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
             "--run.root", str(tmp_path), "--data.sizes.calibration", "32",
             "--data.sizes.validation", "48", "--data.sizes.test", "48",
             "--data.sizes.train", "32", "--search.population", "6", "--search.generations", "2",
-            "--recover.epochs", "1", "--distill.epochs", "1", "--transfer.examples", "16", *QUIET]
+            "--recover.epochs", "1", "--distill.epochs", "1", "--transfer.examples", "16",
+            # 48 validation examples: too few for the confidence bound to allow any cut
+            "--search.confidence", "0", *QUIET]
     assert run_cli("fit", *args) == 0
     run = tmp_path / "demo"
     summary = read_json(run / "summary.json")
@@ -164,11 +166,12 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
 def _quantized_logits_stay_close(folder: Path) -> None:
     """int8 / nf4 reloads run and stay near the float32 logits.
 
-    Tolerance: relative L2 error of the last-position logits below 0.35. LLM.int8 on CPU casts
-    activations to fp16 and rounds weights row-wise to 8 bits, nf4 to 4 bits per 64-weight
-    block; errors of about 1% per matrix compound over 30 layers and both factors of each
-    factored matrix (measured: ~0.15 for int8 on this model), so 0.35 leaves room for other
-    CPUs while still catching a broken (e.g. mis-scaled or unquantized-by-accident) load.
+    Tolerance: relative L2 error of the last-position logits below 0.35 for int8, 0.7 for nf4.
+    LLM.int8 on CPU casts activations to fp16 and rounds weights row-wise to 8 bits, nf4 to 4
+    bits per 64-weight block; errors of about 1% (int8) to several % (nf4) per matrix compound
+    over 30 layers and both factors of each factored matrix (measured on this model: ~0.15 for
+    int8, ~0.5 for nf4 now that the resized MLP Linears are quantized too). A broken load
+    (random or mis-scaled weights) is off by more than the logits' own norm (> 1).
     """
     from sieve_pl.models.loading import load_model, load_tokenizer
     from sieve_pl.tasks.base import encode_prompts, last_logits
@@ -185,7 +188,7 @@ def _quantized_logits_stay_close(folder: Path) -> None:
         with torch.no_grad():
             logits = last_logits(model, batch)
         error = float((logits - reference).norm() / reference.norm())
-        assert error < 0.35 and (fmt != "int8" or error > 0), (fmt, error)
+        assert error < {"int8": 0.35, "nf4": 0.7}[fmt] and error > 0, (fmt, error)
 
 
 def test_fit_with_learned_projection_and_distillation(tmp_path, tiny_llama, capsys):

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -65,8 +69,13 @@ def test_export_reloads_with_identical_logits_and_never_loads_as_the_base_model(
     layout = save_pruned(lm.net, tokenizer, tmp_path / "model")
     assert layout["ranks"] == {n: r for n, r in sizes.items() if n in pruner.dense}
     assert lm.net.config.model_type == "llama"  # in-memory config untouched
-    with pytest.raises(ValueError, match="trust_remote_code"):  # never as a plain Llama
-        AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    # never as a plain Llama: plain transformers (a fresh process, where sieve_pl registered
+    # nothing) refuses it without trust_remote_code
+    plain = subprocess.run([sys.executable, "-c", "import sys; from transformers import "
+                            "AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])",
+                            str(tmp_path / "model")], capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert plain.returncode != 0 and "trust_remote_code" in plain.stderr
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
     assert type(reloaded).__name__ == "SieveLlamaForCausalLM"
     assert reloaded.config.sieve["ranks"] == layout["ranks"]

@@ -121,9 +121,8 @@ def test_merged_export_reloads_with_the_peft_models_logits(pruned, tmp_path, tok
         expected = last_logits(module.net.eval(), batch)
     weights = module.merged_weights()
     module.net.unload()  # adapters removed, weights untouched
-    ranks = {n: m.rank for n, m in lm.net.named_modules() if hasattr(m, "rank")}
     with with_weights(lm.net, weights):
-        save_pruned(lm.net, tokenizer, ranks, tmp_path / "model")
+        save_pruned(lm.net, tokenizer, tmp_path / "model")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
     assert not any("lora" in k for k in reloaded.state_dict())
     # W x + s·B(A x) against (W + s·BA) x: equal up to float32 rounding

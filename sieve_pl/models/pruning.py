@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -52,8 +53,7 @@ def layer_and_kind(name: str) -> tuple[int, str]:
     return (int(match.group(1)), match.group(2)) if match else (0, name)
 
 
-@dataclass
-class Factors:
+class Factors(NamedTuple):
     """Bases of one matrix: ``a`` (K × in) and ``b`` (out × K); rank R is ``b[:, :R] @ a[:R]``."""
 
     a: torch.Tensor
