@@ -14,16 +14,22 @@ from sieve_pl.stages.project import ProjectionConfig, project
 from sieve_pl.tasks.base import last_logits
 
 
-@pytest.fixture
-def pruned_setup(tiny_llama, tiny_data, trainer):
+def _pruner(tiny_llama, data, trainer, neurons: bool):
+    """A tiny Llama, calibrated, with every matrix factored (or its MLPs as neuron units)."""
     lm = SieveLM(tiny_llama)
     lm.load()
     groups = lm.adapter.input_groups(lm.net)
-    stats = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
+    stats = calibrate(trainer, lm.net, groups, data.calibration_dataloader(),
                       CalibrationConfig())
-    bases = project(lm.net, groups, stats, ProjectionConfig())
-    batch = next(iter(tiny_data.val_dataloader()))
-    return lm, Pruner(lm.net, bases), batch
+    bases = project(lm.net, groups, stats, ProjectionConfig(),
+                    mlps=lm.adapter.mlps(lm.net) if neurons else None)
+    return lm, Pruner(lm.net, bases), stats
+
+
+@pytest.fixture
+def pruned_setup(tiny_llama, tiny_data, trainer):
+    lm, pruner, _ = _pruner(tiny_llama, tiny_data, trainer, neurons=False)
+    return lm, pruner, next(iter(tiny_data.val_dataloader()))
 
 
 def _params(model):
@@ -89,15 +95,8 @@ def test_export_reloads_with_identical_logits_and_never_loads_as_the_base_model(
 
 @pytest.fixture
 def neuron_setup(tiny_llama, tiny_data, trainer):
-    """A tiny Llama with its MLPs as neuron units; the statistics of down's input."""
-    lm = SieveLM(tiny_llama)
-    lm.load()
-    groups = lm.adapter.input_groups(lm.net)
-    stats = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
-                      CalibrationConfig())
-    mlps = lm.adapter.mlps(lm.net)
-    bases = project(lm.net, groups, stats, ProjectionConfig(), mlps=mlps)
-    return lm, Pruner(lm.net, bases), stats, tiny_data
+    """A tiny Llama with its MLPs as neuron units."""
+    return (*_pruner(tiny_llama, tiny_data, trainer, neurons=True), tiny_data)
 
 
 def _mlp_io(net, mlp: str, loader):
