@@ -44,11 +44,12 @@ class Sieve{model}({model}):
 
 
 def _base_classes(base_type: str):
-    from transformers import AutoModelForCausalLM
+    """The base architecture's config and causal-LM classes."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config_cls = CONFIG_MAPPING[base_type]
-    return config_cls, AutoModelForCausalLM._model_mapping[config_cls]
+    return config_cls, MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
 
 
 def register(model_type: str) -> None:
