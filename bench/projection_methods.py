@@ -5,10 +5,12 @@ for every row. Usage:
 
     python bench/projection_methods.py --config configs/demo.yaml [--levels 0.9,0.75,0.5] \
         [--methods output_aligned,weight_svd,input_pca,learned] [--mlp factored,neurons] \
-        [--neuron_order greedy,magnitude] [--units all|mlp]
+        [--neuron_order greedy,magnitude] [--attention factored,heads] [--units all|mlp|vo]
 
 ``--mlp neurons`` prunes each MLP as one unit (neurons kept, down refitted) and the attention
-matrices factored by the method; ``--units mlp`` cuts the MLPs only (attention stays dense).
+matrices factored by the method; ``--attention heads`` prunes each layer's v and o as one unit
+(value dimensions kept per kv head, o refitted). ``--units mlp`` cuts the MLPs only, ``vo`` v and
+o only (everything else stays dense).
 
 Rows of methods not measured in this call are kept from an earlier output file, so the slow
 ``learned`` projection (a gradient-descent fit, the run's ``projection.learned`` settings) can be
@@ -38,7 +40,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--mlp", default="factored")
     parser.add_argument("--neuron_order", default="greedy")
-    parser.add_argument("--units", choices=["all", "mlp"], default="all")
+    parser.add_argument("--attention", default="factored")
+    parser.add_argument("--units", choices=["all", "mlp", "vo"], default="all")
     parser.add_argument("--out", default="bench/results/projection_methods.json")
     args, cli_args = parser.parse_known_args()
     levels = [float(x) for x in args.levels.split(",")]
@@ -52,15 +55,17 @@ def main() -> None:
         return {"validation": evaluate(trainer, lm, data.val_dataloader()),
                 "test": evaluate(trainer, lm, data.test_dataloader())}
 
-    variants = [(method, mlp, order if mlp == "neurons" else None)
+    variants = [(method, mlp, order if mlp == "neurons" else None, attention)
                 for method in args.methods.split(",") for mlp in args.mlp.split(",")
-                for order in args.neuron_order.split(",")]
+                for order in args.neuron_order.split(",")
+                for attention in args.attention.split(",")]
     variants = list(dict.fromkeys(variants))
 
     def variant(r: dict) -> tuple:
-        return (r["method"], r.get("mlp", "factored"), r.get("neuron_order"), r.get("units", "all"))
+        return (r["method"], r.get("mlp", "factored"), r.get("neuron_order"),
+                r.get("attention", "factored"), r.get("units", "all"))
 
-    measured = {(m, mlp, order, args.units) for m, mlp, order in variants}
+    measured = {(m, mlp, order, attention, args.units) for m, mlp, order, attention in variants}
     out = Path(args.out)
     earlier = json.loads(out.read_text())["rows"] if out.exists() else []
     rows = [r for r in earlier if variant(r) not in measured and r["method"] != "dense"]
@@ -70,33 +75,37 @@ def main() -> None:
     def save() -> None:  # after every row: a stopped sweep keeps what it measured
         write_result(args.out, {"rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained})
 
-    for method, mlp, order in variants:
+    cut = {"all": lambda n: True, "mlp": lambda n: ".mlp" in n,
+           "vo": lambda n: n.endswith(("self_attn", "v_proj", "o_proj"))}[args.units]
+    for method, mlp, order, attention in variants:
         config = dataclasses.replace(pipeline.projection, method=method, mlp=mlp,
-                                     neuron_order=order or "greedy")
+                                     neuron_order=order or "greedy", attention=attention)
         start = time.perf_counter()
         pruner = Pruner(lm.net, project(lm.net, groups, stats, config, pipeline.make_trainer,
                                         data.calibration_dataloader(),
-                                        out.parent / ".learned.work", lm.adapter.mlps(lm.net)),
+                                        out.parent / ".learned.work", lm.adapter.mlps(lm.net),
+                                        lm.adapter.attentions(lm.net)),
                         pipeline.search.rank_multiple)
         seconds = round(time.perf_counter() - start, 1)
         for keep in levels:
-            if args.units == "mlp":  # the MLPs' inner dimension (or their three matrices) only
-                keep = {n: keep if ".mlp" in n else 1.0 for n in pruner.names}
+            if args.units != "all":  # only the named units
+                keep = {n: keep if cut(n) else 1.0 for n in pruner.names}
             pruner.apply(keep)
             kept, total = pruner.params(keep)
             level = keep if args.units == "all" else next(v for v in keep.values() if v < 1)
             rows.append({"method": method, "mlp": mlp, "neuron_order": order,
-                         "units": args.units, "keep": level, "kept": kept / total,
+                         "attention": attention, "units": args.units, "keep": level, "kept": kept / total,
                          "projection_seconds": seconds, **accuracies()})
             print(rows[-1], file=sys.stderr, flush=True)
             save()
         pruner.apply(1.0)
 
-    print("| method | MLP as | units cut | keep | decoder weights kept | validation acc | test acc |"
-          "\n|---|---|---|---|---|---|---|")
+    print("| method | MLP as | v/o as | units cut | keep | decoder weights kept | validation acc "
+          "| test acc |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         mlp = r.get("mlp", "factored") + (f" ({r['neuron_order']})" if r.get("neuron_order") else "")
-        print(f"| {r['method']} | {mlp} | {r.get('units', 'all')} | {r['keep']} "
+        print(f"| {r['method']} | {mlp} | {r.get('attention', 'factored')} "
+              f"| {r.get('units', 'all')} | {r['keep']} "
               f"| {100 * r['kept']:.1f}% | {100 * r['validation']:.1f}% | {100 * r['test']:.1f}% |")
     save()
 

@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from .errors import SieveError
 from .io import say, write_json
 from .models.module import SieveLM, evaluate, measure
-from .pipeline import Pipeline, QuantizeConfig, RunConfig, TransferConfig
+from .pipeline import ExportConfig, Pipeline, QuantizeConfig, RunConfig, TransferConfig
 from .stages.calibrate import CalibrationConfig
 from .stages.distill import DistillConfig
 from .stages.project import ProjectionConfig
@@ -27,7 +27,7 @@ from .tasks.datamodule import TaskDataModule
 STAGE_CONFIGS = {"run": RunConfig, "calibration": CalibrationConfig,
                  "projection": ProjectionConfig, "search": SearchConfig, "refit": RefitConfig,
                  "distill": DistillConfig, "recover": RecoverConfig, "quantize": QuantizeConfig,
-                 "transfer": TransferConfig}
+                 "transfer": TransferConfig, "export": ExportConfig}
 
 
 class SieveCLI(LightningCLI):
@@ -60,15 +60,20 @@ class SieveCLI(LightningCLI):
                         make_trainer=self.instantiate_trainer)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        if self.config[subcommand].get("ckpt_path"):
+            raise SieveError("--ckpt_path is not used: sieve-pl resumes from its run folder "
+                             "(run.root/run.name); rerun the same command to resume")
         pipeline = self.pipeline(subcommand)
         if subcommand == "fit":
             pipeline.prepare()
             pipeline.check_run_dir()
-            if self.trainer.is_global_zero:  # the run's own config, reusable with --config
-                pipeline.run.path.mkdir(parents=True, exist_ok=True)
-                self._parser("fit").save(self.config["fit"], pipeline.run.path / "config.yaml",
-                                         overwrite=True, skip_check=True)
-            pipeline.fit()
+
+            def save_config() -> None:  # the run's own config, reusable with --config
+                if self.trainer.is_global_zero:
+                    self._parser("fit").save(self.config["fit"], pipeline.run.path / "config.yaml",
+                                             overwrite=True, skip_check=True)
+
+            pipeline.fit(save_config)
             return
         cfg = self.config_init[subcommand]
         pipeline.prepare(fitting=False)

@@ -34,8 +34,14 @@ def package_file(package: str, filename: str) -> Path:
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never a partial one."""
     path = Path(path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (see :func:`write_json`)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -47,6 +53,45 @@ def fingerprint(*parts) -> str:
     """A short stable hash of JSON-able parts (a config section, upstream fingerprints)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> dict:
+    """Size and sha256 of a file: what a stage wrote, or what a run read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+MODEL_FILES = ("*.safetensors", "*.bin", "*.json", "*.gguf", "*.model", "*.txt")
+_digests: dict[tuple, dict] = {}
+
+
+def content_id(path, patterns: tuple[str, ...] = MODEL_FILES) -> dict:
+    """What a local input holds, for fingerprints: an edited file under the same name is new
+    input. A file: its size and sha256; a folder: those of each file matching ``patterns`` (not
+    recursive). ``{}`` for a name that is not a local path (a hub id, a built-in name).
+
+    Hashes are cached for the process by (path, size, mtime_ns): a 16 GB model is read once.
+    """
+    if not str(path):
+        return {}  # (Path("") is the working directory)
+    path = Path(path)
+
+    def digest(file: Path) -> dict:
+        stat = file.stat()
+        key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _digests:
+            _digests[key] = file_digest(file)
+        return dict(_digests[key])
+
+    if path.is_file():
+        return digest(path)
+    if path.is_dir():
+        files = {f for pattern in patterns for f in path.glob(pattern) if f.is_file()}
+        return {f.name: digest(f) for f in sorted(files)}
+    return {}
 
 
 class PeakMemory:

@@ -1,32 +1,30 @@
-"""Stage order, run directory, skip-if-done.
+"""Stage order: calibrate → project → search → refit → distill → recover → export → evaluate.
 
-``checkpoints/<run>/<stage>/`` holds each stage's artifacts and ``stage.json`` with the stage's
-fingerprint: a hash of its own config section and of the upstream stage's fingerprint. A stage
-is written to a temporary folder and renamed when complete, so a finished-looking folder is always
-whole. Rerunning skips stages whose fingerprint matches; a changed config re-runs that stage and
-everything after it (their fingerprints chain).
+Each stage goes through ``RunDir.stage`` (``rundir.py``): skipped when done earlier with the
+same fingerprint, recomputed when its config, an upstream stage or its artifacts changed.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import SieveError
-from .report import format_summary, save_search
-from .io import SafetensorsFolder, crash_point, fingerprint, read_json, say, write_json
-from .models.hf import save_pruned
+from .report import format_summary, model_card, save_search
+from .rundir import RunConfig, RunDir  # noqa: F401  (RunConfig: imported from here by the CLI)
+from .io import SafetensorsFolder, content_id, read_json, say, write_json, write_text
+from .models.hf import push_to_hub, save_pruned
+from .models.loading import BUILTIN_HUB_IDS, BUILTIN_MODELS
 from .models.module import SieveLM, evaluate
 from .models.pruning import Pruner, flatten_bases, unflatten_bases
 from .stages.calibrate import CalibrationConfig, calibrate
@@ -36,84 +34,6 @@ from .stages.recover import RecoverConfig, lora_targets, recover, with_weights
 from .stages.refit import RefitConfig, refit
 from .stages.search import Fitness, SearchConfig, search
 from .tasks.datamodule import TaskDataModule
-
-
-@dataclass
-class RunConfig:
-    """Where the run lives.
-
-    Args:
-        name: run folder name under root.
-        root: parent of run folders (a shared filesystem for multi-node runs).
-        overwrite: let this run replace a run folder that holds another run (another model or
-            calibration data); without it such a folder is refused, so nothing is lost by a
-            reused name.
-    """
-
-    name: str = "demo"
-    root: str = "checkpoints"
-    overwrite: bool = False
-
-    @property
-    def path(self) -> Path:
-        return Path(self.root) / self.name
-
-
-class RunDir:
-    """One folder per stage, fingerprinted, written atomically by rank 0 and read by every rank."""
-
-    def __init__(self, path: Path, trainer: L.Trainer):
-        self.path, self.trainer = Path(path), trainer
-        self.upstream = ""
-        self.timings: dict[str, float] = {}
-
-    def stage(self, name: str, config: dict, compute: Callable[[Path], object],
-              save: Callable[[object, Path], None], load: Callable[[Path], object]):
-        """Load the stage's artifacts if its fingerprint matches, else compute and save them.
-
-        ``compute`` gets a work folder that survives a kill (for a stage's own checkpoints); it is
-        emptied when the fingerprint changes and removed once the stage is complete.
-        """
-        fp = fingerprint(name, config, self.upstream)
-        self.upstream = fp
-        final = self.path / name
-        marker = final / "stage.json"
-        if marker.exists() and read_json(marker)["fingerprint"] == fp:
-            rank_zero_info(f"[sieve-pl] {name}: done earlier, loading {final}")
-            self.timings[name] = read_json(marker)["seconds"]
-            return load(final)
-        work = self.path / f".{name}.work"
-        if self.trainer.is_global_zero:
-            if (work / "fingerprint").exists() and (work / "fingerprint").read_text() != fp:
-                shutil.rmtree(work)
-            work.mkdir(parents=True, exist_ok=True)
-            (work / "fingerprint").write_text(fp)
-        self.trainer.strategy.barrier()
-        start = time.perf_counter()
-        result = compute(work)
-        crash_point(f"{name}:computed")
-        if self.trainer.is_global_zero:
-            tmp = final.with_name(f".{name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                tmp.mkdir(parents=True)
-                save(result, tmp)
-                crash_point(f"{name}:saved")  # artifacts written, not yet marked complete
-                seconds = round(time.perf_counter() - start, 2)
-                write_json(tmp / "stage.json", {"fingerprint": fp, "config": config,
-                                                "seconds": seconds})
-            except OSError as err:  # disk full, quota, permissions: keep nothing half-written
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise SieveError(f"writing the {name} stage to {self.path} failed ({err}); "
-                                 f"nothing partial was kept: free space and rerun to resume "
-                                 f"from this stage") from None
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            shutil.rmtree(work, ignore_errors=True)
-        self.trainer.strategy.barrier()
-        self.timings[name] = round(time.perf_counter() - start, 2)
-        rank_zero_info(f"[sieve-pl] {name}: {self.timings[name]:.1f}s -> {final}")
-        return load(final)  # every rank reads what rank 0 wrote
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -155,6 +75,14 @@ def _load_recover(folder: Path) -> dict:
             "weights": load_file(str(folder / "weights.safetensors"))}
 
 
+def _without_files(identity: dict) -> dict:
+    """A run identity without content ids (``source_files``): names and settings only."""
+    data = identity.get("data")
+    if isinstance(data, dict):
+        return {**identity, "data": {k: v for k, v in data.items() if k != "source_files"}}
+    return identity
+
+
 @dataclass
 class QuantizeConfig:
     """Quantized forms of the exported model (bitsandbytes, applied when it is loaded).
@@ -184,6 +112,30 @@ class TransferConfig:
     examples: int = 500
 
 
+@dataclass
+class ExportConfig:
+    """Where the pruned model goes besides ``<run>/export/model``.
+
+    Args:
+        push_to_hub: a Hugging Face repo id (``user/name``): when the run ends, the export
+            (weights, tokenizer, model card, loading code) is uploaded there; needs a token
+            (``huggingface-cli login`` or HF_TOKEN). None: nothing leaves this machine.
+        private: create that repository private.
+    """
+
+    push_to_hub: str | None = None
+    private: bool = True
+
+    def check(self) -> None:
+        repo = self.push_to_hub
+        if repo is None:
+            return
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+            raise SieveError(f"export.push_to_hub must be a repo id like user/name, got {repo!r}")
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+            raise SieveError("export.push_to_hub needs the network, but HF_HUB_OFFLINE is set")
+
+
 def _save_refit(result: dict, folder: Path) -> None:
     write_json(folder / "refit.json", {k: v for k, v in result.items() if k != "factors"})
     _save_factors(result["factors"], folder)
@@ -203,17 +155,20 @@ class Pipeline:
                  calibration: CalibrationConfig, projection: ProjectionConfig,
                  search: SearchConfig, refit: RefitConfig, recover: RecoverConfig,
                  quantize: QuantizeConfig, transfer: TransferConfig | None = None,
-                 distill: DistillConfig | None = None,
+                 distill: DistillConfig | None = None, export: ExportConfig | None = None,
                  make_trainer: Callable[..., L.Trainer] | None = None):
         self.trainer, self.lm, self.data, self.run = trainer, lm, data, run
         self.calibration, self.projection, self.search = calibration, projection, search
         self.refit, self.recover, self.quantize = refit, recover, quantize
         self.transfer = transfer or TransferConfig()
         self.distill = distill or DistillConfig()
+        self.export = export or ExportConfig()
         self.make_trainer = make_trainer
 
     def prepare(self, fitting: bool = True) -> None:
         """Every check that needs no weights: architecture, data columns, label words, options."""
+        self.run.check()
+        self.export.check()
         self.search.check()
         self.projection.check()
         self.recover.check(self.data.sizes.train)
@@ -230,29 +185,45 @@ class Pipeline:
         """Refuse a run folder whose calibration came from another model or other data.
 
         Every stage would be recomputed and the other run's artifacts replaced, which is what
-        ``run.overwrite`` is for; a changed search, recovery… setting just re-runs those stages.
+        ``run.overwrite`` is for; a changed search, recovery… setting just re-runs those stages,
+        and so does a changed content under the same model path or data file (content ids are
+        left out of this comparison: an edited file is this run's new input, not another run).
         """
         marker = self.run.path / "calibrate" / "stage.json"
         if self.run.overwrite or not marker.exists():
             return
-        if read_json(marker)["fingerprint"] != fingerprint("calibrate", self._calibrate_config(),
-                                                           ""):
+        try:
+            recorded = read_json(marker)["config"]
+            recorded = {"model": recorded.get("model"), "data": recorded.get("data")}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return  # an unreadable record: the calibrate stage is recomputed
+        if _without_files(recorded) != _without_files(self._run_identity()):
             raise SieveError(f"{self.run.path} holds another run (different model or calibration "
                              f"data); choose another run.name or pass --run.overwrite true")
 
+    def _run_identity(self) -> dict:
+        """The model and calibration data as configured (names and paths, not contents)."""
+        return {"model": {"pretrained": self.lm.pretrained, "dtype": self.lm.dtype_name},
+                "data": self.data.fingerprint_config("calibration")}
+
     def _calibrate_config(self) -> dict:
         """What the statistics depend on (passes and where the sums live change nothing;
-        float32 and float64 products agree to ~1e-6, so either set of statistics serves)."""
+        float32 and float64 products agree to ~1e-6, so either set of statistics serves).
+
+        A local model's files are in it by content: a model re-saved under the same path is
+        another input and recalibrates."""
         config = asdict(self.calibration)
         for setting in ("layers_per_pass", "device", "product_dtype"):
             config.pop(setting)
-        return {"model": {"pretrained": self.lm.pretrained, "dtype": self.lm.dtype_name},
-                "data": self.data.fingerprint_config("calibration"), **config}
+        files = {} if self.lm.pretrained in BUILTIN_MODELS else content_id(self.lm.pretrained)
+        return {**self._run_identity(), **({"model_files": files} if files else {}), **config}
 
     def load(self) -> RunDir:
         """Checks, then weights; returns the run directory."""
         self.prepare()
         self.lm.load()
+        if self.projection.attention == "heads":
+            self.lm.adapter.attentions(self.lm.net)  # whole heads, or a one-line error now
         self.lm.set_task(self.data.task)
         return RunDir(self.run.path, self.trainer)
 
@@ -278,15 +249,18 @@ class Pipeline:
         """Bases of every target matrix; under DDP each rank decomposes every world-th group."""
         trainer = self.trainer
         mlps = self.lm.adapter.mlps(self.lm.net)
+        attentions = (self.lm.adapter.attentions(self.lm.net)
+                      if self.projection.attention == "heads" else {})
 
         def compute(work: Path) -> dict:
             if self.projection.method == "learned":  # one data-parallel fit of every matrix
                 return project(self.lm.net, groups, stats, self.projection, self.make_trainer,
-                               self.data.calibration_dataloader(), work, mlps)
+                               self.data.calibration_dataloader(), work, mlps, attentions)
             world, rank = trainer.world_size, trainer.global_rank
             mine = {key: names for i, (key, names) in enumerate(groups.items())
                     if i % world == rank}
-            bases = project(self.lm.net, mine, stats, self.projection, mlps=mlps)
+            bases = project(self.lm.net, mine, stats, self.projection, mlps=mlps,
+                            attentions=attentions)
             if world == 1:
                 return bases
             _save_bases(bases, work, f"bases-{rank}.safetensors")
@@ -298,8 +272,9 @@ class Pipeline:
         if self.projection.method != "learned":  # its settings change nothing then
             config.pop("learned")
         if self.projection.mlp != "neurons":
-            for setting in ("ridge", "neuron_order"):
-                config.pop(setting)
+            config.pop("neuron_order")
+            if self.projection.attention != "heads" or not attentions:
+                config.pop("ridge")
         return run.stage("project", config, compute, _save_bases, _load_bases)
 
     def _recover(self, work: Path) -> dict:
@@ -335,7 +310,17 @@ class Pipeline:
                 rows[row].update({k: rows[like][k] for k in
                                   ("latency_ms_per_example", "peak_memory_mb", "weights_mb", "disk_mb")})
 
-    def fit(self) -> dict:
+    def fit(self, on_start: Callable[[], None] | None = None) -> dict:
+        """Every stage, holding ``<run>/.lock`` throughout: two runs writing one folder would
+        corrupt each other's stages. ``on_start`` runs first under the lock (the CLI writes
+        the run's config.yaml there)."""
+        self.run.check()  # before the lock creates the folder
+        with RunDir(self.run.path, self.trainer).lock():
+            if on_start is not None:
+                on_start()
+            return self._fit()
+
+    def _fit(self) -> dict:
         run = self.load()
         lm, data = self.lm, self.data
         groups = lm.adapter.input_groups(lm.net)
@@ -412,7 +397,7 @@ class Pipeline:
                 and recovered["best_val_acc"] >= pruned_accuracy - 1e-6)
         final = "pruned+lora" if lora else "pruned"
         with with_weights(lm.net, recovered["weights"] if lora else {}):
-            run.stage("export", {}, lambda work: None,
+            layout = run.stage("export", {}, lambda work: None,
                       lambda _, d: save_pruned(lm.net, data.tokenizer, d / "model"),
                       lambda d: read_json(d / "model" / "config.json")["sieve"])
 
@@ -453,7 +438,7 @@ class Pipeline:
             if self.quantize.measure or self.quantize.formats:
                 self._measure(rows, final, work)
             return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
-                    "target_params": total, "rows": rows, "final": final, "transfer": transfer,
+                    "relative": self.search.relative, "target_params": total, "rows": rows, "final": final, "transfer": transfer,
                     "pruned_units": len(sizes), "units": len(pruner.names),
                     "bottlenecks": found.get("bottlenecks", []), "cost": found.get("cost"),
                     "refit": {k: v for k, v in refitted.items() if k != "factors"},
@@ -470,5 +455,13 @@ class Pipeline:
         report["stage_seconds"] = dict(run.timings)
         if self.trainer.is_global_zero:
             write_json(self.run.path / "summary.json", report)
+            card = model_card(report, BUILTIN_HUB_IDS.get(lm.pretrained, lm.pretrained),
+                              type(data.task).__name__, str(data.source),
+                              getattr(data.task, "prompt", None), layout)
+            write_text(self.run.path / "export" / "model" / "README.md", card)
+            if self.export.push_to_hub:
+                url = push_to_hub(self.run.path / "export" / "model", self.export.push_to_hub,
+                                  self.export.private)
+                say(f"pushed {self.run.path / 'export' / 'model'} to {url}")
         say(format_summary(report))
         return report

@@ -73,6 +73,57 @@ def format_summary(r: dict) -> str:
     return "\n".join(lines)
 
 
+def model_card(r: dict, base_model: str, task: str, source: str, prompt: str | None,
+               layout: dict) -> str:
+    """The export's README.md: Hugging Face card metadata, how it was cut, what it scores, how
+    to load and evaluate it (users of every pruning tool ask those three things first)."""
+    total = r["target_params"]
+    base, final = r["rows"]["base"], r["rows"].get(r.get("final", "pruned"), {})
+    lines = ["---", f"base_model: {base_model}", "library_name: transformers",
+             "pipeline_tag: text-generation", "tags:", "- sieve-pl", "- pruned",
+             "- task-specific", "---", "",
+             f"# {base_model}, pruned for {source} by sieve-pl", "",
+             f"Task-specific pruning (LLM-Sieve) of `{base_model}` for `{task}` on `{source}`"
+             f" with a {r['strategy']} search at epsilon {r['epsilon']} "
+             f"({'relative' if r.get('relative', True) else 'absolute'} accuracy loss allowed)."]
+    if final:
+        lines += ["", f"**{final}**: {_pct(final['target_params_kept'] / total)} of the decoder "
+                      f"Linear weights kept, {final['params'] / 1e6:.1f}M of "
+                      f"{base['params'] / 1e6:.1f}M parameters; test accuracy "
+                      f"{_pct(final['test'])} vs {_pct(base['test'])} for the base model."]
+    if prompt:
+        lines += ["", "Prompt template (the model was calibrated and selected on it):", "",
+                  "```text", prompt, "```"]
+    lines += ["", "| model | validation | test | parameters | decoder Linear weights kept |",
+              "|---|---|---|---|---|"]
+    for name, row in r["rows"].items():
+        lines.append(f"| {name} | {_pct(row['validation'])} | {_pct(row['test'])} "
+                     f"| {row['params'] / 1e6:.2f}M | {_pct(row['target_params_kept'] / total)} |")
+    lines += ["", "Validation selected the cut; test is held out. Accuracy can drop more on "
+              "other data than on this task's test split:"]
+    for other, scores in (r.get("transfer") or {}).items():
+        lines.append(f"- {other} ({scores['examples']} examples): " + ", ".join(
+            f"{row} {_pct(v)}" for row, v in scores.items() if row != "examples"))
+    if not r.get("transfer"):
+        lines.append("- no cross-dataset check was run (`transfer.sources`).")
+    units = {k: len(v) for k, v in layout.items() if isinstance(v, dict) and v}
+    lines += ["", "Layout (`config.json`, key `sieve`): " + ", ".join(
+        f"{n} {k}" for k, n in units.items()) + ": factored Linears hold two smaller ones "
+        "(`ranks`), resized ones are smaller Linears (`shapes`), narrowed attention keeps fewer "
+        "value dimensions per head (`heads`).", "",
+        "## Load", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        "path = \"<this folder or repo>\"",
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        "# the pruned layout lives in this folder's modeling_sieve.py: without",
+        "# trust_remote_code the load raises instead of building the unpruned architecture",
+        "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
+        "```", "", "## Evaluate", "", "```bash",
+        "lm_eval --model hf --model_args pretrained=<this folder>,trust_remote_code=True "
+        "--tasks <task>", "```", ""]
+    return "\n".join(lines)
+
+
 def save_search(result: dict, folder: Path) -> None:
     """search.json, levels.json, logbook.csv and PNG plots of the search."""
     folder = Path(folder)

@@ -71,7 +71,8 @@ def family(request, tmp_path_factory, tokenizer, data):
                         enable_model_summary=False, enable_checkpointing=False)
     stats = calibrate(trainer, net, groups, data.calibration_dataloader(), CalibrationConfig())
     bases = {m: project(net, groups, stats, ProjectionConfig(method=m)) for m in METHODS}
-    bases["neurons"] = project(net, groups, stats, ProjectionConfig(), mlps=adapter.mlps(net))
+    bases["neurons"] = project(net, groups, stats, ProjectionConfig(), mlps=adapter.mlps(net),
+                               attentions=adapter.attentions(net))
     return net, adapter, groups, stats, bases
 
 
@@ -156,12 +157,14 @@ class TestAdapter:
 
         net, adapter, _, _, bases = family
         pruner = Pruner(net, bases["neurons"])
-        mlps = adapter.mlps(net)
-        assert set(mlps) <= set(pruner.names) and len(pruner.names) == len(pruner.dense) + 2
+        mlps, attns = adapter.mlps(net), adapter.attentions(net)
+        assert (len(attns) == 2) == (adapter.name in ("llama", "gemma3"))  # v fused: factored
+        assert set(mlps) | set(attns) <= set(pruner.names)
+        assert len(pruner.names) == len(pruner.dense) + 2 + len(attns)
         dense = last_logits(net, batch)
-        sizes = pruner.apply({n: (0.5 if i % 2 or n in mlps else 1.0)
+        sizes = pruner.apply({n: (0.5 if i % 2 or n in mlps or n in attns else 1.0)
                               for i, n in enumerate(pruner.names)})
-        ranks = {n: r for n, r in sizes.items() if n not in mlps}
+        ranks = {n: r for n, r in sizes.items() if n not in mlps and n not in attns}
         try:
             assert ranks and all(isinstance(net.get_submodule(n), FactoredLinear) for n in ranks)
             expected = last_logits(net, batch)
@@ -178,6 +181,7 @@ class TestAdapter:
 
             layout = save_pruned(net, tokenizer, tmp_path / "model")
             assert layout["ranks"] == ranks and len(layout["shapes"]) == 2 * (len(inputs) + 1)
+            assert len(layout["heads"]) == 2 * len(attns)  # v and o of each narrowed layer
             reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model",
                                                             trust_remote_code=True).eval()
             assert type(reloaded).__name__ == f"Sieve{type(net).__name__}"

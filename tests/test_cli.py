@@ -55,6 +55,10 @@ def bert_config_only(tmp_path):
     (["--data.sizes.test", "100000"], "but 'rotten_tomatoes' has 12808"),
     (["--model.pretrained", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
     (["--data.source", "missing.csv"], "data file 'missing.csv' does not exist"),
+    (["--export.push_to_hub", "no repo"], "export.push_to_hub must be a repo id like user/name"),
+    (["--export.push_to_hub", "me/model"], "needs the network, but HF_HUB_OFFLINE is set"),
+    (["--run.name", "../elsewhere"], "run.name"),
+    (["--ckpt_path", "/nonexistent.ckpt"], "--ckpt_path is not used"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, capsys, extra, message):
     code = run_cli("fit", "--config", str(CONFIGS[0]), "--run.root", str(tmp_path), *extra)
@@ -146,6 +150,10 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
     assert summary["final"] == ("pruned+lora" if lora_helped else "pruned")
     assert summary["recover"]["used"] == lora_helped and "dense+lora" in rows
     final = summary["final"]
+    card = (run / "export" / "model" / "README.md").read_text()  # the model card
+    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    assert f"| {final} | {100 * rows[final]['validation']:.1f}% | {100 * rows[final]['test']:.1f}%" in card
+    assert "trust_remote_code=True" in card and "drug_reviews (16 examples)" in card
     for form in (final, f"{final}+int8", f"{final}+nf4", "base"):
         assert {"disk_mb", "peak_memory_mb", "weights_mb", "latency_ms_per_example", "test"} <= rows[form].keys()
     assert rows[f"{final}+int8"]["disk_mb"] < rows[final]["disk_mb"] < rows["base"]["disk_mb"]

@@ -28,6 +28,9 @@ class Adapter:
     # the MLP's inner dimension: (Linears whose rows are its neurons, the Linear whose columns
     # are, how many times each neuron appears in each of the first: 2 for a fused gate_up)
     mlp: tuple[tuple[str, ...], str, int] | None = None
+    # the attention's value dimension: (v Linear, o Linear), separate Linears whose rows / columns
+    # are head-major; None where v is fused with q/k (Phi-3, GPT-2): v and o are then factored
+    heads: tuple[str, str] | None = None
 
     def input_groups(self, model: nn.Module) -> dict[str, list[str]]:
         """``{input key: [full Linear names]}`` for every layer, in forward order."""
@@ -44,6 +47,25 @@ class Adapter:
         return {f"{self.layers}.{i}.{output.rpartition('.')[0]}": (
                     tuple(f"{self.layers}.{i}.{n}" for n in inputs), f"{self.layers}.{i}.{output}",
                     blocks) for i in range(layers)}
+
+    def attentions(self, model: nn.Module) -> dict[str, tuple[str, str, int, int, int]]:
+        """``{attention name: (v Linear, o Linear, heads, kv heads, head_dim)}`` per layer."""
+        if self.heads is None:
+            return {}
+        v, o = self.heads
+        out = {}
+        for i in range(len(model.get_submodule(self.layers))):
+            name = f"{self.layers}.{i}.{v.rpartition('.')[0]}"
+            head_dim = getattr(model.get_submodule(name), "head_dim", None)
+            v_out = model.get_submodule(f"{self.layers}.{i}.{v}").weight.shape[0]
+            o_in = model.get_submodule(f"{self.layers}.{i}.{o}").weight.shape[1]
+            if (not head_dim or v_out % head_dim or o_in % head_dim
+                    or (o_in // head_dim) % (v_out // head_dim)):
+                raise SieveError(f"{name}: v ({v_out}) and o ({o_in}) are not whole heads of "
+                                 f"{head_dim}; use --projection.attention factored")
+            out[name] = (f"{self.layers}.{i}.{v}", f"{self.layers}.{i}.{o}", o_in // head_dim,
+                         v_out // head_dim, head_dim)
+        return out
 
     def targets(self, model: nn.Module) -> list[str]:
         return [name for names in self.input_groups(model).values() for name in names]
@@ -71,12 +93,14 @@ GPT2 = {
 }
 
 GATED_MLP = (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", 1)
+VO = ("self_attn.v_proj", "self_attn.o_proj")
 
 ADAPTERS = [
     Adapter("llama", ("llama", "mistral", "qwen2", "gemma3_text"), "model.layers", LLAMA_LIKE,
-            GATED_MLP),
+            GATED_MLP, VO),
     # Gemma 3 with a vision tower (Gemma3ForConditionalGeneration): only its language model
-    Adapter("gemma3", ("gemma3",), "model.language_model.layers", LLAMA_LIKE, GATED_MLP),
+    Adapter("gemma3", ("gemma3",), "model.language_model.layers", LLAMA_LIKE, GATED_MLP,
+            VO),
     Adapter("phi3", ("phi3",), "model.layers", PHI3, (("mlp.gate_up_proj",), "mlp.down_proj", 2)),
     Adapter("gpt2", ("gpt2",), "transformer.h", GPT2, (("mlp.c_fc",), "mlp.c_proj", 1)),
 ]

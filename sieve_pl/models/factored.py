@@ -6,6 +6,7 @@ folder loads with ``trust_remote_code=True`` on a machine without sieve_pl.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,6 +34,37 @@ class FactoredLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class HeadPad(nn.Module):
+    """v_proj keeping ``kept`` of each kv head's ``head_dim`` value dimensions.
+
+    Its Linear produces ``heads × kept`` values; zeros fill each head back to ``head_dim`` so the
+    attention's own reshape (and any attention kernel) works unchanged. The paired
+    :class:`HeadSlice` o_proj never reads the zero dimensions.
+    """
+
+    def __init__(self, linear: nn.Module, heads: int, kept: int, head_dim: int):
+        super().__init__()
+        self.linear, self.heads, self.kept, self.head_dim = linear, heads, kept, head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x).unflatten(-1, (self.heads, self.kept))
+        return F.pad(y, (0, self.head_dim - self.kept)).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, kept={self.kept}, head_dim={self.head_dim}"
+
+
+class HeadSlice(HeadPad):
+    """o_proj reading the first ``kept`` of each attention head's ``head_dim`` dimensions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.unflatten(-1, (self.heads, self.head_dim))[..., :self.kept]
+                           .flatten(-2))
+
+
+HEAD_MODULES = {"pad": HeadPad, "slice": HeadSlice}
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -89,15 +121,20 @@ def resize(model: nn.Module, shapes: dict[str, list[int]]) -> None:
 
 def structure(model: nn.Module, reference: nn.Module) -> dict[str, dict]:
     """What differs from ``reference`` (the same architecture, unpruned, e.g. on the meta
-    device): ``ranks`` of factored Linears and ``shapes`` of resized ones. ``resize`` then
-    ``factorize`` rebuild ``model``'s layout from ``reference``'s."""
-    ranks, shapes = {}, {}
+    device): ``ranks`` of factored Linears, ``shapes`` of resized ones and ``heads`` of head-
+    narrowed v/o (``[pad|slice, heads, kept, head_dim]``). :func:`rebuild` turns ``reference``'s
+    layout into ``model``'s."""
+    ranks, shapes, heads = {}, {}, {}
     for name, module in model.named_modules():
         if isinstance(module, FactoredLinear):
             ranks[name] = module.rank
+        elif isinstance(module, HeadPad):
+            kind = next(k for k, cls in HEAD_MODULES.items() if type(module) is cls)
+            heads[name] = [kind, module.heads, module.kept, module.head_dim]
         elif isinstance(module, nn.Linear) or _transposed(module):
             parent = name.rpartition(".")[0]
-            if isinstance(model.get_submodule(parent) if parent else model, FactoredLinear):
+            if isinstance(model.get_submodule(parent) if parent else model,
+                          (FactoredLinear, HeadPad)):
                 continue
             try:
                 original = reference.get_submodule(name)
@@ -105,7 +142,28 @@ def structure(model: nn.Module, reference: nn.Module) -> dict[str, dict]:
                 continue
             if dense_shape(original) != dense_shape(module):
                 shapes[name] = list(dense_shape(module))
-    return {"ranks": ranks, "shapes": shapes}
+    return {"ranks": ranks, "shapes": shapes, "heads": heads}
+
+
+def narrow_heads(model: nn.Module, heads: dict[str, list]) -> None:
+    """Replace each named v (``pad``) / o (``slice``) Linear by an uninitialised head-narrowed
+    one."""
+    for name, (kind, count, kept, head_dim) in heads.items():
+        old = model.get_submodule(name)
+        out_features, in_features = dense_shape(old)
+        if kind == "pad":
+            out_features = count * kept
+        else:
+            in_features = count * kept
+        linear = new_linear(old, out_features, in_features, old.bias is not None)
+        set_submodule(model, name, HEAD_MODULES[kind](linear, count, kept, head_dim))
+
+
+def rebuild(model: nn.Module, layout: dict) -> None:
+    """Give an unpruned model the layout :func:`structure` recorded (uninitialised weights)."""
+    resize(model, layout.get("shapes") or {})
+    narrow_heads(model, layout.get("heads") or {})
+    factorize(model, layout.get("ranks") or {})
 
 
 def factorize(model: nn.Module, ranks: dict[str, int]) -> None:

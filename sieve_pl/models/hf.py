@@ -3,8 +3,8 @@ as itself.
 
 The folder holds safetensors weights, the tokenizer, two small Python files (``factored.py``,
 ``modeling_sieve.py``) and a config whose ``model_type`` is ``sieve_<base type>`` with the
-layout under ``sieve``: the rank of every factored matrix and the shape of every resized Linear
-(MLPs that kept fewer neurons). Plain transformers does not know that model type, so loading
+layout under ``sieve``: the rank of every factored matrix, the shape of every resized Linear
+(MLPs that kept fewer neurons) and the kept dimensions of every head-narrowed v/o pair. Plain transformers does not know that model type, so loading
 without ``trust_remote_code=True`` raises instead of silently building the base architecture
 with random weights where the pruned ones differ; with it, ``auto_map`` points at the folder's
 classes and no sieve_pl is needed. sieve_pl itself registers the same classes from its own code
@@ -12,6 +12,7 @@ classes and no sieve_pl is needed. sieve_pl itself registers the same classes fr
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ PREFIX = "sieve_"
 MODELING = '''"""A {model} with factored / resized Linears (written by sieve-pl)."""
 from transformers import {config}, {model}
 
-from .factored import factorize, resize
+from .factored import rebuild
 
 
 class Sieve{config}({config}):
@@ -37,9 +38,7 @@ class Sieve{model}({model}):
 
     def __init__(self, config):
         super().__init__(config)
-        layout = getattr(config, "sieve", None) or {{}}
-        resize(self, layout.get("shapes") or {{}})
-        factorize(self, layout.get("ranks") or {{}})
+        rebuild(self, getattr(config, "sieve", None) or {{}})
 '''
 
 
@@ -67,9 +66,7 @@ def register(model_type: str) -> None:
 
     def __init__(self, config):
         base_model.__init__(self, config)
-        layout = getattr(config, "sieve", None) or {}
-        factored.resize(self, layout.get("shapes") or {})
-        factored.factorize(self, layout.get("ranks") or {})
+        factored.rebuild(self, getattr(config, "sieve", None) or {})
 
     model_cls = type(f"Sieve{base_model.__name__}", (base_model,),
                      {"config_class": config_cls, "__init__": __init__})
@@ -91,7 +88,12 @@ def save_pruned(net, tokenizer, out: Path) -> dict:
     shape = layout(net)
     base_type = net.config.model_type.removeprefix(PREFIX)
     net.save_pretrained(out)
-    if tokenizer is not None:
+    if tokenizer is not None:  # without the padding / truncation this process's batches set
+        tokenizer = copy.deepcopy(tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            backend.no_padding()
+            backend.no_truncation()
         tokenizer.save_pretrained(out)
     config_cls, model_cls = _base_classes(base_type)
     config = json.loads((out / "config.json").read_text())
@@ -105,3 +107,14 @@ def save_pruned(net, tokenizer, out: Path) -> dict:
     (out / "modeling_sieve.py").write_text(MODELING.format(
         config=config_cls.__name__, model=model_cls.__name__, model_type=PREFIX + base_type))
     return shape
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = True) -> str:
+    """Upload an export folder (weights, tokenizer, code, model card) to a hub repository;
+    returns the commit URL. The token comes from ``huggingface-cli login`` or ``HF_TOKEN``."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                                 commit_message="sieve-pl export"))

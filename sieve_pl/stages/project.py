@@ -11,7 +11,9 @@ For ``W`` (H × D) with input second moment ``C``:
   does (a Lightning fit; see ``learned.py``).
 
 With ``mlp: neurons`` (default) each MLP is one unit instead of three matrices: its neurons are
-ordered once (:func:`neuron_basis`) and any prefix of that order is a level.
+ordered once (:func:`neuron_basis`) and any prefix of that order is a level. With ``attention:
+heads`` (default) each attention layer's v and o are one unit: the value dimension of every kv
+head is projected by a prefix of one stored basis (:func:`head_basis`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SieveError
 from ..models.factored import dense_weight
-from ..models.pruning import Factors, Neurons, max_rank
+from ..models.pruning import Factors, HeadDims, Neurons, max_rank
 from .learned import LearnedConfig, learn
 
 
@@ -41,8 +43,13 @@ class ProjectionConfig:
         mlp: how an MLP is pruned: neurons (one unit: keep a subset of its inner dimension,
             rows of gate/up and columns of down, and refit down's kept columns; the result is
             smaller dense Linears) or factored (gate, up and down each factored by ``method``).
-        ridge: damping of down's refit on kept neurons, relative to the mean diagonal of its
-            input's second moment: ``W C[:, S] (C[S, S] + ridge·mean(diag C)·I)⁻¹``.
+        attention: how v and o are pruned: heads (one unit per layer: each kv head keeps r of
+            its d value dimensions, v and o both shrink by r/d and o is refitted; needs separate
+            v/o Linears, else factored) or factored (v and o each factored by ``method``).
+            q and k are factored either way.
+        ridge: damping of the refits (down on kept neurons, o on kept value dimensions),
+            relative to the mean diagonal of the input's second moment:
+            ``W C[:, S] (C[S, S] + ridge·mean(diag C)·I)⁻¹``.
         neuron_order: greedy (each next neuron the one whose refit explains the most remaining
             output energy of down: a pivoted Cholesky) or magnitude (``‖W_down[:, j]‖²·C[j, j]``,
             the cheap baseline).
@@ -53,6 +60,7 @@ class ProjectionConfig:
     device: str = "auto"
     learned: LearnedConfig = field(default_factory=LearnedConfig)
     mlp: Literal["neurons", "factored"] = "neurons"
+    attention: Literal["heads", "factored"] = "heads"
     ridge: float = 1e-2
     neuron_order: Literal["greedy", "magnitude"] = "greedy"
 
@@ -129,24 +137,66 @@ def neuron_basis(w_down: torch.Tensor, c: torch.Tensor, ridge: float, how: str
     return order, w_down @ c[:, order] @ l_inv.T, l_inv
 
 
+def head_basis(w_o: torch.Tensor, c: torch.Tensor, heads: int, kv: int, ridge: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(e, c_heads, ridge_heads)`` of :class:`~sieve_pl.models.pruning.HeadDims` for one layer.
+
+    ``c`` is the second moment of o's input (heads·d square). For a kv head g read by query
+    heads h, keeping the span of ``P``'s rows and refitting o captures ``Σ_h tr(W_h C_h Pᵀ
+    (P C_h Pᵀ)⁻¹ P C_h W_hᵀ)`` of o's output energy; with one head that is maximised by the top
+    generalised eigenvectors of ``(C_h W_hᵀ W_h C_h, C_h)``, and the group uses the sums over
+    its heads. Rows are ordered by eigenvalue, so every level is a prefix.
+    """
+    d = c.shape[0] // heads
+    blocks = torch.stack([c[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(heads)])
+    lam = ridge * blocks.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
+    w = w_o.unflatten(1, (heads, d)).transpose(0, 1)  # heads × out × d
+    cw = blocks @ w.transpose(1, 2) @ w @ blocks  # C_h W_hᵀ W_h C_h
+    eye = torch.eye(d, dtype=c.dtype, device=c.device)
+    rep = heads // kv
+    e = []
+    for g in range(kv):
+        a = cw[g * rep:(g + 1) * rep].sum(0)
+        b = (blocks[g * rep:(g + 1) * rep] + lam[g * rep:(g + 1) * rep, None, None] * eye).sum(0)
+        chol_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(b), eye, upper=False)
+        _, u = _eigh_desc(chol_inv @ a @ chol_inv.T)
+        e.append(u.T @ chol_inv)  # rows: generalised eigenvectors, best first
+    return torch.stack(e), blocks, lam
+
+
 def project(net: torch.nn.Module, groups: dict[str, list[str]], stats: dict[str, torch.Tensor],
             config: ProjectionConfig, make_trainer=None, loader=None, work: Path | None = None,
-            mlps: dict[str, tuple[tuple[str, ...], str, int]] | None = None
-            ) -> dict[str, Factors | Neurons]:
+            mlps: dict[str, tuple[tuple[str, ...], str, int]] | None = None,
+            attentions: dict[str, tuple[str, str, int, int, int]] | None = None
+            ) -> dict[str, Factors | Neurons | HeadDims]:
     """Bases of every unit: ``{matrix name: Factors}`` up to each matrix's largest
-    parameter-saving rank and, with ``config.mlp`` neurons, ``{MLP name: Neurons}`` for the
-    ``mlps`` (``Adapter.mlps``) whose down input is among ``groups``.
+    parameter-saving rank; with ``config.mlp`` neurons, ``{MLP name: Neurons}`` for the
+    ``mlps`` (``Adapter.mlps``) whose down input is among ``groups``; with ``config.attention``
+    heads, ``{attention name: HeadDims}`` for the ``attentions`` (``Adapter.attentions``) whose
+    o input is among ``groups``.
 
     ``learned`` trains: it needs ``make_trainer`` (a Trainer factory), the calibration ``loader``
     and a ``work`` folder for its checkpoints.
     """
     mlps = (mlps or {}) if config.mlp == "neurons" else {}
-    in_mlps = {n for inputs, output, _ in mlps.values() for n in (*inputs, output)}
+    attentions = (attentions or {}) if config.attention == "heads" else {}
+    in_units = {n for inputs, output, _ in mlps.values() for n in (*inputs, output)}
+    in_units |= {n for v, o, *_ in attentions.values() for n in (v, o)}
     key_of = {name: key for key, names in groups.items() for name in names}
-    matrices = {key: [n for n in names if n not in in_mlps] for key, names in groups.items()}
+    matrices = {key: [n for n in names if n not in in_units] for key, names in groups.items()}
     matrices = {key: names for key, names in matrices.items() if names}
-    bases: dict[str, Factors | Neurons] = {}
+    bases: dict[str, Factors | Neurons | HeadDims] = {}
     dtype = getattr(torch, config.dtype)
+    for name, (v, o, heads, kv, _) in attentions.items():
+        if o not in key_of:
+            continue
+        w = dense_weight(net.get_submodule(o)).detach()
+        device = w.device if config.device == "auto" else torch.device(config.device)
+        key = key_of[o]
+        c = stats[key].to(device, dtype) / max(int(stats[f"{key}.count"]), 1)
+        e, blocks, lam = head_basis(w.to(device, dtype), c, heads, kv, config.ridge)
+        bases[name] = HeadDims(e.to("cpu", w.dtype), blocks.to("cpu", torch.float32),
+                               lam.to("cpu", torch.float32), v, o)
     mine = {m: spec for m, spec in mlps.items() if spec[1] in key_of}
     for mlp, (inputs, output, blocks) in tqdm(mine.items(), desc=f"project (neurons, "
                                               f"{config.neuron_order})", unit="mlp"):

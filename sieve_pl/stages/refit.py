@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.factored import dense_weight, set_submodule
-from ..models.pruning import MatrixUnit
+from ..models.pruning import MatrixUnit, NeuronUnit
 from ..tasks.base import last_logits
 from .calibrate import reduce_sums
 from .project import _eigh_desc
@@ -151,7 +151,8 @@ def refit(trainer: L.Trainer, net, pruner, levels: dict, dataloader, ridge: floa
     """Refitted weights of every pruned unit at ``levels`` (``(A, B)`` of a factored matrix,
     ``(W_down,)`` of an MLP, for ``pruner.refitted``); leaves the model at them."""
     sizes = pruner.apply(levels)
-    units = {name: pruner.units[name] for name in sizes}
+    units = {name: pruner.units[name] for name in sizes  # head units keep their projection refit
+             if isinstance(pruner.units[name], (MatrixUnit, NeuronUnit))}
     dense = {n: m for u in pruner.units.values() for n, m in u.dense.items()}
     pruned = {n: net.get_submodule(n) for u in units.values() for n in u.dense}
     by_layer: dict[str, list[str]] = {}

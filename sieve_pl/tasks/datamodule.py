@@ -9,11 +9,13 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..errors import SieveError
+from ..io import content_id
 from .base import Task
 from .classification import Classification
-from .sources import load_source
+from .sources import BUILTIN_DATA, load_source
 
 SPLITS = ("calibration", "validation", "test", "train")
+DATA_FILES = ("*.json", "*.jsonl", "*.csv", "*.parquet", "*.arrow", "*.txt")  # of a data folder
 
 
 @dataclass
@@ -101,10 +103,14 @@ class TaskDataModule(L.LightningDataModule):
         """What one split's examples depend on, for stage fingerprints.
 
         Splits are consecutive slices of one shuffle, so a split depends on its own size and on
-        the sizes of the splits before it, not on those after it.
+        the sizes of the splits before it, not on those after it. A local data file (or folder)
+        is in it by content (``source_files``): an edited file under the same name is new data.
         """
         before = SPLITS[:SPLITS.index(split) + 1]
         extra = {"label_map": self.label_map} if self.label_map else {}
+        files = {} if self.source in BUILTIN_DATA else content_id(self.source, DATA_FILES)
+        if files:
+            extra["source_files"] = files
         return {"source": self.source, "name": self.name, "split": self.split, **extra,
                 "task": self.task.config(), "max_length": self.max_length, "seed": self.seed,
                 "sizes": {s: getattr(self.sizes, s) for s in before}}

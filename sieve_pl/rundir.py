@@ -1,0 +1,264 @@
+"""The run folder: one folder per stage, fingerprinted, verified, and locked while a run writes.
+
+``<root>/<name>/<stage>/`` holds each stage's artifacts and ``stage.json`` with the stage's
+fingerprint (a hash of its own config section and of the upstream stage's fingerprint) and the
+size and sha256 of every artifact. A stage is written to a temporary folder and renamed when
+complete, so a finished-looking folder is always whole; a folder edited, truncated or damaged
+since is noticed by its checksums and recomputed. Rerunning skips stages whose fingerprint
+matches; a changed config re-runs that stage and everything after it (their fingerprints chain).
+``<root>/<name>/.lock`` keeps a second run from writing the same folder at the same time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+from typing import Callable
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from .errors import SieveError
+from .io import crash_point, file_digest, fingerprint, read_json, write_json
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives.
+
+    Args:
+        name: run folder name under root.
+        root: parent of run folders (a shared filesystem for multi-node runs).
+        overwrite: let this run replace a run folder that holds another run (another model or
+            calibration data); without it such a folder is refused, so nothing is lost by a
+            reused name.
+    """
+
+    name: str = "demo"
+    root: str = "checkpoints"
+    overwrite: bool = False
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root) / self.name
+
+    def check(self) -> None:
+        """``name`` must be one plain folder under ``root``: anything else writes elsewhere."""
+        name = self.name
+        if not name:
+            raise SieveError("run.name is empty; name the run folder (e.g. --run.name demo)")
+        if Path(name).is_absolute() or PureWindowsPath(name).is_absolute():
+            raise SieveError(f"run.name {name!r} is an absolute path; it names a folder under "
+                             f"run.root (set run.root for the location)")
+        if "/" in name or "\\" in name:
+            raise SieveError(f"run.name {name!r} contains a path separator; it names one folder "
+                             f"under run.root (set run.root for the location)")
+        if name in (".", ".."):
+            raise SieveError(f"run.name {name!r} is not a folder name; name the run folder")
+        if name.startswith("."):
+            raise SieveError(f"run.name {name!r} starts with '.', which marks sieve-pl's hidden "
+                             f"work folders; choose a name without it")
+
+
+def _artifacts(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file a stage wrote (``stage.json`` excepted)."""
+    return {p.relative_to(folder).as_posix(): file_digest(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p != folder / "stage.json"}
+
+
+def _mismatch(folder: Path, files: dict) -> str | None:
+    """The first artifact that is not what was written, with why; None when all are.
+
+    Sizes first (free), checksums after: a truncated file is found without reading anything.
+    """
+    for rel, want in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{rel} does not match what was written (size)"
+    for rel, want in files.items():
+        if file_digest(folder / rel)["sha256"] != want["sha256"]:
+            return f"{rel} does not match what was written (checksum)"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class RunDir:
+    """One folder per stage, fingerprinted, written atomically by rank 0 and read by every rank."""
+
+    def __init__(self, path: Path, trainer: L.Trainer):
+        self.path, self.trainer = Path(path), trainer
+        self.upstream = ""
+        self.timings: dict[str, float] = {}
+
+    def _done(self, name: str, fp: str, final: Path) -> dict | None:
+        """The stage's record when ``final`` holds what was written for ``fp``, else None.
+
+        Every rank checks the same files on the shared filesystem, so all take one decision.
+        A ``stage.json`` without ``files`` (older sieve-pl) is trusted as it was then.
+        """
+        marker = final / "stage.json"
+        if not marker.exists():
+            return None
+        try:
+            record = read_json(marker)
+            if record["fingerprint"] != fp:
+                return None
+            float(record["seconds"])
+            problem = _mismatch(final, record.get("files") or {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            problem = f"stage.json is unreadable ({type(err).__name__}: {err})"
+        if problem:
+            rank_zero_warn(f"[sieve-pl] {name}: {problem}; recomputing")
+            return None
+        return record
+
+    def stage(self, name: str, config: dict, compute: Callable[[Path], object],
+              save: Callable[[object, Path], None], load: Callable[[Path], object]):
+        """Load the stage's artifacts if its fingerprint matches, else compute and save them.
+
+        ``compute`` gets a work folder that survives a kill (for a stage's own checkpoints); it is
+        emptied when the fingerprint changes and removed once the stage is complete. Artifacts
+        that no longer match their checksums, or that fail to load, are recomputed.
+        """
+        fp = fingerprint(name, config, self.upstream)
+        self.upstream = fp
+        final = self.path / name
+        record = self._done(name, fp, final)
+        if record is not None:
+            rank_zero_info(f"[sieve-pl] {name}: done earlier, loading {final}")
+            try:
+                loaded = load(final)
+            except (SieveError, MemoryError):
+                raise
+            except Exception as err:  # damaged in a way the checksums could not see
+                first = (str(err).splitlines() or [""])[0]
+                rank_zero_warn(f"[sieve-pl] {name}: loading {final} failed "
+                               f"({type(err).__name__}: {first}); recomputing")
+            else:
+                self.timings[name] = record["seconds"]
+                return loaded
+        work = self.path / f".{name}.work"
+        if self.trainer.is_global_zero:
+            if (work / "fingerprint").exists() and (work / "fingerprint").read_text() != fp:
+                shutil.rmtree(work)
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "fingerprint").write_text(fp)
+        self.trainer.strategy.barrier()
+        start = time.perf_counter()
+        result = compute(work)
+        crash_point(f"{name}:computed")
+        if self.trainer.is_global_zero:
+            tmp = final.with_name(f".{name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tmp.mkdir(parents=True)
+                save(result, tmp)
+                crash_point(f"{name}:saved")  # artifacts written, not yet marked complete
+                seconds = round(time.perf_counter() - start, 2)
+                write_json(tmp / "stage.json", {"fingerprint": fp, "config": config,
+                                                "seconds": seconds, "files": _artifacts(tmp)})
+            except OSError as err:  # disk full, quota, permissions: keep nothing half-written
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise SieveError(f"writing the {name} stage to {self.path} failed ({err}); "
+                                 f"nothing partial was kept: free space and rerun to resume "
+                                 f"from this stage") from None
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            shutil.rmtree(work, ignore_errors=True)
+        self.trainer.strategy.barrier()
+        self.timings[name] = round(time.perf_counter() - start, 2)
+        rank_zero_info(f"[sieve-pl] {name}: {self.timings[name]:.1f}s -> {final}")
+        return load(final)  # every rank reads what rank 0 wrote
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    def acquire(self) -> None:
+        """Take ``<run>/.lock`` (rank 0 only): two runs writing one folder would corrupt it.
+
+        A lock left by a dead process on this host is replaced; one held by a live process, or
+        by any process on another host (whose liveness cannot be checked), is refused.
+        """
+        if not self.trainer.is_global_zero:
+            return
+        root = self.path.parent
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SieveError(f"cannot write to {root}: {err}") from None
+        try:
+            self._create_lock()
+            return
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise SieveError(f"cannot write to {root}: {err}") from None
+        holder = self._holder()
+        stale = (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+                 and not _alive(holder["pid"]))
+        if not holder:  # unreadable: a writer killed between create and write, or one mid-write
+            stale = time.time() - self._lock_mtime() > 10
+        if not stale:
+            raise SieveError(f"{self.path} is in use by pid {holder.get('pid', '?')} on host "
+                             f"{holder.get('host', '?')} since {holder.get('started', '?')}; "
+                             f"wait for it or remove {self.lock_path} if that run is gone")
+        rank_zero_warn(f"[sieve-pl] {self.lock_path}: replacing the stale lock of pid "
+                       f"{holder.get('pid', '?')} (no longer running)")
+        self.lock_path.unlink(missing_ok=True)
+        try:
+            self._create_lock()
+        except FileExistsError:  # another run took it in between
+            raise SieveError(f"{self.path} is in use by another run that started just now; wait "
+                             f"for it or remove {self.lock_path} if that run is gone") from None
+        except OSError as err:
+            raise SieveError(f"cannot write to {root}: {err}") from None
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it."""
+        if self.trainer.is_global_zero and self._holder().get("pid") == os.getpid():
+            self.lock_path.unlink(missing_ok=True)
+
+    @contextmanager
+    def lock(self):
+        """Hold the run folder's lock for the ``with`` block, released on errors too."""
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def _create_lock(self) -> None:
+        fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, handle)
+
+    def _holder(self) -> dict:
+        try:
+            holder = read_json(self.lock_path)
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _lock_mtime(self) -> float:
+        try:
+            return self.lock_path.stat().st_mtime
+        except OSError:
+            return 0.0

@@ -1,0 +1,174 @@
+"""Fitness: scores a candidate's keep levels on the validation split, for the search.
+
+One class, :class:`Fitness`: it cuts the model from the stored bases at the given levels, scores
+it example by example (hardest first, gathered across DDP ranks), stops early once the error
+budget is spent, and memoises each candidate, so the bisections and the GA share one scorer.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Fitness:
+    """Scores keep levels on the validation split by the task's per-example scores.
+
+    A score is 1 for a right answer and 0 for a wrong one (accuracy, exact match) or in between
+    (token F1); a candidate's *lost score* is ``Σ(1 − s)`` (its errors, for 0/1 scores).
+    Batches are tokenized once. Under DDP each rank scores every world-size-th batch and the
+    per-example scores are gathered in order, so every rank takes the same decisions as one
+    process would. With ``early_reject`` scoring stops at the first batch round after the
+    budget ``n − target·n`` of lost score is exceeded: feasibility is still exact (the lost
+    score only grows). :meth:`hardest_first` puts the examples the base model gets wrong first,
+    then those it gets right by the smallest margin, so a candidate that is going to fail spends
+    its budget, and is stopped, sooner. Candidates are memoised on their sizes (:meth:`judge`).
+    """
+
+    def __init__(self, trainer, lm, pruner, dataloader, early_reject: bool = True,
+                 confidence: float = 0.0):
+        self.trainer, self.lm, self.pruner, self.early_reject = trainer, lm, pruner, early_reject
+        self.confidence = confidence
+        self.base: list[float] | None = None  # the base model's scores, in scoring order
+        self.loader = dataloader
+        self.batches = list(dataloader)
+        self.n = sum(len(b["input_ids"]) for b in self.batches)
+        self.tokens_total = int(sum(b["attention_mask"].sum() for b in self.batches))
+        self.tokens_spent = 0
+        self.evaluations = 0
+        self.order: list[int] | None = None
+        self.memo: dict[str, dict] = {}  # judged candidates, by their unit sizes
+
+    def budget(self, target: float) -> float:
+        """Most score a feasible candidate may lose (mean score ≥ target); for 0/1 scores,
+        ``⌊n − target·n⌋`` errors."""
+        return self.n - target * self.n + 1e-9
+
+    def reorder(self, order: list[int]) -> None:
+        """Score the examples in this order from now on (indices into the split)."""
+        from torch.utils.data import DataLoader, Subset
+
+        self.order = list(order)
+        loader = self.loader
+        self.batches = list(DataLoader(Subset(loader.dataset, self.order),
+                                       batch_size=loader.batch_size, collate_fn=loader.collate_fn))
+
+    def hardest_first(self) -> list[float]:
+        """Score the examples the base model gets wrong, then those it gets right by the
+        smallest margin, first: pruned candidates fail there first, so early rejection and
+        screening decide after fewer examples. Returns the base model's scores (split order)."""
+        scores = self.correct(1.0)
+        safety = self.correct(1.0, measure=self.lm.task.confidence)
+        self.reorder(sorted(range(self.n), key=lambda i: (scores[i], safety[i])))
+        self.base = [scores[i] for i in self.order]
+        return scores
+
+    @staticmethod
+    def lost(scores: list[float]) -> float:
+        """Score lost to mistakes, summed in order: ``Σ(1 − s)``."""
+        total = 0.0
+        for s in scores:
+            total += 1 - s
+        return total
+
+    def excess(self, scores: list[float]):
+        """Running ``Σ(1 − s) + confidence·sqrt(Σ(s_base − s)²)`` over scores in scoring order:
+        what a candidate spends of the budget. Both sums only grow, so a candidate over the
+        budget after some examples is over it after all of them (early rejection is exact)."""
+        lost, spread = 0.0, 0.0
+        base = self.base if self.confidence and self.base is not None else None
+        for i, s in enumerate(scores):
+            lost += 1 - s
+            if base is not None:
+                spread += (base[i] - s) ** 2
+            yield lost + self.confidence * spread ** 0.5
+
+    @torch.inference_mode()
+    def correct(self, keep, max_errors: float | None = None, *, until: int | None = None,
+                prior: list[float] | None = None, measure=None) -> list[float]:
+        """Per-example scores (``measure``, default the task's score) in scoring order.
+
+        Scoring stops at the first batch round after more than ``max_errors`` score is lost,
+        or once ``until`` examples are scored; ``prior`` holds the scores of a first part
+        already scored at these levels, which is continued rather than redone.
+        """
+        self.pruner.apply(keep)
+        measure = measure or self.lm.task.score
+        strategy = self.trainer.strategy
+        world, rank, device = self.trainer.world_size, self.trainer.global_rank, strategy.root_device
+        net = self.lm.net.to(device).eval()
+        size = max(len(b["input_ids"]) for b in self.batches)
+        scores: list[float] = list(prior or [])
+        first, done = 0, 0
+        while done < len(scores):  # the rounds ``prior`` covers
+            done += sum(len(b["input_ids"]) for b in self.batches[first:first + world])
+            first += world
+        if done != len(scores):
+            raise ValueError("prior scores must end at a batch round")
+        self.evaluations += 1
+        for start in range(first, len(self.batches), world):
+            # NaN: no example; the last slot carries the tokens this rank spent
+            local = torch.full((size + 1,), float("nan"), dtype=torch.float64, device=device)
+            local[-1] = 0
+            if start + rank < len(self.batches):
+                batch = {k: v.to(device) if torch.is_tensor(v) else v
+                         for k, v in self.batches[start + rank].items()}
+                hits = measure(net, batch).double()
+                local[:len(hits)] = hits
+                local[-1] = batch["attention_mask"].sum()
+            gathered = strategy.all_gather(local).reshape(-1, size + 1) if world > 1 else local[None]
+            self.tokens_spent += int(gathered[:, -1].sum())
+            scores += [x for x in gathered[:, :-1].flatten().tolist() if x == x]
+            if (max_errors is not None and self.early_reject and scores
+                    and list(self.excess(scores))[-1] > max_errors):
+                break
+            if until is not None and len(scores) >= until:
+                break
+        return scores
+
+    def accuracy(self, keep) -> float:
+        """Mean score (the task's primary metric) of the candidate on the whole split."""
+        return sum(self.correct(keep)) / self.n
+
+    def _verdict(self, scores: list[float], budget: float) -> dict:
+        over_at = next((i for i, spent in enumerate(self.excess(scores)) if spent > budget), None)
+        return {"feasible": over_at is None, "over_at": over_at, "seen": len(scores),
+                "accuracy": sum(scores) / self.n if len(scores) == self.n else None}
+
+    def judge(self, keep, budget: float, until: int | None = None) -> dict:
+        """Is the candidate feasible (lost score ≤ budget)? Memoised on its sizes: keep levels
+        that round to the same ranks / neuron counts (``rank_multiple``) are one candidate, scored once.
+
+        ``over_at``: how many examples (in scoring order) it got through before its lost score
+        exceeded the budget (None when feasible); ``accuracy`` is known when it was scored on
+        every example. With ``until`` only the first ``until`` examples are scored: a candidate
+        that fails on them is infeasible (exactly as full scoring would find), one that passes
+        is only ``provisional``; completing it later continues where the screening stopped.
+        """
+        sizes = self.pruner.sizes(keep)
+        key = f"{budget!r}:" + ",".join(str(sizes.get(n, 0)) for n in self.pruner.names)
+        if key in self.memo:
+            return self.memo[key]
+        part = self.memo.get(key + "~")
+        if until is not None and until < self.n:
+            if part is None:
+                scores = self.correct(keep, budget, until=until)
+                part = self.memo[key + "~"] = {**self._verdict(scores, budget), "scores": scores,
+                                               "provisional": True}
+            if part["feasible"]:
+                return part
+            scores = part["scores"]  # failed the screening: as final as a full scoring
+        else:
+            scores = self.correct(keep, budget, prior=part["scores"] if part else None)
+        self.memo.pop(key + "~", None)
+        self.memo[key] = self._verdict(scores, budget)
+        return self.memo[key]
+
+    def state(self) -> dict:
+        return {"tokens_spent": self.tokens_spent, "evaluations": self.evaluations,
+                "memo": self.memo, "order": self.order, "base": self.base}
+
+    def restore(self, state: dict) -> None:
+        self.tokens_spent, self.evaluations = state["tokens_spent"], state["evaluations"]
+        self.memo = state["memo"]
+        self.base = state.get("base")
+        if state["order"] is not None and state["order"] != self.order:
+            self.reorder(state["order"])

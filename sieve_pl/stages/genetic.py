@@ -1,0 +1,205 @@
+"""Genetic search: the DEAP GA over keep-ladder rungs that refines the bisections' allocation.
+
+:class:`GeneticSearch` holds one rung per unit per genome, scores genomes lazily through
+:class:`~sieve_pl.stages.fitness.Fitness` (only those that could win a selection), and
+checkpoints every generation (population, caches, RNG) so a killed search resumes exactly.
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deap import algorithms, base, creator, tools
+from tqdm.auto import tqdm
+
+from ..io import crash_point, read_json, write_json
+
+if TYPE_CHECKING:
+    from .fitness import Fitness
+    from .search import SearchConfig
+
+
+# DEAP's creator registers classes globally; create them once per process.
+if not hasattr(creator, "SieveFitness"):
+    creator.create("SieveFitness", base.Fitness, weights=(1.0,))
+    creator.create("SieveGenome", list, fitness=creator.SieveFitness)
+
+
+def _step_mutation(genome, top: int, indpb: float):
+    """Move each gene one rung up or down the ladder with probability ``indpb``."""
+    for i in range(len(genome)):
+        if random.random() < indpb:
+            genome[i] = min(top, max(0, genome[i] + random.choice((-1, 1))))
+    return (genome,)
+
+
+def _rng_state() -> list:
+    version, state, gauss = random.getstate()
+    return [version, list(state), gauss]
+
+
+def _set_rng_state(saved: list) -> None:
+    random.setstate((saved[0], tuple(saved[1]), saved[2]))
+
+
+def _key(genome) -> str:
+    return ",".join(map(str, genome))
+
+
+class GeneticSearch:
+    """DEAP GA over ladder rungs with lazily scored genomes; resumable after every generation.
+
+    Fitness of a genome: the fraction of target weights removed when it is feasible (≥ 0);
+    otherwise ``seen / n - 1`` (< 0), where ``seen`` is how many validation examples (in scoring
+    order) it got through before its errors exceeded the budget. Genomes that fall further short
+    fail earlier and rank lower; the value is the same with or without early rejection and for
+    any number of ranks.
+
+    The fraction removed is known without scoring and bounds the fitness from above, so
+    selection (tournaments, the elite, the final best) scores contenders in decreasing order
+    of that bound and stops once no unscored one can win: most losing genomes are never scored.
+    Tournaments only need a contender to pass ``screen`` of the split (the hardest examples,
+    which is where candidates fail); the elite and the final best are scored on all of it,
+    continuing their screening rather than redoing it.
+    """
+
+    def __init__(self, fitness: Fitness, names: list[str], ladder: list[float], target: float,
+                 config: SearchConfig, work: Path | None, is_writer: bool = True):
+        self.fitness, self.names, self.ladder, self.config = fitness, names, ladder, config
+        self.target, self.budget = target, fitness.budget(target)
+        self.work, self.is_writer = work, is_writer
+        self.screen = math.ceil(config.screen * fitness.n) if config.screen < 1 else None
+        self.cache: dict[str, dict] = {}  # genomes scored on the whole split
+        self.seen: dict[str, list[int]] = {}  # every genome of every generation, first seen first
+        self.toolbox = base.Toolbox()
+        self.toolbox.register("mate", tools.cxTwoPoint)
+        self.toolbox.register("mutate", _step_mutation, top=len(ladder) - 1,
+                              indpb=config.gene_mutation_prob)
+
+    def levels(self, genome) -> dict[str, float]:
+        return {n: self.ladder[g] for n, g in zip(self.names, genome)}
+
+    def bound(self, genome) -> float:
+        """Fraction of target weights the genome removes: its fitness if feasible, an upper
+        bound on it in any case; free to compute."""
+        kept, total = self.fitness.pruner.params(self.levels(genome))
+        return 1 - kept / total
+
+    def score(self, genome, full: bool = True) -> dict:
+        """The genome's fitness; ``full=False`` accepts a provisional one from the screening.
+        Cached: a genome is never scored twice."""
+        key = _key(genome)
+        if key in self.cache:
+            return self.cache[key]
+        levels = self.levels(genome)
+        verdict = self.fitness.judge(levels, self.budget, None if full else self.screen)
+        kept, total = self.fitness.pruner.params(levels)
+        value = (1 - kept / total if verdict["feasible"]
+                 else verdict["over_at"] / self.fitness.n - 1)
+        record = {"value": value, "kept": kept,
+                  **{k: v for k, v in verdict.items() if k != "scores"}}
+        if not verdict.get("provisional"):
+            self.cache[key] = record
+        return record
+
+    def best(self, genomes: list, k: int, full: bool = True) -> list:
+        """The first ``k`` of ``genomes`` sorted by fitness, best first (ties keep their order,
+        as ``sorted`` does), scoring only the genomes that could be among them."""
+        if k <= 0:
+            return []
+        bounds = [self.bound(g) for g in genomes]
+        order = sorted(range(len(genomes)), key=lambda i: -bounds[i])
+        known: list[tuple[float, int]] = []
+        for i in order:
+            if len(known) >= k:
+                kth = sorted(known, key=lambda t: (-t[0], t[1]))[k - 1][0]
+                if bounds[i] < kth:
+                    break  # this and every later genome scores below the k-th best
+            known.append((self.score(genomes[i], full)["value"], i))
+        return [genomes[i] for _, i in sorted(known, key=lambda t: (-t[0], t[1]))[:k]]
+
+    def select(self, population: list, k: int) -> list:
+        """DEAP's tournament selection (the same random draws), with lazily scored aspirants
+        that need only pass the screening."""
+        return [self.best(tools.selRandom(population, self.config.tournament_size), 1,
+                          full=False)[0] for _ in range(k)]
+
+    def initial(self, seeds: list[list[int]]):
+        """The seed genomes (the uniform level, the kind allocation) plus sparse random ones.
+
+        Each random genome prunes a random share (5–50%) of the matrices, each to a random rung
+        biased towards light cuts, and keeps the rest dense: cutting every matrix a little costs
+        far more accuracy than cutting some a lot, so these start near the feasible region.
+        """
+        top = len(self.ladder) - 1
+        genomes = [list(g) for g in dict.fromkeys(tuple(g) for g in seeds)]
+        while len(genomes) < self.config.population:
+            share = random.uniform(0.05, 0.5)
+            genomes.append([random.randint(1, random.randint(1, top))
+                            if top and random.random() < share else 0 for _ in self.names])
+        return [creator.SieveGenome(g) for g in genomes]
+
+    def _save(self, generation, population, logbook) -> None:
+        if self.work is None or not self.is_writer:
+            return
+        write_json(self.work / "state.json", {
+            "generation": generation, "population": [list(g) for g in population],
+            "seen": list(self.seen.values()), "logbook": list(logbook), "cache": self.cache,
+            "rng": _rng_state(), "fitness": self.fitness.state()})
+        crash_point("search:generation")
+
+    def _restore(self, logbook):
+        path = self.work / "state.json" if self.work else None
+        if path is None or not path.exists():
+            return None, -1
+        state = read_json(path)
+        self.cache = state["cache"]
+        self.seen = {_key(g): g for g in state["seen"]}
+        _set_rng_state(state["rng"])
+        self.fitness.restore(state["fitness"])
+        for record in state["logbook"]:
+            logbook.record(**record)
+        return [creator.SieveGenome(g) for g in state["population"]], state["generation"]
+
+    def _generation(self, generation, population, logbook) -> None:
+        """Record a finished generation and checkpoint it."""
+        for genome in population:
+            self.seen.setdefault(_key(genome), list(genome))
+        leader = self.best(population, 1)[0]
+        scored = [self.cache[_key(g)]["value"] for g in population if _key(g) in self.cache]
+        logbook.record(generation=generation, evaluations=self.fitness.evaluations,
+                       scored=len(scored), best=self.score(leader)["value"],
+                       mean=sum(scored) / len(scored), feasible=sum(v >= 0 for v in scored),
+                       tokens_spent=self.fitness.tokens_spent)
+        self._save(generation, population, logbook)
+
+    def run(self, seeds: list[list[int]]) -> dict:
+        cfg = self.config
+        logbook = tools.Logbook()
+        population, done = self._restore(logbook)
+        if population is None:
+            random.seed(cfg.seed)
+            population = self.initial(seeds)
+            self._generation(0, population, logbook)
+            done = 0
+        bar = tqdm(range(done + 1, cfg.generations + 1), desc="search (genetic)", unit="gen",
+                   initial=done, total=cfg.generations, disable=not self.is_writer)
+        for generation in bar:
+            elite = [self.toolbox.clone(g) for g in self.best(population, cfg.elite)]
+            offspring = self.select(population, len(population) - cfg.elite)
+            offspring = algorithms.varAnd(offspring, self.toolbox, cfg.crossover_prob,
+                                          cfg.mutation_prob)
+            population = elite + offspring
+            self._generation(generation, population, logbook)
+            bar.set_postfix(best=f"{logbook[-1]['best']:.4f}", scored=len(self.cache))
+        seen = [creator.SieveGenome(g) for g in self.seen.values()]
+        best = self.best(seen, 1)[0]
+        feasible = sorted((g for g in seen if self.cache.get(_key(g), {}).get("feasible")),
+                          key=lambda g: -self.cache[_key(g)]["value"])[:10]
+        return {"genome": list(best), "levels": self.levels(best), **self.score(best),
+                "bottlenecks": [n for i, n in enumerate(self.names)
+                                if feasible and all(self.ladder[g[i]] == 1.0 for g in feasible)],
+                "logbook": list(logbook), "distinct_genomes": len(self.seen),
+                "scored_genomes": len(self.cache)}
