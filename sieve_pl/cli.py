@@ -18,6 +18,7 @@ from .models.module import SieveLM, evaluate, measure
 from .pipeline import ExportConfig, Pipeline, QuantizeConfig, RunConfig, TransferConfig
 from .stages.calibrate import CalibrationConfig
 from .stages.distill import DistillConfig
+from .stages.lm_eval import LmEvalConfig
 from .stages.project import ProjectionConfig
 from .stages.recover import RecoverConfig
 from .stages.refit import RefitConfig
@@ -27,7 +28,7 @@ from .tasks.datamodule import TaskDataModule
 STAGE_CONFIGS = {"run": RunConfig, "calibration": CalibrationConfig,
                  "projection": ProjectionConfig, "search": SearchConfig, "refit": RefitConfig,
                  "distill": DistillConfig, "recover": RecoverConfig, "quantize": QuantizeConfig,
-                 "transfer": TransferConfig, "export": ExportConfig}
+                 "transfer": TransferConfig, "export": ExportConfig, "lm_eval": LmEvalConfig}
 
 
 class SieveCLI(LightningCLI):

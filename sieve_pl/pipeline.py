@@ -24,11 +24,12 @@ from .report import format_summary, model_card, save_search
 from .rundir import RunConfig, RunDir  # noqa: F401  (RunConfig: imported from here by the CLI)
 from .io import SafetensorsFolder, content_id, read_json, say, write_json, write_text
 from .models.hf import push_to_hub, save_pruned
-from .models.loading import BUILTIN_HUB_IDS, BUILTIN_MODELS
+from .models.loading import BUILTIN_HUB_IDS, BUILTIN_MODELS, load_model, load_tokenizer
 from .models.module import SieveLM, evaluate
 from .models.pruning import Pruner, flatten_bases, unflatten_bases
 from .stages.calibrate import CalibrationConfig, calibrate
 from .stages.distill import DistillConfig, distill, distill_loader
+from .stages.lm_eval import LmEvalConfig, score as lm_eval_score
 from .stages.project import ProjectionConfig, project
 from .stages.recover import RecoverConfig, lora_targets, recover, with_weights
 from .stages.refit import RefitConfig, refit
@@ -156,6 +157,7 @@ class Pipeline:
                  search: SearchConfig, refit: RefitConfig, recover: RecoverConfig,
                  quantize: QuantizeConfig, transfer: TransferConfig | None = None,
                  distill: DistillConfig | None = None, export: ExportConfig | None = None,
+                 lm_eval: LmEvalConfig | None = None,
                  make_trainer: Callable[..., L.Trainer] | None = None):
         self.trainer, self.lm, self.data, self.run = trainer, lm, data, run
         self.calibration, self.projection, self.search = calibration, projection, search
@@ -163,12 +165,14 @@ class Pipeline:
         self.transfer = transfer or TransferConfig()
         self.distill = distill or DistillConfig()
         self.export = export or ExportConfig()
+        self.lm_eval = lm_eval or LmEvalConfig()
         self.make_trainer = make_trainer
 
     def prepare(self, fitting: bool = True) -> None:
         """Every check that needs no weights: architecture, data columns, label words, options."""
         self.run.check()
         self.export.check()
+        self.lm_eval.check()
         self.search.check()
         self.projection.check()
         self.recover.check(self.data.sizes.train)
@@ -452,6 +456,27 @@ class Pipeline:
                                         "transfer": asdict(self.transfer)}, test_report,
                            lambda r, d: write_json(d / "summary.json", r),
                            lambda d: read_json(d / "summary.json"))
+
+        def run_lm_eval(work: Path) -> dict:
+            """Standard benchmarks (lm-evaluation-harness) for the base and the exported model."""
+            if not self.lm_eval.tasks or not self.trainer.is_global_zero:
+                return {}  # other ranks read rank 0's scores when the stage loads
+            device = self.trainer.strategy.root_device
+            home = next(lm.net.parameters()).device
+            pruner.apply(1.0)
+            base = lm_eval_score(lm.net.to(device), data.tokenizer, self.lm_eval)
+            lm.net.to(home)
+            pruner.apply(levels)
+            folder = str(self.run.path / "export" / "model")
+            exported, _ = load_model(folder, lm.dtype_name)
+            pruned = lm_eval_score(exported.to(device), load_tokenizer(folder), self.lm_eval)
+            return {"base": base, final: pruned}
+
+        scores = run.stage("lm_eval", self.lm_eval.fingerprint(), run_lm_eval,
+                           lambda r, d: write_json(d / "lm_eval.json", r),
+                           lambda d: read_json(d / "lm_eval.json"))
+        if scores:
+            report["lm_eval"] = scores
         report["stage_seconds"] = dict(run.timings)
         if self.trainer.is_global_zero:
             write_json(self.run.path / "summary.json", report)

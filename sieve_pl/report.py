@@ -63,6 +63,10 @@ def format_summary(r: dict) -> str:
                      + ("" if rec.get("used", True) else
                         f"; not exported (best {_pct(rec['best_val_acc'])} < "
                         f"{_pct(rec['accuracy_before'])} without it)"))
+    for task, metrics in next(iter((r.get("lm_eval") or {}).values()), {}).items():
+        for metric in (m for m in metrics if m in ("acc", "acc_norm", "exact_match", "f1")):
+            lines.append(f"lm-eval {task} {metric}: " + ", ".join(
+                f"{row} {_pct(scores[task][metric])}" for row, scores in r["lm_eval"].items()))
     if r.get("bottlenecks"):
         lines.append(f"bottlenecks (never pruned): {len(r['bottlenecks'])} matrices, e.g. "
                      + ", ".join(r["bottlenecks"][:4]))
@@ -106,6 +110,11 @@ def model_card(r: dict, base_model: str, task: str, source: str, prompt: str | N
             f"{row} {_pct(v)}" for row, v in scores.items() if row != "examples"))
     if not r.get("transfer"):
         lines.append("- no cross-dataset check was run (`transfer.sources`).")
+    for row, tasks in (r.get("lm_eval") or {}).items():
+        lines.append(f"- lm-evaluation-harness, {row}: " + "; ".join(
+            f"{task} " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()
+                                   if not m.endswith("_stderr") and m != "sample_len")
+            for task, metrics in tasks.items()))
     units = {k: len(v) for k, v in layout.items() if isinstance(v, dict) and v}
     lines += ["", "Layout (`config.json`, key `sieve`): " + ", ".join(
         f"{n} {k}" for k, n in units.items()) + ": factored Linears hold two smaller ones "
