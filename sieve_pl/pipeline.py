@@ -84,6 +84,11 @@ def _without_files(identity: dict) -> dict:
     return identity
 
 
+DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                   "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                   "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"}
+
+
 @dataclass
 class QuantizeConfig:
     """Quantized forms of the exported model (bitsandbytes, applied when it is loaded).
@@ -302,7 +307,9 @@ class Pipeline:
                        "--config", str(self.run.path / "config.yaml"), "--evaluate", which,
                        "--quantized", fmt, "--measure_json", str(out), "--trainer.devices", "1",
                        "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false"]
-            done = subprocess.run(command, capture_output=True, text=True)
+            # a plain one-process run: not a member of this run's torchrun / SLURM job
+            env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 raise RuntimeError(f"measuring {row} failed:\n{done.stderr[-2000:]}")
             measured = read_json(out)
@@ -439,8 +446,8 @@ class Pipeline:
                 rows["dense+lora"] = {**{k: recovered["dense"][k] for k in ("validation", "test")},
                                       "target_params_kept": total, "params": dense_params}
             pruner.apply(levels)
-            if self.quantize.measure or self.quantize.formats:
-                self._measure(rows, final, work)
+            if (self.quantize.measure or self.quantize.formats) and self.trainer.is_global_zero:
+                self._measure(rows, final, work)  # other ranks load rank 0's summary
             return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
                     "relative": self.search.relative, "target_params": total, "rows": rows, "final": final, "transfer": transfer,
                     "pruned_units": len(sizes), "units": len(pruner.names),

@@ -71,7 +71,8 @@ def family(request, tmp_path_factory, tokenizer, data):
                         enable_model_summary=False, enable_checkpointing=False)
     stats = calibrate(trainer, net, groups, data.calibration_dataloader(), CalibrationConfig())
     bases = {m: project(net, groups, stats, ProjectionConfig(method=m)) for m in METHODS}
-    bases["neurons"] = project(net, groups, stats, ProjectionConfig(), mlps=adapter.mlps(net),
+    bases["neurons"] = project(net, groups, stats, ProjectionConfig(attention="heads"),
+                               mlps=adapter.mlps(net),
                                attentions=adapter.attentions(net))
     return net, adapter, groups, stats, bases
 

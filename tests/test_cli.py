@@ -79,7 +79,7 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
             "--run.name", "tiny", "--data.sizes.calibration", "12", "--data.sizes.validation",
             "10", "--data.sizes.test", "10", "--data.batch_size", "5", *QUIET,
             "--transfer.sources", "{drug_reviews: {positive: fresh, negative: rotten}}",
-            "--transfer.examples", "6"]
+            "--transfer.examples", "6", "--projection.attention", "heads"]
     assert run_cli(*args) == 0
     run = tmp_path / "tiny"
     summary = read_json(run / "summary.json")
@@ -91,6 +91,7 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
     assert (run / "export" / "model" / "model.safetensors").exists()
     assert (run / "config.yaml").exists()
     assert 0 < summary["rows"]["pruned"]["target_params_kept"] <= summary["target_params"]
+    assert summary["units"] == 2 * 2 + 2 * 2  # per layer: MLP neurons, v/o heads, q, k
     capsys.readouterr()
 
     assert run_cli(*args) == 0  # same command: every stage skipped, same result

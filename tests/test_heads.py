@@ -21,7 +21,7 @@ def head_setup(tiny_llama, tiny_data, trainer):
     groups = lm.adapter.input_groups(lm.net)
     stats = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
                       CalibrationConfig())
-    bases = project(lm.net, groups, stats, ProjectionConfig(mlp="factored"),
+    bases = project(lm.net, groups, stats, ProjectionConfig(mlp="factored", attention="heads"),
                     attentions=lm.adapter.attentions(lm.net))
     return lm, Pruner(lm.net, bases), tiny_data
 
@@ -106,8 +106,8 @@ def test_a_value_dimension_o_never_reads_drops_exactly(make_tiny_llama, tiny_dat
     groups = lm.adapter.input_groups(lm.net)
     stats = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
                       CalibrationConfig())
-    bases = project(lm.net, groups, stats, ProjectionConfig(mlp="factored", ridge=1e-9),
-                    attentions=lm.adapter.attentions(lm.net))
+    config = ProjectionConfig(mlp="factored", attention="heads", ridge=1e-9)
+    bases = project(lm.net, groups, stats, config, attentions=lm.adapter.attentions(lm.net))
     pruner = Pruner(lm.net, bases)
     batch = next(iter(tiny_data.val_dataloader()))
     dense_logits = last_logits(lm.net, batch)

@@ -12,7 +12,7 @@ For ``W`` (H × D) with input second moment ``C``:
 
 With ``mlp: neurons`` (default) each MLP is one unit instead of three matrices: its neurons are
 ordered once (:func:`neuron_basis`) and any prefix of that order is a level. With ``attention:
-heads`` (default) each attention layer's v and o are one unit: the value dimension of every kv
+heads`` each attention layer's v and o are one unit: the value dimension of every kv
 head is projected by a prefix of one stored basis (:func:`head_basis`).
 """
 from __future__ import annotations
@@ -43,10 +43,11 @@ class ProjectionConfig:
         mlp: how an MLP is pruned: neurons (one unit: keep a subset of its inner dimension,
             rows of gate/up and columns of down, and refit down's kept columns; the result is
             smaller dense Linears) or factored (gate, up and down each factored by ``method``).
-        attention: how v and o are pruned: heads (one unit per layer: each kv head keeps r of
-            its d value dimensions, v and o both shrink by r/d and o is refitted; needs separate
-            v/o Linears, else factored) or factored (v and o each factored by ``method``).
-            q and k are factored either way.
+        attention: how v and o are pruned: factored (each by ``method``; default: the larger
+            cut measured on the demo, 35.3% vs 30.6% of decoder weights at the same test
+            accuracy) or heads (one unit per layer: each kv head keeps r of its d value
+            dimensions, v and o shrink by r/d as plain smaller Linears and o is refitted; needs
+            separate v/o Linears, else factored). q and k are factored either way.
         ridge: damping of the refits (down on kept neurons, o on kept value dimensions),
             relative to the mean diagonal of the input's second moment:
             ``W C[:, S] (C[S, S] + ridge·mean(diag C)·I)⁻¹``.
@@ -60,7 +61,7 @@ class ProjectionConfig:
     device: str = "auto"
     learned: LearnedConfig = field(default_factory=LearnedConfig)
     mlp: Literal["neurons", "factored"] = "neurons"
-    attention: Literal["heads", "factored"] = "heads"
+    attention: Literal["heads", "factored"] = "factored"
     ridge: float = 1e-2
     neuron_order: Literal["greedy", "magnitude"] = "greedy"
 

@@ -1,7 +1,7 @@
 """The task's data as a LightningDataModule with disjoint, deterministic splits."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import lightning as L
@@ -95,6 +95,7 @@ class TaskDataModule(L.LightningDataModule):
         # the default is built here, not given as a lazy_instance: jsonargparse keeps a default
         # instance's arguments (``prompt``) when a config switches the class to another kind
         self.task = task if task is not None else Classification()
+        sizes = replace(sizes)  # the default instance is shared: never edit it
         self.sizes, self.batch_size, self.max_length, self.seed = sizes, batch_size, max_length, seed
         self.tokenizer = None
         self.splits: dict = {}
