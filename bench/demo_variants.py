@@ -15,9 +15,9 @@ import argparse
 from safetensors.torch import load_file
 
 from common import open_run, run_pruner, write_result
+from sieve_pl.artifacts import load_refit
 from sieve_pl.io import read_json
 from sieve_pl.models.module import evaluate
-from sieve_pl.pipeline import _load_refit
 from sieve_pl.stages.recover import with_weights
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     recovered = run.path / "recover" / "weights.safetensors"
     variants = [("base", 1.0, {}, {}), ("closed form", levels, {}, {})]
     if (distilled / "refit.json").exists():
-        variants.append(("+ distillation", levels, _load_refit(distilled)["factors"], {}))
+        variants.append(("+ distillation", levels, load_refit(distilled)["factors"], {}))
     if recovered.exists():
         variants.append(("+ LoRA", levels, {}, load_file(str(recovered))))
     others = {s: data.other_source(s, m, pipeline.transfer.examples)

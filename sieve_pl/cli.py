@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .errors import SieveError
 from .io import say, write_json
 from .models.module import SieveLM, evaluate, measure
-from .pipeline import ExportConfig, Pipeline, QuantizeConfig, RunConfig, TransferConfig
+from .pipeline import Pipeline, RunConfig
 from .stages.calibrate import CalibrationConfig
 from .stages.distill import DistillConfig
+from .stages.evaluate import ExportConfig, QuantizeConfig, TransferConfig
 from .stages.lm_eval import LmEvalConfig
 from .stages.project import ProjectionConfig
 from .stages.recover import RecoverConfig
@@ -36,8 +38,8 @@ class SieveCLI(LightningCLI):
         super().__init__(
             SieveLM, TaskDataModule, args=args, run=run, save_config_callback=None,
             auto_configure_optimizers=False, seed_everything_default=0,
-            trainer_defaults={"logger": False, "enable_checkpointing": False,
-                              "default_root_dir": "checkpoints"},
+            trainer_defaults={"logger": True, "enable_checkpointing": False,
+                              "default_root_dir": None},
             parser_kwargs={"description": __doc__})
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -53,6 +55,16 @@ class SieveCLI(LightningCLI):
                             help="validate/test: score one model on the validation and test "
                                  "splits and write accuracy, latency per example, peak memory "
                                  "while scoring, weights in memory and bytes on disk as JSON")
+
+    def before_instantiate_classes(self) -> None:
+        """Lightning's default logger (TensorBoard if installed, else CSV) writes into the run
+        folder (``<run>/lightning_logs``) unless ``trainer.default_root_dir`` says otherwise."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.trainer.default_root_dir is None:
+            cfg.trainer.default_root_dir = str(Path(cfg.run.root) / cfg.run.name)
+        if self.subcommand == "fit" and cfg.trainer.max_epochs is not None:
+            rank_zero_warn("trainer.max_epochs is not used: recover.epochs, distill.epochs and "
+                           "projection.learned.epochs set each training stage's epochs")
 
     def pipeline(self, subcommand: str | None = None) -> Pipeline:
         cfg = self.config_init[subcommand] if subcommand else self.config_init

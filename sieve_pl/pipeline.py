@@ -6,19 +6,14 @@ same fingerprint, recomputed when its config, an upstream stage or its artifacts
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import subprocess
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import lightning as L
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
+from .artifacts import load_bases, load_recover, load_refit, save_bases, save_recover, save_refit
 from .errors import SieveError
 from .report import format_summary, model_card, save_search
 from .rundir import RunConfig, RunDir  # noqa: F401  (RunConfig: imported from here by the CLI)
@@ -26,9 +21,11 @@ from .io import SafetensorsFolder, content_id, read_json, say, write_json, write
 from .models.hf import push_to_hub, save_pruned
 from .models.loading import BUILTIN_HUB_IDS, BUILTIN_MODELS, load_model, load_tokenizer
 from .models.module import SieveLM, evaluate
-from .models.pruning import Pruner, flatten_bases, unflatten_bases
+from .models.pruning import Pruner
 from .stages.calibrate import CalibrationConfig, calibrate
 from .stages.distill import DistillConfig, distill, distill_loader
+from .stages.evaluate import (ExportConfig, QuantizeConfig, TransferConfig, evaluate_variants,
+                              measure_forms, variant_list)
 from .stages.lm_eval import LmEvalConfig, score as lm_eval_score
 from .stages.project import ProjectionConfig, project
 from .stages.recover import RecoverConfig, lora_targets, recover, with_weights
@@ -37,118 +34,12 @@ from .stages.search import Fitness, SearchConfig, search
 from .tasks.datamodule import TaskDataModule
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-
-
-def _save_bases(bases, folder: Path, name: str = "bases.safetensors") -> None:
-    tensors, metadata = flatten_bases(bases)
-    save_file(tensors, str(folder / name), metadata=metadata)
-
-
-def _load_bases(folder: Path, name: str = "bases.safetensors"):
-    with safe_open(str(folder / name), "pt") as f:
-        metadata = f.metadata()
-    return unflatten_bases(load_file(str(folder / name)), metadata)
-
-
-def _save_factors(factors: dict, folder: Path, name: str = "factors.safetensors") -> None:
-    """Refitted weights: a tuple of tensors per unit (``(A, B)``, ``(W_down,)``)."""
-    _save_tensors({f"{n}.{i}": t for n, ts in factors.items() for i, t in enumerate(ts)},
-                  folder / name)
-
-
-def _load_factors(folder: Path, name: str = "factors.safetensors") -> dict:
-    flat = load_file(str(folder / name))
-    factors: dict[str, list] = {}
-    for key in sorted(flat, key=lambda k: int(k.rpartition(".")[2])):
-        factors.setdefault(key.rpartition(".")[0], []).append(flat[key])
-    return {n: tuple(ts) for n, ts in factors.items()}
-
-
-def _save_recover(result: dict, folder: Path) -> None:
-    write_json(folder / "recover.json", {k: v for k, v in result.items() if k != "weights"})
-    _save_tensors(result["weights"], folder / "weights.safetensors")
-
-
-def _load_recover(folder: Path) -> dict:
-    return {**read_json(folder / "recover.json"),
-            "weights": load_file(str(folder / "weights.safetensors"))}
-
-
 def _without_files(identity: dict) -> dict:
     """A run identity without content ids (``source_files``): names and settings only."""
     data = identity.get("data")
     if isinstance(data, dict):
         return {**identity, "data": {k: v for k, v in data.items() if k != "source_files"}}
     return identity
-
-
-DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                   "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
-                   "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"}
-
-
-@dataclass
-class QuantizeConfig:
-    """Quantized forms of the exported model (bitsandbytes, applied when it is loaded).
-
-    Args:
-        formats: forms to evaluate: int8 and/or nf4.
-        measure: also measure disk size, peak memory and latency of the base and exported
-            models (each in a fresh process, on the test split).
-    """
-
-    formats: list[Literal["int8", "nf4"]] = field(default_factory=list)
-    measure: bool = False
-
-
-@dataclass
-class TransferConfig:
-    """Cross-dataset check: the base and pruned models scored on other datasets of the same task.
-
-    Args:
-        sources: data source (built-in name, local file or hub id) -> label_map renaming its
-            label values to this task's (``{drug_reviews: {positive: fresh, negative:
-            rotten}}``); an empty map keeps the values.
-        examples: examples drawn (seeded) from each source.
-    """
-
-    sources: dict[str, dict[str, str]] = field(default_factory=dict)
-    examples: int = 500
-
-
-@dataclass
-class ExportConfig:
-    """Where the pruned model goes besides ``<run>/export/model``.
-
-    Args:
-        push_to_hub: a Hugging Face repo id (``user/name``): when the run ends, the export
-            (weights, tokenizer, model card, loading code) is uploaded there; needs a token
-            (``huggingface-cli login`` or HF_TOKEN). None: nothing leaves this machine.
-        private: create that repository private.
-    """
-
-    push_to_hub: str | None = None
-    private: bool = True
-
-    def check(self) -> None:
-        repo = self.push_to_hub
-        if repo is None:
-            return
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-            raise SieveError(f"export.push_to_hub must be a repo id like user/name, got {repo!r}")
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-            raise SieveError("export.push_to_hub needs the network, but HF_HUB_OFFLINE is set")
-
-
-def _save_refit(result: dict, folder: Path) -> None:
-    write_json(folder / "refit.json", {k: v for k, v in result.items() if k != "factors"})
-    _save_factors(result["factors"], folder)
-
-
-def _load_refit(folder: Path) -> dict:
-    return {**read_json(folder / "refit.json"), "factors": _load_factors(folder)}
 
 
 class Pipeline:
@@ -171,7 +62,33 @@ class Pipeline:
         self.distill = distill or DistillConfig()
         self.export = export or ExportConfig()
         self.lm_eval = lm_eval or LmEvalConfig()
-        self.make_trainer = make_trainer
+        self._make_trainer = make_trainer
+
+    def make_trainer(self, **kwargs) -> L.Trainer:
+        """A trainer for a training stage (recover, distill, learned): the stage's own CSV log,
+        which it reads back, plus the user's ``trainer.logger``."""
+        own = kwargs.pop("logger", None)
+        loggers = [*([own] if own else []), *self.trainer.loggers]
+        return self._make_trainer(logger=loggers or False, **kwargs)
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        """Numbers to the user's loggers (``trainer.logger``), from rank 0."""
+        numbers = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numbers and self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(numbers, step=step)
+                logger.save()
+
+    def _log_search(self, found: dict) -> None:
+        """The bisection's steps and one row per GA generation."""
+        for step, point in enumerate(found.get("uniform", {}).get("history", [])):
+            self.log({"search/uniform_keep": point["keep"],
+                      "search/uniform_feasible": int(point["feasible"]),
+                      "search/uniform_accuracy": point["accuracy"]}, step)
+        for row in found.get("logbook") or []:
+            self.log({f"search/{k}": v for k, v in row.items() if k != "generation"},
+                     row["generation"])
 
     def prepare(self, fitting: bool = True) -> None:
         """Every check that needs no weights: architecture, data columns, label words, options."""
@@ -272,10 +189,10 @@ class Pipeline:
                             attentions=attentions)
             if world == 1:
                 return bases
-            _save_bases(bases, work, f"bases-{rank}.safetensors")
+            save_bases(bases, work, f"bases-{rank}.safetensors")
             trainer.strategy.barrier()
             return {} if rank else {name: ab for r in range(world) for name, ab in
-                                    _load_bases(work, f"bases-{r}.safetensors").items()}
+                                    load_bases(work, f"bases-{r}.safetensors").items()}
 
         config = asdict(self.projection)
         if self.projection.method != "learned":  # its settings change nothing then
@@ -284,42 +201,13 @@ class Pipeline:
             config.pop("neuron_order")
             if self.projection.attention != "heads" or not attentions:
                 config.pop("ridge")
-        return run.stage("project", config, compute, _save_bases, _load_bases)
+        return run.stage("project", config, compute, save_bases, load_bases)
 
     def _recover(self, work: Path) -> dict:
         lm, data = self.lm, self.data
-        return recover(self.make_trainer, lm.net, data.task, lora_targets(lm.net, lm.adapter.layers),
-                       data.train_dataloader(), data.val_dataloader(), self.recover, work)
-
-    def _measure(self, rows: dict, final: str, work: Path) -> None:
-        """Disk, peak memory and latency of each deployable form, each in a fresh process.
-
-        The base and the exported model are measured as folders; the quantized forms are the
-        exported folder loaded through bitsandbytes. Variants that share a structure with a
-        measured one (pruned before LoRA, dense + LoRA: merged adapters add no weights) report
-        that one's disk, memory and latency.
-        """
-        forms = [("base", "base", "none"), (final, "pruned", "none")]
-        forms += [(f"{final}+{fmt}", "pruned", fmt) for fmt in self.quantize.formats]
-        for row, which, fmt in forms:
-            out = work / f"measure-{row}.json"
-            command = [sys.executable, "-m", "sieve_pl.cli", "test",
-                       "--config", str(self.run.path / "config.yaml"), "--evaluate", which,
-                       "--quantized", fmt, "--measure_json", str(out), "--trainer.devices", "1",
-                       "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false"]
-            # a plain one-process run: not a member of this run's torchrun / SLURM job
-            env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                raise RuntimeError(f"measuring {row} failed:\n{done.stderr[-2000:]}")
-            measured = read_json(out)
-            rows.setdefault(row, {"target_params_kept": rows[final]["target_params_kept"],
-                                  "params": rows[final]["params"]})
-            rows[row].update(measured)
-        for row, like in (("pruned", final), ("dense+lora", "base")):
-            if row in rows and row != like:
-                rows[row].update({k: rows[like][k] for k in
-                                  ("latency_ms_per_example", "peak_memory_mb", "weights_mb", "disk_mb")})
+        return recover(self.make_trainer, lm.net, data.task,
+                       lora_targets(lm.net, lm.adapter.layers), data.train_dataloader(),
+                       data.val_dataloader(), self.recover, work)
 
     def fit(self, on_start: Callable[[], None] | None = None) -> dict:
         """Every stage, holding ``<run>/.lock`` throughout: two runs writing one folder would
@@ -350,6 +238,7 @@ class Pipeline:
             "search", {"data": data.fingerprint_config("validation"), **asdict(self.search)},
             run_search, save_search, lambda d: read_json(d / "search.json"))
         levels = found["levels"]
+        self._log_search(found)
 
         def run_refit(work: Path) -> dict:
             if not self.refit.enabled:
@@ -361,7 +250,7 @@ class Pipeline:
             return {"used": after >= found["accuracy"] - 1e-6, "factors": factors,
                     "accuracy_before": found["accuracy"], "accuracy_after": after}
 
-        refitted = run.stage("refit", asdict(self.refit), run_refit, _save_refit, _load_refit)
+        refitted = run.stage("refit", asdict(self.refit), run_refit, save_refit, load_refit)
         if refitted["used"]:
             pruner.refitted = refitted["factors"]
         pruned_accuracy = refitted["accuracy_after"] if refitted["used"] else found["accuracy"]
@@ -378,8 +267,8 @@ class Pipeline:
                     "accuracy_before": pruned_accuracy, "accuracy_after": after}
 
         distilled = run.stage("distill", {"data": data.fingerprint_config("train"),
-                                          **asdict(self.distill)}, run_distill, _save_refit,
-                              _load_refit)
+                                          **asdict(self.distill)}, run_distill, save_refit,
+                              load_refit)
         if distilled["used"]:
             pruner.refitted = {**pruner.refitted, **distilled["factors"]}
             pruned_accuracy = distilled["accuracy_after"]
@@ -401,7 +290,7 @@ class Pipeline:
 
         recovered = run.stage(
             "recover", {"data": data.fingerprint_config("train"), **asdict(self.recover)},
-            run_recover, _save_recover, _load_recover)
+            run_recover, save_recover, load_recover)
         # LoRA is exported only where it does not lower validation accuracy (selection on
         # validation, like refit and distillation)
         lora = (bool(recovered["weights"]) and recovered["best_val_acc"] is not None
@@ -413,43 +302,18 @@ class Pipeline:
                       lambda d: read_json(d / "model" / "config.json")["sieve"])
 
         def test_report(work: Path) -> dict:
-            test = data.test_dataloader()
-            rows = {}
-            variants = [("base", 1.0, found["base_accuracy"], {})]
-            if self.search.strategy != "uniform":
-                variants.append(("uniform", found["uniform"]["keep"],
-                                 found["uniform"]["accuracy"], {}))
-            if found.get("seed"):
-                variants.append(("seed", found["seed"]["levels"], found["seed"]["accuracy"], {}))
-            variants.append(("pruned", levels, pruned_accuracy, {}))
-            if recovered["weights"]:
-                variants.append(("pruned+lora", levels, recovered["best_val_acc"],
-                                 recovered["weights"]))
-            for row, keep, val, weights in variants:
-                pruner.apply(keep)
-                kept, total = pruner.params(keep)
-                with with_weights(lm.net, weights):
-                    rows[row] = {"validation": val, "test": evaluate(self.trainer, lm, test),
-                                 "target_params_kept": kept,
-                                 "params": dense_params - (total - kept)}
-            transfer = {}
-            for source, label_map in self.transfer.sources.items():
-                other = data.other_source(source, label_map, self.transfer.examples)
-                transfer[source] = {"examples": len(other.splits["test"])}
-                for row, keep, _, weights in variants:
-                    if row not in ("uniform", "seed"):
-                        pruner.apply(keep)
-                        with with_weights(lm.net, weights):
-                            transfer[source][row] = evaluate(self.trainer, lm,
-                                                             other.test_dataloader())
-            if "dense" in recovered:
-                rows["dense+lora"] = {**{k: recovered["dense"][k] for k in ("validation", "test")},
-                                      "target_params_kept": total, "params": dense_params}
+            variants = variant_list(found, levels, pruned_accuracy, recovered,
+                                    self.search.strategy)
+            rows, transfer, total = evaluate_variants(
+                self.trainer, lm, data, pruner, variants, self.transfer, dense_params,
+                recovered.get("dense"))
             pruner.apply(levels)
             if (self.quantize.measure or self.quantize.formats) and self.trainer.is_global_zero:
-                self._measure(rows, final, work)  # other ranks load rank 0's summary
+                # other ranks load rank 0's summary
+                measure_forms(rows, final, work, self.run.path, self.quantize)
             return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
-                    "relative": self.search.relative, "target_params": total, "rows": rows, "final": final, "transfer": transfer,
+                    "relative": self.search.relative, "target_params": total, "rows": rows,
+                    "final": final, "transfer": transfer,
                     "pruned_units": len(sizes), "units": len(pruner.names),
                     "bottlenecks": found.get("bottlenecks", []), "cost": found.get("cost"),
                     "refit": {k: v for k, v in refitted.items() if k != "factors"},
@@ -485,6 +349,8 @@ class Pipeline:
         if scores:
             report["lm_eval"] = scores
         report["stage_seconds"] = dict(run.timings)
+        for row, values in report["rows"].items():
+            self.log({f"final/{row}/{k}": v for k, v in values.items()})
         if self.trainer.is_global_zero:
             write_json(self.run.path / "summary.json", report)
             card = model_card(report, BUILTIN_HUB_IDS.get(lm.pretrained, lm.pretrained),

@@ -121,6 +121,30 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
 
 
 @pytest.mark.slow
+def test_user_logger_gets_search_recovery_and_final_metrics(tmp_path, tiny_llama):
+    import csv
+
+    logs = tmp_path / "logs"
+    assert run_cli("fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
+                   "--data.sizes", "{calibration: 12, validation: 10, test: 10, train: 10}",
+                   "--data.batch_size", "5", "--recover.enabled", "true", "--recover.epochs", "1",
+                   "--search.population", "4", "--search.generations", "1", "--trainer.logger",
+                   f"{{class_path: lightning.pytorch.loggers.CSVLogger, init_args: "
+                   f"{{save_dir: {logs}, name: mine}}}}", *QUIET) == 0
+    (metrics,) = logs.glob("mine/version_*/metrics.csv")
+    with open(metrics) as f:
+        columns = set(next(csv.reader(f)))
+    assert {"search/best", "search/mean", "search/uniform_keep", "train_loss", "val_acc",
+            "final/base/test", "final/pruned/test"} <= columns
+
+
+def test_default_logger_writes_into_the_run_folder(tmp_path, tiny_llama):
+    assert run_cli("fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
+                   "--data.sizes", "{calibration: 12, validation: 10, test: 10, train: 0}",
+                   "--data.batch_size", "5", "--search.strategy", "uniform", *QUIET) == 0
+    assert list((tmp_path / "demo" / "lightning_logs").glob("version_*/metrics.csv"))
+
+
 def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
     """The real SmolLM2 on Rotten Tomatoes with every stage of the demo config, small splits:
     fit, then `test` reloads the export and agrees; the quantized forms stay close."""

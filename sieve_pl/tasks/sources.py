@@ -12,6 +12,10 @@ A task trained on one of them and scored on another maps the label values with i
 """
 from __future__ import annotations
 
+import codecs
+import csv
+import json
+import sys
 from pathlib import Path
 
 from ..errors import SieveError
@@ -86,10 +90,87 @@ def load_source(source: str, name: str | None = None, split: str = "train"):
     if path.suffix in LOCAL_FORMATS:
         if not path.exists():
             raise SieveError(f"data file {source!r} does not exist")
-        return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        check_local_file(path)
+        try:
+            return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as err:  # what the pre-check cannot see (parquet, a .json document)
+            raise SieveError(f"cannot read data file {source}: {_reason(err)}") from None
     try:
         return load_dataset(source, name, split=split)
     except Exception as err:  # datasets raises many types; the user needs one line
         raise SieveError(f"cannot load dataset {source!r} (config {name!r}, split {split!r}): "
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; "
                          f"built-in offline sets: {', '.join(BUILTIN_DATA)}") from None
+
+
+def _reason(err: BaseException) -> str:
+    """The root cause's first line: ``datasets`` wraps it in a generic DatasetGenerationError."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _lines(path: Path):
+    """(line number, text) of a file, decoded strictly: a bad byte names its line.
+
+    ``datasets`` reads invalid UTF-8 inside a JSON string without complaint and the crash
+    comes at evaluation, after the whole pipeline; reading bytes per line names the row.
+    """
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SieveError(f"{path} line {number}: invalid UTF-8 (byte "
+                                 f"0x{raw[err.start]:02x} at offset {err.start})") from None
+
+
+def check_local_file(path: Path) -> None:
+    """One streaming pass over a local .jsonl/.json/.csv before ``datasets`` reads it.
+
+    Invalid UTF-8, a row that is not a JSON object, a csv row with more values than the header,
+    or no rows at all fail here with the file and line, before any weight is loaded; ``datasets``
+    would raise a generic DatasetGenerationError or, for bad bytes, crash at evaluation.
+    A .json file may be one JSON document over many lines: only its bytes are checked here.
+    """
+    if path.suffix == ".parquet":
+        return  # binary: ``datasets`` errors are caught around the load
+    rows = 0
+    if path.suffix == ".csv":
+        limit = csv.field_size_limit(sys.maxsize)  # pandas has no 128 kB field limit
+        try:
+            reader = csv.reader(line for _, line in _lines(path))
+            header = next(reader, None)
+            if not header:
+                raise SieveError(f"{path} is empty (a csv file needs a header and rows)")
+            for row in reader:
+                if len(row) > len(header):
+                    raise SieveError(f"{path} line {reader.line_num}: {len(row)} values but "
+                                     f"the header has {len(header)} columns")
+                rows += bool(row)  # pandas skips blank lines
+        except csv.Error as err:
+            raise SieveError(f"{path} line {reader.line_num}: {err}") from None
+        finally:
+            csv.field_size_limit(limit)
+        if not rows:
+            raise SieveError(f"{path} has a header but no rows")
+        return
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        rows += 1
+        if path.suffix != ".jsonl":
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SieveError(f"{path} line {number} column {err.colno}: not valid JSON "
+                             f"({err.msg})") from None
+        if not isinstance(row, dict):
+            raise SieveError(f"{path} line {number}: a JSON object per line is needed, got "
+                             f"{type(row).__name__}")
+    if not rows:
+        raise SieveError(f"{path} is empty")

@@ -1,0 +1,160 @@
+"""Evaluate stage: every variant on the test split and the transfer datasets, then disk, memory
+and latency of the deployable forms. Kept apart from ``pipeline.py`` so that it reads as the
+stage order; the configs of what is scored and where the export goes live here too.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+
+from ..errors import SieveError
+from ..io import read_json
+from ..models.module import SieveLM, evaluate
+from ..models.pruning import Pruner
+from ..tasks.datamodule import TaskDataModule
+from .recover import with_weights
+
+DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                   "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                   "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"}
+
+
+@dataclass
+class QuantizeConfig:
+    """Quantized forms of the exported model (bitsandbytes, applied when it is loaded).
+
+    Args:
+        formats: forms to evaluate: int8 and/or nf4.
+        measure: also measure disk size, peak memory and latency of the base and exported
+            models (each in a fresh process, on the test split).
+    """
+
+    formats: list[Literal["int8", "nf4"]] = field(default_factory=list)
+    measure: bool = False
+
+
+@dataclass
+class TransferConfig:
+    """Cross-dataset check: the base and pruned models scored on other datasets of the same task.
+
+    Args:
+        sources: data source (built-in name, local file or hub id) -> label_map renaming its
+            label values to this task's (``{drug_reviews: {positive: fresh, negative:
+            rotten}}``); an empty map keeps the values.
+        examples: examples drawn (seeded) from each source.
+    """
+
+    sources: dict[str, dict[str, str]] = field(default_factory=dict)
+    examples: int = 500
+
+
+@dataclass
+class ExportConfig:
+    """Where the pruned model goes besides ``<run>/export/model``.
+
+    Args:
+        push_to_hub: a Hugging Face repo id (``user/name``): when the run ends, the export
+            (weights, tokenizer, model card, loading code) is uploaded there; needs a token
+            (``huggingface-cli login`` or HF_TOKEN). None: nothing leaves this machine.
+        private: create that repository private.
+    """
+
+    push_to_hub: str | None = None
+    private: bool = True
+
+    def check(self) -> None:
+        repo = self.push_to_hub
+        if repo is None:
+            return
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+            raise SieveError(f"export.push_to_hub must be a repo id like user/name, got {repo!r}")
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+            raise SieveError("export.push_to_hub needs the network, but HF_HUB_OFFLINE is set")
+
+
+def variant_list(found: dict, levels, pruned_accuracy: float, recovered: dict,
+                 strategy: str) -> list[tuple]:
+    """The rows scored, as ``(row, keep, validation accuracy, weights)``: the base, the search's
+    reference points (uniform, seed), the exported levels, with LoRA when recovery ran."""
+    variants = [("base", 1.0, found["base_accuracy"], {})]
+    if strategy != "uniform":
+        variants.append(("uniform", found["uniform"]["keep"], found["uniform"]["accuracy"], {}))
+    if found.get("seed"):
+        variants.append(("seed", found["seed"]["levels"], found["seed"]["accuracy"], {}))
+    variants.append(("pruned", levels, pruned_accuracy, {}))
+    if recovered["weights"]:
+        variants.append(("pruned+lora", levels, recovered["best_val_acc"], recovered["weights"]))
+    return variants
+
+
+def evaluate_variants(trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, pruner: Pruner,
+                      variants: list[tuple], transfer: TransferConfig, dense_params: int,
+                      dense: dict | None) -> tuple[dict, dict, int]:
+    """Test accuracy and size of each variant, and each transfer source's accuracy of every
+    variant but the search's reference points (uniform, seed).
+
+    Returns ``(rows, transfer scores, target params)``; ``dense`` (recovery's dense + LoRA
+    comparison) adds a row without re-scoring. The pruner is left at the last variant's levels.
+    """
+    test = data.test_dataloader()
+    rows = {}
+    for row, keep, val, weights in variants:
+        pruner.apply(keep)
+        kept, total = pruner.params(keep)
+        with with_weights(lm.net, weights):
+            rows[row] = {"validation": val, "test": evaluate(trainer, lm, test),
+                         "target_params_kept": kept,
+                         "params": dense_params - (total - kept)}
+    scores = {}
+    for source, label_map in transfer.sources.items():
+        other = data.other_source(source, label_map, transfer.examples)
+        scores[source] = {"examples": len(other.splits["test"])}
+        for row, keep, _, weights in variants:
+            if row not in ("uniform", "seed"):
+                pruner.apply(keep)
+                with with_weights(lm.net, weights):
+                    scores[source][row] = evaluate(trainer, lm, other.test_dataloader())
+    if dense is not None:
+        rows["dense+lora"] = {**{k: dense[k] for k in ("validation", "test")},
+                              "target_params_kept": total, "params": dense_params}
+    return rows, scores, total
+
+
+def measure_forms(rows: dict, final: str, work: Path, run_path: Path,
+                  quantize: QuantizeConfig) -> None:
+    """Disk, peak memory and latency of each deployable form, each in a fresh process.
+
+    The base and the exported model are measured as folders; the quantized forms are the
+    exported folder loaded through bitsandbytes. Variants that share a structure with a
+    measured one (pruned before LoRA, dense + LoRA: merged adapters add no weights) report
+    that one's disk, memory and latency.
+    """
+    forms = [("base", "base", "none"), (final, "pruned", "none")]
+    forms += [(f"{final}+{fmt}", "pruned", fmt) for fmt in quantize.formats]
+    for row, which, fmt in forms:
+        out = work / f"measure-{row}.json"
+        command = [sys.executable, "-m", "sieve_pl.cli", "test",
+                   "--config", str(run_path / "config.yaml"), "--evaluate", which,
+                   "--quantized", fmt, "--measure_json", str(out), "--trainer.devices", "1",
+                   "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false"]
+        # a plain one-process run: not a member of this run's torchrun / SLURM job
+        env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"measuring {row} failed:\n{done.stderr[-2000:]}")
+        measured = read_json(out)
+        rows.setdefault(row, {"target_params_kept": rows[final]["target_params_kept"],
+                              "params": rows[final]["params"]})
+        rows[row].update(measured)
+    for row, like in (("pruned", final), ("dense+lora", "base")):
+        if row in rows and row != like:
+            rows[row].update({k: rows[like][k] for k in
+                              ("latency_ms_per_example", "peak_memory_mb", "weights_mb",
+                               "disk_mb")})
