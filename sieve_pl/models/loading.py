@@ -64,6 +64,23 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
+def read_config_json(path: Path) -> dict:
+    """A local config.json with one line naming the file if it is corrupt: AutoConfig's error
+    would be reported as "not a local model folder"."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SieveError(f"{path} is not valid JSON (line {err.lineno}): {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise SieveError(f"{path} is not valid UTF-8 (byte 0x{err.object[err.start]:02x} at "
+                         f"offset {err.start})") from None
+    except OSError as err:
+        raise SieveError(f"cannot read {path}: {err.strerror}") from None
+    if not isinstance(config, dict):
+        raise SieveError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config (cheap: no weights), with a one-line error when it cannot be found."""
     from transformers import AutoConfig
@@ -71,10 +88,12 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     from .hf import register
 
     local = Path(resolve(name_or_path)) / "config.json"
-    try:  # a sieve-pl export loads through sieve_pl's own classes, not the folder's code
-        register(json.loads(local.read_text()).get("model_type", ""))
-    except (OSError, ValueError, AttributeError):
-        pass  # not a local folder, or a config.json that AutoConfig will report on
+    if local.is_file():  # a sieve-pl export loads through sieve_pl's own classes
+        model_type = read_config_json(local).get("model_type", "")
+        try:
+            register(model_type)
+        except (OSError, ValueError, AttributeError):
+            pass  # a model type that AutoConfig will report on
     try:
         return AutoConfig.from_pretrained(resolve(name_or_path),
                                           trust_remote_code=trust_remote_code)

@@ -97,6 +97,7 @@ class TaskDataModule(L.LightningDataModule):
         self.task = task if task is not None else Classification()
         sizes = replace(sizes)  # the default instance is shared: never edit it
         self.sizes, self.batch_size, self.max_length, self.seed = sizes, batch_size, max_length, seed
+        self.check_settings()
         self.tokenizer = None
         self.splits: dict = {}
 
@@ -116,10 +117,19 @@ class TaskDataModule(L.LightningDataModule):
                 "task": self.task.config(), "max_length": self.max_length, "seed": self.seed,
                 "sizes": {s: getattr(self.sizes, s) for s in before}}
 
+    def check_settings(self) -> None:
+        """Fail at construction (config parsing), not as a DataLoader or collate traceback
+        after the weights are loaded: 8 tokens is the least room for a prompt and an answer."""
+        if self.batch_size < 1:
+            raise SieveError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length < 8:
+            raise SieveError(f"data.max_length must be >= 8 tokens, got {self.max_length}")
+
     def prepare(self, tokenizer) -> None:
         """Load, check and split the data (cheap; runs before any model weight is loaded)."""
         if self.splits:
             return
+        self.check_settings()  # (settings may have been changed since construction)
         self.tokenizer = tokenizer
         data = load_source(self.source, self.name, self.split)
         if self.label_map:

@@ -95,17 +95,24 @@ def load_source(source: str, name: str | None = None, split: str = "train"):
             return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
         except Exception as err:  # what the pre-check cannot see (parquet, a .json document)
             raise SieveError(f"cannot read data file {source}: {_reason(err)}") from None
+    if path.is_dir():  # a local folder laid out like a hub dataset: check its row files
+        for file in sorted(path.rglob("*")):
+            hidden = any(part.startswith(".") for part in file.relative_to(path).parts)
+            if file.suffix in (".jsonl", ".csv") and file.is_file() and not hidden:
+                check_local_file(file)
     try:
         return load_dataset(source, name, split=split)
     except Exception as err:  # datasets raises many types; the user needs one line
         raise SieveError(f"cannot load dataset {source!r} (config {name!r}, split {split!r}): "
-                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                         f"{_reason(err)}; "
                          f"built-in offline sets: {', '.join(BUILTIN_DATA)}") from None
 
 
 def _reason(err: BaseException) -> str:
-    """The root cause's first line: ``datasets`` wraps it in a generic DatasetGenerationError."""
-    while err.__cause__ is not None:
+    """The error's first line; its cause's for ``datasets``' generic DatasetGenerationError."""
+    from datasets.exceptions import DatasetGenerationError
+
+    while isinstance(err, DatasetGenerationError) and err.__cause__ is not None:
         err = err.__cause__
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
