@@ -10,6 +10,7 @@ matches; a changed config re-runs that stage and everything after it (their fing
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .errors import SieveError
 from .io import crash_point, file_digest, fingerprint, read_json, write_json
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass
@@ -161,7 +164,13 @@ class RunDir:
             (work / "fingerprint").write_text(fp)
         self.trainer.strategy.barrier()
         start = time.perf_counter()
-        result = compute(work)
+        try:
+            result = compute(work)
+        except OSError as err:  # disk full / quota / read-only while the stage writes its work
+            if err.errno not in WRITE_ERRORS:
+                raise
+            raise SieveError(f"the {name} stage could not write under {self.path} ({err}); "
+                             f"free space or fix permissions and rerun to resume") from None
         crash_point(f"{name}:computed")
         if self.trainer.is_global_zero:
             tmp = final.with_name(f".{name}.tmp")

@@ -248,3 +248,14 @@ def test_fit_holds_the_lock_and_releases_it(tmp_path, monkeypatch):
     with RunDir(tmp_path / "demo", fake_trainer()).lock():
         with pytest.raises(SieveError, match="in use by pid"):
             pipeline.fit()
+
+
+def test_disk_full_while_a_stage_computes_is_one_line(tmp_path):
+    import errno
+
+    def compute(work):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(SieveError, match=r"^the stage stage could not write .*No space left.*"
+                                         r"rerun to resume$"):
+        RunDir(tmp_path, fake_trainer()).stage("stage", {}, compute, None, None)
