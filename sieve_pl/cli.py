@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -62,6 +63,10 @@ class SieveCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.trainer.default_root_dir is None:
             cfg.trainer.default_root_dir = str(Path(cfg.run.root) / cfg.run.name)
+        callbacks = cfg.trainer.callbacks or []
+        own_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
+        if cfg.trainer.enable_progress_bar is not False and not own_bar:  # named stage bars
+            cfg.trainer.callbacks = [*callbacks, Namespace(class_path="sieve_pl.progress.StageBar")]
         if self.subcommand == "fit" and cfg.trainer.max_epochs is not None:
             rank_zero_warn("trainer.max_epochs is not used: recover.epochs, distill.epochs and "
                            "projection.learned.epochs set each training stage's epochs")

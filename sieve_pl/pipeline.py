@@ -282,8 +282,10 @@ class Pipeline:
                 pruner.apply(1.0)
                 dense = self._recover(work / "dense")
                 with with_weights(lm.net, dense.pop("weights")):
-                    dense["validation"] = evaluate(self.trainer, lm, data.val_dataloader())
-                    dense["test"] = evaluate(self.trainer, lm, data.test_dataloader())
+                    dense["validation"] = evaluate(self.trainer, lm, data.val_dataloader(),
+                                                   "evaluate dense+lora/validation")
+                    dense["test"] = evaluate(self.trainer, lm, data.test_dataloader(),
+                                             "evaluate dense+lora/test")
                 result["dense"] = dense
                 pruner.apply(levels)
             return result

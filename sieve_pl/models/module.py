@@ -8,6 +8,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from ..io import PeakMemory
+from ..progress import named
 from .loading import DEFAULT_MODEL, load_config, load_model, load_tokenizer
 
 # predict_step returns nothing on purpose (metrics accumulate in the module)
@@ -60,18 +61,20 @@ class SieveLM(L.LightningModule):
             metric.update(scores[name])
 
 
-def evaluate_metrics(trainer: L.Trainer, lm: SieveLM, dataloader) -> dict[str, float]:
+def evaluate_metrics(trainer: L.Trainer, lm: SieveLM, dataloader, name: str = "evaluate"
+                     ) -> dict[str, float]:
     """Every metric of the task on a dataloader, one predict loop (exact under DDP: no padded
-    repeats); the primary metric first."""
+    repeats); the primary metric first. ``name`` labels the progress bar."""
     for metric in lm.task_metrics.values():
         metric.reset()
-    trainer.predict(lm, dataloaders=dataloader, return_predictions=False)
+    with named(trainer, name):
+        trainer.predict(lm, dataloaders=dataloader, return_predictions=False)
     return {name: float(metric.compute()) for name, metric in lm.task_metrics.items()}
 
 
-def evaluate(trainer: L.Trainer, lm: SieveLM, dataloader) -> float:
+def evaluate(trainer: L.Trainer, lm: SieveLM, dataloader, name: str = "evaluate") -> float:
     """The task's primary metric (accuracy, exact match or F1) of ``lm`` on a dataloader."""
-    return evaluate_metrics(trainer, lm, dataloader)[lm.task.metric]
+    return evaluate_metrics(trainer, lm, dataloader, name)[lm.task.metric]
 
 
 def measure(trainer: L.Trainer, lm: SieveLM, data, quantize: str = "none") -> dict:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from ..errors import SieveError
+from ..progress import named
 from ..io import crash_point
 from ..models.factored import dense_shape
 from ..tasks.base import last_logits
@@ -131,7 +132,8 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
         chunk = layers[start:start + per_pass]
         module = Calibration(net, {k: v for k, v in groups.items() if layer_of(k) in chunk},
                              config.dtype, config.device, config.product_dtype)
-        trainer.predict(module, dataloaders=dataloader, return_predictions=False)
+        with named(trainer, f"calibrate (layers {start + 1}-{start + len(chunk)} of {len(layers)})"):
+            trainer.predict(module, dataloaders=dataloader, return_predictions=False)
         for index, layer in enumerate(chunk, start):
             shard = {}
             for key in (k for k in groups if layer_of(k) == layer):

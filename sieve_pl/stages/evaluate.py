@@ -109,7 +109,8 @@ def evaluate_variants(trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, pru
         pruner.apply(keep)
         kept, total = pruner.params(keep)
         with with_weights(lm.net, weights):
-            rows[row] = {"validation": val, "test": evaluate(trainer, lm, test),
+            rows[row] = {"validation": val,
+                         "test": evaluate(trainer, lm, test, f"evaluate {row}/test"),
                          "target_params_kept": kept,
                          "params": dense_params - (total - kept)}
     scores = {}
@@ -120,7 +121,8 @@ def evaluate_variants(trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, pru
             if row not in ("uniform", "seed"):
                 pruner.apply(keep)
                 with with_weights(lm.net, weights):
-                    scores[source][row] = evaluate(trainer, lm, other.test_dataloader())
+                    scores[source][row] = evaluate(trainer, lm, other.test_dataloader(),
+                                                   f"evaluate {row}/{source}")
     if dense is not None:
         rows["dense+lora"] = {**{k: dense[k] for k in ("validation", "test")},
                               "target_params_kept": total, "params": dense_params}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..models.factored import dense_weight, set_submodule
 from ..models.pruning import MatrixUnit, NeuronUnit
+from ..progress import named
 from ..tasks.base import last_logits
 from .calibrate import reduce_sums
 from .project import _eigh_desc
@@ -165,7 +166,8 @@ def refit(trainer: L.Trainer, net, pruner, levels: dict, dataloader, ridge: floa
                  for n in names}  # the module whose input is refitted against
         moments = PairedMoments(net, layer, {n: (dense[m], pruned[m]) for n, m in point.items()},
                                 dense, pruned)
-        trainer.predict(moments, dataloaders=dataloader, return_predictions=False)
+        with named(trainer, f"refit {layer}"):
+            trainer.predict(moments, dataloaders=dataloader, return_predictions=False)
         for name in names:
             ctt, k = moments.sums[f"{name}.ctt"], moments.sums[f"{name}.k"]
             w = dense_weight(dense[point[name]]).detach().to(ctt.device, torch.float64)

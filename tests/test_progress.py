@@ -1,0 +1,31 @@
+"""Named progress bars: every prediction loop says what it is for."""
+import lightning as L
+
+from sieve_pl.cli import SieveCLI
+from sieve_pl.models.module import SieveLM, evaluate
+from sieve_pl.progress import StageBar
+
+
+def test_prediction_loops_carry_their_stage_name(tiny_llama, tiny_data):
+    seen = []
+
+    class Spy(L.Callback):
+        def on_predict_start(self, trainer, module):
+            seen.append(trainer.progress_bar_callback.predict_description)
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[StageBar(), Spy()],
+                        enable_model_summary=False)
+    lm = SieveLM(tiny_llama)
+    lm.load()
+    lm.set_task(tiny_data.task)
+    evaluate(trainer, lm, tiny_data.val_dataloader(), "evaluate pruned/test")
+    assert seen == ["evaluate pruned/test"]
+    assert trainer.progress_bar_callback.stage == "Predicting"  # restored after the loop
+
+
+def test_cli_installs_the_named_bar_only_when_bars_are_on(tiny_llama):
+    cli = SieveCLI(args=["--model.pretrained", tiny_llama], run=False)
+    assert isinstance(cli.trainer.progress_bar_callback, StageBar)
+    cli = SieveCLI(args=["--model.pretrained", tiny_llama, "--trainer.enable_progress_bar",
+                         "false"], run=False)
+    assert cli.trainer.progress_bar_callback is None
