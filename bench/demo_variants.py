@@ -18,7 +18,7 @@ from common import open_run, run_pruner, write_result
 from sieve_pl.artifacts import load_refit
 from sieve_pl.io import read_json
 from sieve_pl.models.module import evaluate
-from sieve_pl.stages.recover import with_weights
+from sieve_pl.models.pruning import with_weights
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ from pathlib import Path
 from common import open_run, run_pruner, write_result
 from sieve_pl.io import read_json
 from sieve_pl.models.module import evaluate
-from sieve_pl.stages.recover import lora_targets, recover, with_weights
+from sieve_pl.models.pruning import with_weights
+from sieve_pl.stages.recover import lora_targets, recover
 
 
 def main() -> None:

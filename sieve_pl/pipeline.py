@@ -28,7 +28,7 @@ from .stages.evaluate import (ExportConfig, QuantizeConfig, TransferConfig, eval
                               measure_forms, variant_list)
 from .stages.lm_eval import LmEvalConfig, score as lm_eval_score
 from .stages.project import ProjectionConfig, project
-from .stages.recover import RecoverConfig, lora_targets, recover, with_weights
+from .stages.recover import RecoverConfig, lora_targets, recover
 from .stages.refit import RefitConfig, refit
 from .stages.search import Fitness, SearchConfig, search
 from .tasks.datamodule import TaskDataModule
@@ -279,15 +279,14 @@ class Pipeline:
                 return {"weights": {}}
             result = self._recover(work / "pruned")
             if self.recover.compare_dense:  # the same LoRA budget and steps on the dense model
-                pruner.apply(1.0)
-                dense = self._recover(work / "dense")
-                with with_weights(lm.net, dense.pop("weights")):
+                with pruner.at(1.0):
+                    dense = self._recover(work / "dense")
+                with pruner.at(1.0, dense.pop("weights")):
                     dense["validation"] = evaluate(self.trainer, lm, data.val_dataloader(),
                                                    "evaluate dense+lora/validation")
                     dense["test"] = evaluate(self.trainer, lm, data.test_dataloader(),
                                              "evaluate dense+lora/test")
                 result["dense"] = dense
-                pruner.apply(levels)
             return result
 
         recovered = run.stage(
@@ -298,7 +297,7 @@ class Pipeline:
         lora = (bool(recovered["weights"]) and recovered["best_val_acc"] is not None
                 and recovered["best_val_acc"] >= pruned_accuracy - 1e-6)
         final = "pruned+lora" if lora else "pruned"
-        with with_weights(lm.net, recovered["weights"] if lora else {}):
+        with pruner.at(levels, recovered["weights"] if lora else {}):
             layout = run.stage("export", {}, lambda work: None,
                       lambda _, d: save_pruned(lm.net, data.tokenizer, d / "model"),
                       lambda d: read_json(d / "model" / "config.json")["sieve"])
@@ -309,7 +308,6 @@ class Pipeline:
             rows, transfer, total = evaluate_variants(
                 self.trainer, lm, data, pruner, variants, self.transfer, dense_params,
                 recovered.get("dense"))
-            pruner.apply(levels)
             if (self.quantize.measure or self.quantize.formats) and self.trainer.is_global_zero:
                 # other ranks load rank 0's summary
                 measure_forms(rows, final, work, self.run.path, self.quantize)
@@ -336,10 +334,9 @@ class Pipeline:
                 return {}  # other ranks read rank 0's scores when the stage loads
             device = self.trainer.strategy.root_device
             home = next(lm.net.parameters()).device
-            pruner.apply(1.0)
-            base = lm_eval_score(lm.net.to(device), data.tokenizer, self.lm_eval)
-            lm.net.to(home)
-            pruner.apply(levels)
+            with pruner.at(1.0):
+                base = lm_eval_score(lm.net.to(device), data.tokenizer, self.lm_eval)
+                lm.net.to(home)
             folder = str(self.run.path / "export" / "model")
             exported, _ = load_model(folder, lm.dtype_name)
             pruned = lm_eval_score(exported.to(device), load_tokenizer(folder), self.lm_eval)

@@ -212,3 +212,20 @@ def test_export_with_resized_mlps_reloads_exactly(neuron_setup, tmp_path, tokeni
     torch.testing.assert_close(last_logits(reloaded.eval(), batch), expected, rtol=0, atol=0)
     assert _params(reloaded) == _params(lm.net)
     pruner.apply(1.0)
+
+
+def test_at_restores_the_levels_and_weights_the_model_had(pruned_setup):
+    lm, pruner, batch = pruned_setup
+    pruner.apply(0.5)
+    before = last_logits(lm.net, batch)
+    name = "model.layers.0.mlp.gate_proj.weight"  # a parameter of the dense model
+    with pruner.at(1.0, {name: torch.zeros(lm.net.config.intermediate_size, 32)}):
+        assert pruner.sizes(pruner.keep) == {}  # dense inside
+        assert not torch.equal(last_logits(lm.net, batch), before)
+    assert pruner.keep == 0.5
+    torch.testing.assert_close(last_logits(lm.net, batch), before, rtol=0, atol=0)
+    with pytest.raises(RuntimeError):
+        with pruner.at(0.3):
+            raise RuntimeError("a failing stage")
+    assert pruner.keep == 0.5  # restored on errors too
+    pruner.apply(1.0)

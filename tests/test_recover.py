@@ -7,11 +7,10 @@ import torch
 
 from sieve_pl.models.hf import save_pruned
 from sieve_pl.models.module import SieveLM
-from sieve_pl.models.pruning import Pruner
+from sieve_pl.models.pruning import Pruner, with_weights
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project
-from sieve_pl.stages.recover import (RecoverConfig, Recovery, lora_targets, recover,
-                                     with_weights)
+from sieve_pl.stages.recover import RecoverConfig, Recovery, lora_targets, recover
 from sieve_pl.tasks import SplitSizes, TaskDataModule
 from sieve_pl.tasks.base import last_logits
 

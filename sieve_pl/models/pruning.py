@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -229,6 +230,22 @@ class HeadUnit:
 UNITS = {Factors: MatrixUnit, Neurons: NeuronUnit, HeadDims: HeadUnit}
 
 
+@contextmanager
+def with_weights(net: nn.Module, weights: dict[str, torch.Tensor]):
+    """Temporarily give ``net`` these weights (by parameter name, e.g. merged LoRA); the
+    originals come back, on the device the parameter is on by then."""
+    params = dict(net.named_parameters())
+    saved = {name: params[name].data for name in weights}
+    try:
+        for name, value in weights.items():
+            params[name].data = value.to(saved[name].device, saved[name].dtype)
+        yield net
+    finally:
+        params = dict(net.named_parameters())
+        for name, value in saved.items():
+            params[name].data = value.to(params[name].device)
+
+
 class Pruner:
     """Owns a model's pruned state: puts it at any levels, and back to dense, from stored bases.
 
@@ -244,6 +261,7 @@ class Pruner:
         self.model, self.rank_multiple = model, rank_multiple
         self.units = {name: UNITS[type(b)](model, name, b) for name, b in bases.items()}
         self.refitted: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.keep: float | dict[str, float] = 1.0  # the levels the model is at
 
     @property
     def names(self) -> list[str]:
@@ -272,6 +290,7 @@ class Pruner:
     def apply(self, keep: float | dict[str, float]) -> dict[str, int]:
         """Put the model at these levels (in place); returns the sizes of the pruned units."""
         sizes = self.sizes(keep)
+        self.keep = keep
         device = next(self.model.parameters()).device  # the model may have moved since
         for name, unit in self.units.items():
             modules = (unit.modules(sizes[name], self.refitted.get(name)) if name in sizes
@@ -279,6 +298,20 @@ class Pruner:
             for module_name, module in modules.items():
                 set_submodule(self.model, module_name, module.to(device))
         return sizes
+
+
+    @contextmanager
+    def at(self, keep: float | dict[str, float], weights: dict[str, torch.Tensor] | None = None):
+        """The model at these levels (and these weights by parameter name, e.g. merged LoRA)
+        inside the block, and back at the levels it had before afterwards: a stage scoring
+        several variants never leaves the model where the next stage does not expect it."""
+        before = self.keep
+        self.apply(keep)
+        try:
+            with with_weights(self.model, weights or {}):
+                yield self.model
+        finally:
+            self.apply(before)
 
 
 def flatten_bases(bases: dict[str, Factors | Neurons]) -> tuple[dict[str, torch.Tensor],

@@ -19,7 +19,6 @@ from ..io import read_json
 from ..models.module import SieveLM, evaluate
 from ..models.pruning import Pruner
 from ..tasks.datamodule import TaskDataModule
-from .recover import with_weights
 
 DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                    "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
@@ -101,14 +100,13 @@ def evaluate_variants(trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, pru
     variant but the search's reference points (uniform, seed).
 
     Returns ``(rows, transfer scores, target params)``; ``dense`` (recovery's dense + LoRA
-    comparison) adds a row without re-scoring. The pruner is left at the last variant's levels.
+    comparison) adds a row without re-scoring. The model ends at the levels it had.
     """
     test = data.test_dataloader()
     rows = {}
     for row, keep, val, weights in variants:
-        pruner.apply(keep)
         kept, total = pruner.params(keep)
-        with with_weights(lm.net, weights):
+        with pruner.at(keep, weights):
             rows[row] = {"validation": val,
                          "test": evaluate(trainer, lm, test, f"evaluate {row}/test"),
                          "target_params_kept": kept,
@@ -119,8 +117,7 @@ def evaluate_variants(trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, pru
         scores[source] = {"examples": len(other.splits["test"])}
         for row, keep, _, weights in variants:
             if row not in ("uniform", "seed"):
-                pruner.apply(keep)
-                with with_weights(lm.net, weights):
+                with pruner.at(keep, weights):
                     scores[source][row] = evaluate(trainer, lm, other.test_dataloader(),
                                                    f"evaluate {row}/{source}")
     if dense is not None:

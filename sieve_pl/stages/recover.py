@@ -12,7 +12,6 @@ weights, like plain LoRA.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -190,20 +189,6 @@ def quantized_copy(net: nn.Module, fmt: str, folder: Path) -> nn.Module:
     dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
     quantized, _ = load_model(str(folder), dtype, quantize=fmt)
     return quantized
-
-
-@contextmanager
-def with_weights(net: nn.Module, weights: dict[str, torch.Tensor]):
-    """Temporarily give ``net`` these weights (by parameter name); the originals come back."""
-    params = dict(net.named_parameters())
-    saved = {name: params[name].data for name in weights}
-    try:
-        for name, value in weights.items():
-            params[name].data = value.to(saved[name].device, saved[name].dtype)
-        yield net
-    finally:
-        for name, value in saved.items():
-            params[name].data = value
 
 
 def recover(make_trainer, net: nn.Module, task, targets: list[str], train_loader, val_loader,
