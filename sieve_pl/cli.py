@@ -1,4 +1,4 @@
-"""``sieve-pl``: a LightningCLI whose ``fit`` runs the whole pruning pipeline.
+"""``sieve-pl``: task-specific pruning of causal LMs (LLM-Sieve) as a Lightning pipeline.
 
 ``fit`` calibrates, projects, searches, exports and evaluates (stages skipped when done);
 ``validate`` / ``test`` score the base model and, when the run has finished, its pruned model on
@@ -7,6 +7,7 @@ the validation / test split.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -34,14 +35,33 @@ STAGE_CONFIGS = {"run": RunConfig, "calibration": CalibrationConfig,
                  "transfer": TransferConfig, "export": ExportConfig, "lm_eval": LmEvalConfig}
 
 
+COMMANDS = {
+    "fit": "prune: calibrate, project, search, refit, distill, recover, export, evaluate "
+           "(finished stages are skipped; rerun the same command to resume)",
+    "validate": "score the base model and, once exported, the pruned one on the validation split",
+    "test": "score the base model and, once exported, the pruned one on the test split",
+}
+USAGE = ("usage: sieve-pl {fit,validate,test} [--config CONFIG] [options]\n\n"
+         + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
+         + "\n\nsieve-pl <command> --help lists every option.")
+
+
 class SieveCLI(LightningCLI):
-    def __init__(self, args=None, run: bool = True):
+    """The parser and the objects (trainer, model, data) of one command.
+
+    LightningCLI parses and instantiates (``run=False``: its subcommands map to Trainer methods,
+    and pruning is not a Trainer method); :func:`main` runs the command.
+    """
+
+    def __init__(self, args=None, run: bool = False, command: str = "fit"):
+        self.command = command
         super().__init__(
             SieveLM, TaskDataModule, args=args, run=run, save_config_callback=None,
             auto_configure_optimizers=False, seed_everything_default=0,
             trainer_defaults={"logger": True, "enable_checkpointing": False,
                               "default_root_dir": None},
-            parser_kwargs={"description": __doc__})
+            parser_kwargs={"prog": f"sieve-pl {command}",
+                           "description": f"sieve-pl {command}: {COMMANDS[command]}."})
 
     def add_arguments_to_parser(self, parser) -> None:
         for name, cls in STAGE_CONFIGS.items():
@@ -56,76 +76,95 @@ class SieveCLI(LightningCLI):
                             help="validate/test: score one model on the validation and test "
                                  "splits and write accuracy, latency per example, peak memory "
                                  "while scoring, weights in memory and bytes on disk as JSON")
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="not used: a run resumes from its run folder (run.root / "
+                                 "run.name) when the same command is run again")
 
     def before_instantiate_classes(self) -> None:
         """Lightning's default logger (TensorBoard if installed, else CSV) writes into the run
-        folder (``<run>/lightning_logs``) unless ``trainer.default_root_dir`` says otherwise."""
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        folder (``<run>/lightning_logs``) unless ``trainer.default_root_dir`` says otherwise;
+        prediction loops get named bars unless bars are off or the user brings one."""
+        cfg = self.config
+        if cfg.ckpt_path:
+            raise SieveError("--ckpt_path is not used: sieve-pl resumes from its run folder "
+                             "(run.root/run.name); rerun the same command to resume")
         if cfg.trainer.default_root_dir is None:
             cfg.trainer.default_root_dir = str(Path(cfg.run.root) / cfg.run.name)
         callbacks = cfg.trainer.callbacks or []
         own_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
-        if cfg.trainer.enable_progress_bar is not False and not own_bar:  # named stage bars
+        if cfg.trainer.enable_progress_bar is not False and not own_bar:
             cfg.trainer.callbacks = [*callbacks, Namespace(class_path="sieve_pl.progress.StageBar")]
-        if self.subcommand == "fit" and cfg.trainer.max_epochs is not None:
+        if self.command == "fit" and cfg.trainer.max_epochs is not None:
             rank_zero_warn("trainer.max_epochs is not used: recover.epochs, distill.epochs and "
                            "projection.learned.epochs set each training stage's epochs")
 
-    def pipeline(self, subcommand: str | None = None) -> Pipeline:
-        cfg = self.config_init[subcommand] if subcommand else self.config_init
+    def pipeline(self) -> Pipeline:
+        cfg = self.config_init
         return Pipeline(self.trainer, self.model, self.datamodule,
                         **{name: cfg[name] for name in STAGE_CONFIGS},
                         make_trainer=self.instantiate_trainer)
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        if self.config[subcommand].get("ckpt_path"):
-            raise SieveError("--ckpt_path is not used: sieve-pl resumes from its run folder "
-                             "(run.root/run.name); rerun the same command to resume")
-        pipeline = self.pipeline(subcommand)
-        if subcommand == "fit":
-            pipeline.prepare()
-            pipeline.check_run_dir()
 
-            def save_config() -> None:  # the run's own config, reusable with --config
-                if self.trainer.is_global_zero:
-                    self._parser("fit").save(self.config["fit"], pipeline.run.path / "config.yaml",
-                                             overwrite=True, skip_check=True)
+def fit(cli: SieveCLI) -> None:
+    pipeline = cli.pipeline()
+    pipeline.prepare()
+    pipeline.check_run_dir()
 
-            pipeline.fit(save_config)
-            return
-        cfg = self.config_init[subcommand]
-        pipeline.prepare(fitting=False)
-        exported = pipeline.run.path / "export" / "model"
-        rows = []
-        if cfg["evaluate"] in ("auto", "base"):
-            rows.append(("base", self.model))
-        if cfg["evaluate"] == "pruned" or (cfg["evaluate"] == "auto"
-                                           and (exported / "config.json").exists()):
-            if not (exported / "config.json").exists():
-                raise SieveError(f"no exported model at {exported}: run `sieve-pl fit` first")
-            rows.append(("pruned", SieveLM(str(exported), self.model.dtype_name)))
-        if cfg["measure_json"]:
-            if len(rows) != 1:
-                raise SieveError("--measure_json scores one model: add --evaluate base|pruned")
-            write_json(Path(cfg["measure_json"]), measure(self.trainer, rows[0][1],
-                                                          self.datamodule, cfg["quantized"]))
-            return
-        split = "validation" if subcommand == "validate" else "test"
-        data = self.datamodule
-        for name, lm in rows:
-            lm.quantize = cfg["quantized"]
-            lm.load()
-            lm.set_task(data.task)
-            acc = evaluate(self.trainer, lm, data.loader(split))
-            params = sum(p.numel() for p in lm.net.parameters())
-            say(f"{name:>6}: {split} {data.task.metric} {100 * acc:.2f}% "
-                f"({len(data.splits[split])} examples, {params / 1e6:.2f}M parameters"
-                f"{'' if lm.quantize == 'none' else ', ' + lm.quantize})")
+    def save_config() -> None:  # the run's own config, reusable with --config
+        if cli.trainer.is_global_zero:
+            cli.parser.save(cli.config, pipeline.run.path / "config.yaml", overwrite=True,
+                            skip_check=True)
+
+    pipeline.fit(save_config)
+
+
+def score(cli: SieveCLI, split: str) -> None:
+    """``validate`` / ``test``: the base model and, once exported, the pruned one."""
+    cfg, data = cli.config_init, cli.datamodule
+    pipeline = cli.pipeline()
+    pipeline.prepare(fitting=False)
+    exported = pipeline.run.path / "export" / "model"
+    rows = []
+    if cfg["evaluate"] in ("auto", "base"):
+        rows.append(("base", cli.model))
+    if cfg["evaluate"] == "pruned" or (cfg["evaluate"] == "auto"
+                                       and (exported / "config.json").exists()):
+        if not (exported / "config.json").exists():
+            raise SieveError(f"no exported model at {exported}: run `sieve-pl fit` first")
+        rows.append(("pruned", SieveLM(str(exported), cli.model.dtype_name)))
+    if cfg["measure_json"]:
+        if len(rows) != 1:
+            raise SieveError("--measure_json scores one model: add --evaluate base|pruned")
+        write_json(Path(cfg["measure_json"]), measure(cli.trainer, rows[0][1], data,
+                                                      cfg["quantized"]))
+        return
+    for name, lm in rows:
+        lm.quantize = cfg["quantized"]
+        lm.load()
+        lm.set_task(data.task)
+        acc = evaluate(cli.trainer, lm, data.loader(split), f"evaluate {name}/{split}")
+        params = sum(p.numel() for p in lm.net.parameters())
+        say(f"{name:>6}: {split} {data.task.metric} {100 * acc:.2f}% "
+            f"({len(data.splits[split])} examples, {params / 1e6:.2f}M parameters"
+            f"{'' if lm.quantize == 'none' else ', ' + lm.quantize})")
 
 
 def main(args=None) -> None:
+    args = list(sys.argv[1:] if args is None else args)
+    if not args or args[0] not in COMMANDS:
+        asked = bool(args) and args[0] in ("-h", "--help")
+        print(USAGE, file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
+    command, rest = args[0], args[1:]
+    # the options are passed explicitly (sys.argv also holds the command, and stays as it is so
+    # DDP can relaunch this process); LightningCLI warns about that case
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
-        SieveCLI(args)
+        cli = SieveCLI(rest, command=command)
+        if command == "fit":
+            fit(cli)
+        else:
+            score(cli, "validation" if command == "validate" else "test")
     except SieveError as err:
         print(f"sieve-pl: error: {err}", file=sys.stderr)
         sys.exit(2)
