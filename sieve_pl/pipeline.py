@@ -42,6 +42,14 @@ def _without_files(identity: dict) -> dict:
     return identity
 
 
+def _settings(config, data: dict | None = None) -> dict:
+    """What a stage's results depend on: all its settings (and data) when it runs, only that it
+    is off when it does not — editing a disabled stage's options re-runs nothing."""
+    if not config.enabled:
+        return {"enabled": False}
+    return {**({"data": data} if data is not None else {}), **asdict(config)}
+
+
 class Pipeline:
     """``sieve-pl fit``: calibrate → project → search → refit → export → evaluate.
 
@@ -250,7 +258,7 @@ class Pipeline:
             return {"used": after >= found["accuracy"] - 1e-6, "factors": factors,
                     "accuracy_before": found["accuracy"], "accuracy_after": after}
 
-        refitted = run.stage("refit", asdict(self.refit), run_refit, save_refit, load_refit)
+        refitted = run.stage("refit", _settings(self.refit), run_refit, save_refit, load_refit)
         if refitted["used"]:
             pruner.refitted = refitted["factors"]
         pruned_accuracy = refitted["accuracy_after"] if refitted["used"] else found["accuracy"]
@@ -266,8 +274,8 @@ class Pipeline:
             return {**result, "used": after >= pruned_accuracy - 1e-6,
                     "accuracy_before": pruned_accuracy, "accuracy_after": after}
 
-        distilled = run.stage("distill", {"data": data.fingerprint_config("train"),
-                                          **asdict(self.distill)}, run_distill, save_refit,
+        distilled = run.stage("distill", _settings(self.distill, data.fingerprint_config("train")),
+                              run_distill, save_refit,
                               load_refit)
         if distilled["used"]:
             pruner.refitted = {**pruner.refitted, **distilled["factors"]}
@@ -290,7 +298,7 @@ class Pipeline:
             return result
 
         recovered = run.stage(
-            "recover", {"data": data.fingerprint_config("train"), **asdict(self.recover)},
+            "recover", _settings(self.recover, data.fingerprint_config("train")),
             run_recover, save_recover, load_recover)
         # LoRA is exported only where it does not lower validation accuracy (selection on
         # validation, like refit and distillation)

@@ -97,6 +97,10 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
     assert run_cli(*args) == 0  # same command: every stage skipped, same result
     assert read_json(run / "summary.json")["rows"] == summary["rows"]
     mtimes = {s: (run / s / "stage.json").stat().st_mtime_ns for s in stages}
+    # a disabled stage's options change nothing (refit and recovery are off here)
+    assert run_cli(*args, "--refit.ridge", "0.5", "--recover.rank", "4") == 0
+    changed = [s for s in stages if (run / s / "stage.json").stat().st_mtime_ns != mtimes[s]]
+    assert not changed
 
     assert run_cli(*args, "--search.epsilon", "0.3") == 0  # search and later re-run
     after = {s: (run / s / "stage.json").stat().st_mtime_ns for s in stages}
@@ -108,7 +112,8 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
     assert run_cli(*args, "--search.epsilon", "0.3", "--data.sizes.test", "8") == 0
     last = {s: (run / s / "stage.json").stat().st_mtime_ns for s in stages}
     assert all(last[s] == after[s] for s in ("calibrate", "project", "search", "refit"))
-    assert last["recover"] != after["recover"] and last["evaluate"] != after["evaluate"]
+    # recovery is off: the train split it would read does not concern it
+    assert last["recover"] == after["recover"] and last["evaluate"] != after["evaluate"]
     assert not list(run.glob(".*.tmp"))  # no temporary stage folder left behind
 
     # a finished run scored on another dataset of the same task, base and pruned side by side
