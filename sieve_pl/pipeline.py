@@ -51,7 +51,8 @@ def _settings(config, data: dict | None = None) -> dict:
 
 
 class Pipeline:
-    """``sieve-pl fit``: calibrate → project → search → refit → export → evaluate.
+    """``sieve-pl fit``: the stages in the module docstring's order, then lm_eval (optional), the
+    model card and the hub upload (optional).
 
     Finished stages are skipped; each stage's config section is in its fingerprint.
     """

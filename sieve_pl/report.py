@@ -12,6 +12,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _size_row(name: str, row: dict, total: int) -> str:
+    """``| model | validation | test | parameters | decoder Linear weights kept |``"""
+    return (f"| {name} | {_pct(row['validation'])} | {_pct(row['test'])} "
+            f"| {row['params'] / 1e6:.2f}M | {_pct(row['target_params_kept'] / total)} |")
+
+
 def format_summary(r: dict) -> str:
     """The short table printed at the end of ``sieve-pl fit``."""
     total = r["target_params"]
@@ -24,8 +30,7 @@ def format_summary(r: dict) -> str:
     lines = ["", f"sieve-pl: {r['strategy']} search at epsilon {r['epsilon']} "
                  f"({r['pruned_units']} of {r['units']} units pruned)", head, rule]
     for name, row in r["rows"].items():
-        line = (f"| {name} | {_pct(row['validation'])} | {_pct(row['test'])} "
-                f"| {row['params'] / 1e6:.2f}M | {_pct(row['target_params_kept'] / total)} |")
+        line = _size_row(name, row, total)
         if measured:
             line += "".join(f" {row[k]:.1f} |" if row.get(k) is not None else " |" for k in
                             ("disk_mb", "weights_mb", "peak_memory_mb",
@@ -100,9 +105,7 @@ def model_card(r: dict, base_model: str, task: str, source: str, prompt: str | N
                   "```text", prompt, "```"]
     lines += ["", "| model | validation | test | parameters | decoder Linear weights kept |",
               "|---|---|---|---|---|"]
-    for name, row in r["rows"].items():
-        lines.append(f"| {name} | {_pct(row['validation'])} | {_pct(row['test'])} "
-                     f"| {row['params'] / 1e6:.2f}M | {_pct(row['target_params_kept'] / total)} |")
+    lines += [_size_row(name, row, total) for name, row in r["rows"].items()]
     lines += ["", "Validation selected the cut; test is held out. Accuracy can drop more on "
               "other data than on this task's test split:"]
     for other, scores in (r.get("transfer") or {}).items():

@@ -304,14 +304,18 @@ class Pruner:
     def at(self, keep: float | dict[str, float], weights: dict[str, torch.Tensor] | None = None):
         """The model at these levels (and these weights by parameter name, e.g. merged LoRA)
         inside the block, and back at the levels it had before afterwards: a stage scoring
-        several variants never leaves the model where the next stage does not expect it."""
+        several variants never leaves the model where the next stage does not expect it.
+        Levels the model is already at are not rebuilt (apply after changing ``refitted``)."""
         before = self.keep
-        self.apply(keep)
+        moved = self.levels(keep) != self.levels(before)
+        if moved:
+            self.apply(keep)
         try:
             with with_weights(self.model, weights or {}):
                 yield self.model
         finally:
-            self.apply(before)
+            if moved:
+                self.apply(before)
 
 
 def flatten_bases(bases: dict[str, Factors | Neurons]) -> tuple[dict[str, torch.Tensor],
