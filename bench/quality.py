@@ -43,7 +43,9 @@ def run_rows(run: Path) -> tuple[list[dict], dict]:
     refit = " + compensation" if summary.get("refit", {}).get("used") else ""
     names = {"base": ("dense", "none"), "dense+lora": ("dense", "lora"),
              "uniform": (f"{form}: uniform, eps {eps:g}", "none"),
-             "seed": (f"{form}: per-kind seed, eps {eps:g}", "none"),
+             "seed": (f"{form}: per-kind seed, eps {eps:g}", "none"),  # older runs
+             "seed_kind": (f"{form}: per-kind seed, eps {eps:g}", "none"),
+             "seed_sensitivity": (f"{form}: sensitivity seed, eps {eps:g}", "none"),
              "pruned": (f"{form}: genetic{refit}, eps {eps:g}", "none"),
              "pruned+lora": (f"{form}: genetic{refit}, eps {eps:g}", "lora")}
     rows = [{"variant": variant, "lora": lora,

@@ -1,7 +1,7 @@
 """Cross-dataset accuracy of every level set the search produced: is the loss on another
 dataset of the same task a property of the cut's size, or of where the search put it?
 
-Scores the run's uniform level, per-kind seed and GA levels (from ``search/search.json``) on the
+Scores the run's uniform level, seed allocations and GA levels (from ``search/search.json``) on the
 ``transfer`` sources, with their decoder weights kept. Reuses the run's calibration, projection
 and search; nothing is trained. Usage:
 
@@ -27,8 +27,10 @@ def main() -> None:
     pruner = run_pruner(pipeline, run)
     found = read_json(run.path / "search" / "search.json")
     variants = [("base", 1.0), ("uniform", found["uniform"]["keep"])]
-    if found.get("seed"):
+    if found.get("seed"):  # runs made before the sensitivity seed
         variants.append(("per-kind seed", found["seed"]["levels"]))
+    for name, seed in (found.get("seeds") or {}).items():
+        variants.append((f"seed: {name}", seed["levels"]))
     variants.append(("genetic", found["levels"]))
     others = {s: data.other_source(s, m, pipeline.transfer.examples)
               for s, m in pipeline.transfer.sources.items()}

@@ -6,6 +6,7 @@ the validation / test split.
 """
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -76,6 +77,9 @@ class SieveCLI(LightningCLI):
                             help="validate/test: score one model on the validation and test "
                                  "splits and write accuracy, latency per example, peak memory "
                                  "while scoring, weights in memory and bytes on disk as JSON")
+        parser.add_argument("--measure_examples", type=int, default=0,
+                            help="with --measure_json: score only the test split's first N "
+                                 "examples, no validation (0: both whole splits)")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="not used: a run resumes from its run folder (run.root / "
                                  "run.name) when the same command is run again")
@@ -90,10 +94,14 @@ class SieveCLI(LightningCLI):
                              "(run.root/run.name); rerun the same command to resume")
         if cfg.trainer.default_root_dir is None:
             cfg.trainer.default_root_dir = str(Path(cfg.run.root) / cfg.run.name)
-        callbacks = cfg.trainer.callbacks or []
+        # (a run's saved config.yaml lists the StageBar added here: drop it, then add it back
+        # only where a bar is wanted — the measuring subprocesses turn bars off)
+        callbacks = [c for c in cfg.trainer.callbacks or []
+                     if str(getattr(c, "class_path", c)) != "sieve_pl.progress.StageBar"]
         own_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
         if cfg.trainer.enable_progress_bar is not False and not own_bar:
-            cfg.trainer.callbacks = [*callbacks, Namespace(class_path="sieve_pl.progress.StageBar")]
+            callbacks.append(Namespace(class_path="sieve_pl.progress.StageBar"))
+        cfg.trainer.callbacks = callbacks
         if self.command == "fit" and cfg.trainer.max_epochs is not None:
             rank_zero_warn("trainer.max_epochs is not used: recover.epochs, distill.epochs and "
                            "projection.learned.epochs set each training stage's epochs")
@@ -136,7 +144,7 @@ def score(cli: SieveCLI, split: str) -> None:
         if len(rows) != 1:
             raise SieveError("--measure_json scores one model: add --evaluate base|pruned")
         write_json(Path(cfg["measure_json"]), measure(cli.trainer, rows[0][1], data,
-                                                      cfg["quantized"]))
+                                                      cfg["quantized"], cfg["measure_examples"]))
         return
     for name, lm in rows:
         lm.quantize = cfg["quantized"]
@@ -149,6 +157,18 @@ def score(cli: SieveCLI, split: str) -> None:
             f"{'' if lm.quantize == 'none' else ', ' + lm.quantize})")
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's preemption) ends the run. Lightning's own handler only
+    sets a flag that fit loops read, so without this a run in calibration, the search or an
+    evaluation ignores it; Lightning keeps a handler found in place and calls it after its own
+    (which forwards the signal to the processes it launched). Stages write atomically, so the
+    rerun resumes where this one stopped."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(args=None) -> None:
     args = list(sys.argv[1:] if args is None else args)
     if not args or args[0] not in COMMANDS:
@@ -159,6 +179,7 @@ def main(args=None) -> None:
     # the options are passed explicitly (sys.argv also holds the command, and stays as it is so
     # DDP can relaunch this process); LightningCLI warns about that case
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    stop_on_sigterm()
     try:
         cli = SieveCLI(rest, command=command)
         if command == "fit":

@@ -1,12 +1,13 @@
 """Small file helpers shared by every stage: package data files, atomic writes, fingerprints."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -31,10 +32,23 @@ def package_file(package: str, filename: str) -> Path:
     return path
 
 
+def _jsonable(obj):
+    """The few non-JSON types sieve-pl writes, converted explicitly; anything else is a bug to
+    report, not to stringify (``str`` of an object can hold its address and change per run)."""
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if getattr(obj, "shape", None) == () and hasattr(obj, "item"):  # numpy / torch scalar
+        return obj.item()
+    raise TypeError(f"cannot write a {type(obj).__module__}.{type(obj).__qualname__} as JSON "
+                    f"(only JSON types, paths, dataclasses and numpy/torch scalars)")
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never a partial one."""
     path = Path(path)
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -51,7 +65,7 @@ def read_json(path: Path):
 
 def fingerprint(*parts) -> str:
     """A short stable hash of JSON-able parts (a config section, upstream fingerprints)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    blob = json.dumps(parts, sort_keys=True, default=_jsonable).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,7 @@ from .stages.project import ProjectionConfig, project
 from .stages.recover import RecoverConfig, lora_targets, recover
 from .stages.refit import RefitConfig, refit
 from .stages.search import Fitness, SearchConfig, search
+from .stages.sensitivity import sensitivity_costs
 from .tasks.datamodule import TaskDataModule
 
 
@@ -113,8 +115,9 @@ class Pipeline:
             raise SieveError(f"fit needs calibration and validation examples, got {sizes}")
         self.lm.check()
         self.data.prepare(self.lm.tokenizer())
-        for source, label_map in self.transfer.sources.items():
-            self.data.other_source(source, label_map, self.transfer.examples)
+        if fitting:  # only fit scores them; a bad source fails here, before any weights load
+            for source, label_map in self.transfer.sources.items():
+                self.data.other_source(source, label_map, self.transfer.examples)
 
     def check_run_dir(self) -> None:
         """Refuse a run folder whose calibration came from another model or other data.
@@ -235,13 +238,15 @@ class Pipeline:
         dense_params = sum(p.numel() for p in lm.net.parameters())
         stats = self.calibrate(run, groups)
         bases = self.project(run, groups, stats)
-        del stats
         pruner = Pruner(lm.net, bases, self.search.rank_multiple)
 
         def run_search(work: Path) -> dict:
             fitness = Fitness(self.trainer, lm, pruner, data.val_dataloader(),
                               self.search.early_reject, self.search.confidence)
-            return search(fitness, pruner.names, self.search, work, self.trainer.is_global_zero)
+            costs = partial(sensitivity_costs, self.trainer, lm, pruner,
+                            data.calibration_dataloader(), stats, groups, self.search.ladder)
+            return search(fitness, pruner.names, self.search, work, self.trainer.is_global_zero,
+                          costs)
 
         found = run.stage(
             "search", {"data": data.fingerprint_config("validation"), **asdict(self.search)},
@@ -252,25 +257,27 @@ class Pipeline:
         def run_refit(work: Path) -> dict:
             if not self.refit.enabled:
                 return {"used": False, "factors": {}}
-            factors = refit(self.trainer, lm.net, pruner, levels,
-                            data.loader("calibration", limit=self.refit.examples),
-                            self.refit.ridge)
-            after = evaluate(self.trainer, lm, data.val_dataloader())
+            with pruner.at(levels):
+                factors = refit(self.trainer, lm.net, pruner, levels,
+                                data.loader("calibration", limit=self.refit.examples),
+                                self.refit.ridge)
+                after = evaluate(self.trainer, lm, data.val_dataloader())
             return {"used": after >= found["accuracy"] - 1e-6, "factors": factors,
                     "accuracy_before": found["accuracy"], "accuracy_after": after}
 
         refitted = run.stage("refit", _settings(self.refit), run_refit, save_refit, load_refit)
         if refitted["used"]:
-            pruner.refitted = refitted["factors"]
+            pruner.use(refitted["factors"])
         pruned_accuracy = refitted["accuracy_after"] if refitted["used"] else found["accuracy"]
 
         def run_distill(work: Path) -> dict:
             if not self.distill.enabled:
                 return {"used": False, "factors": {}}
-            result = distill(self.make_trainer, lm.net, pruner, levels,
-                             distill_loader(data, self.distill.splits), data.val_dataloader(),
-                             self.distill, work)
-            after = evaluate(self.trainer, lm, data.val_dataloader())
+            with pruner.at(levels):
+                result = distill(self.make_trainer, lm.net, pruner, levels,
+                                 distill_loader(data, self.distill.splits),
+                                 data.val_dataloader(), self.distill, work)
+                after = evaluate(self.trainer, lm, data.val_dataloader())
             # (1e-6: the same accuracy re-evaluated may differ in the last float32 bit)
             return {**result, "used": after >= pruned_accuracy - 1e-6,
                     "accuracy_before": pruned_accuracy, "accuracy_after": after}
@@ -279,14 +286,14 @@ class Pipeline:
                               run_distill, save_refit,
                               load_refit)
         if distilled["used"]:
-            pruner.refitted = {**pruner.refitted, **distilled["factors"]}
+            pruner.use(distilled["factors"])
             pruned_accuracy = distilled["accuracy_after"]
-        sizes = pruner.apply(levels)
 
         def run_recover(work: Path) -> dict:
             if not self.recover.enabled:
                 return {"weights": {}}
-            result = self._recover(work / "pruned")
+            with pruner.at(levels):
+                result = self._recover(work / "pruned")
             if self.recover.compare_dense:  # the same LoRA budget and steps on the dense model
                 with pruner.at(1.0):
                     dense = self._recover(work / "dense")
@@ -323,7 +330,7 @@ class Pipeline:
             return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
                     "relative": self.search.relative, "target_params": total, "rows": rows,
                     "final": final, "transfer": transfer,
-                    "pruned_units": len(sizes), "units": len(pruner.names),
+                    "pruned_units": len(pruner.sizes(levels)), "units": len(pruner.names),
                     "bottlenecks": found.get("bottlenecks", []), "cost": found.get("cost"),
                     "refit": {k: v for k, v in refitted.items() if k != "factors"},
                     "distill": {k: v for k, v in distilled.items() if k != "factors"},

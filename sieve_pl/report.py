@@ -8,13 +8,16 @@ from .io import write_json
 from .models.pruning import layer_and_kind
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 def _size_row(name: str, row: dict, total: int) -> str:
     """``| model | validation | test | parameters | decoder Linear weights kept |``"""
-    return (f"| {name} | {_pct(row['validation'])} | {_pct(row['test'])} "
+    test = _pct(row["test"])
+    if row.get("test_examples") and row.get("validation") is None:
+        test += f" ({row['test_examples']} ex.)"  # a measured form scored on a subset
+    return (f"| {name} | {_pct(row['validation'])} | {test} "
             f"| {row['params'] / 1e6:.2f}M | {_pct(row['target_params_kept'] / total)} |")
 
 
@@ -42,10 +45,8 @@ def format_summary(r: dict) -> str:
                                  if row != "examples"))
     if r.get("cost"):
         c = r["cost"]
-        # (runs made before the whole search was counted recorded the GA's part only)
-        tokens = c.get("search_tokens", c.get("ga_tokens", 0))
-        line = (f"search cost: {tokens:,} forward tokens in "
-                f"{c.get('evaluations', c.get('ga_evaluations'))} evaluations")
+        tokens = c["search_tokens"]
+        line = f"search cost: {tokens:,} forward tokens in {c['evaluations']} evaluations"
         if c.get("naive_tokens"):
             line += (f" = {_pct(tokens / c['naive_tokens'])} of a naive GA "
                      "(population x generations x validation set)")

@@ -28,6 +28,13 @@ from .errors import SieveError
 from .io import crash_point, file_digest, fingerprint, read_json, write_json
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# what every process of one torchrun / SLURM / multi-node job shares, and another job does not
+JOB_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT")
+LOCK_WAIT_S = 120.0  # how long other ranks wait for rank 0 to take the lock
+
+
+def _job() -> str:
+    return fingerprint({k: os.environ.get(k) for k in JOB_ENV})
 
 
 @dataclass
@@ -45,6 +52,9 @@ class RunConfig:
     name: str = "demo"
     root: str = "checkpoints"
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.check()  # a bad value fails where the config is built (parsing), not mid-run
 
     @property
     def path(self) -> Path:
@@ -200,12 +210,15 @@ class RunDir:
         return self.path / ".lock"
 
     def acquire(self) -> None:
-        """Take ``<run>/.lock`` (rank 0 only): two runs writing one folder would corrupt it.
+        """Take ``<run>/.lock`` (rank 0): two runs writing one folder would corrupt it.
 
         A lock left by a dead process on this host is replaced; one held by a live process, or
-        by any process on another host (whose liveness cannot be checked), is refused.
+        by any process on another host (whose liveness cannot be checked), is refused. Other
+        ranks wait for their rank 0's lock and refuse with the same line if another run keeps
+        it, instead of waiting forever on a rank 0 that has exited.
         """
         if not self.trainer.is_global_zero:
+            self._wait_for_rank_zero()
             return
         root = self.path.parent
         try:
@@ -225,9 +238,7 @@ class RunDir:
         if not holder:  # unreadable: a writer killed between create and write, or one mid-write
             stale = time.time() - self._lock_mtime() > 10
         if not stale:
-            raise SieveError(f"{self.path} is in use by pid {holder.get('pid', '?')} on host "
-                             f"{holder.get('host', '?')} since {holder.get('started', '?')}; "
-                             f"wait for it or remove {self.lock_path} if that run is gone")
+            raise self._in_use(holder)
         rank_zero_warn(f"[sieve-pl] {self.lock_path}: replacing the stale lock of pid "
                        f"{holder.get('pid', '?')} (no longer running)")
         self.lock_path.unlink(missing_ok=True)
@@ -238,6 +249,27 @@ class RunDir:
                              f"for it or remove {self.lock_path} if that run is gone") from None
         except OSError as err:
             raise SieveError(f"cannot write to {root}: {err}") from None
+
+    def _in_use(self, holder: dict) -> SieveError:
+        return SieveError(f"{self.path} is in use by pid {holder.get('pid', '?')} on host "
+                          f"{holder.get('host', '?')} since {holder.get('started', '?')}; "
+                          f"wait for it or remove {self.lock_path} if that run is gone")
+
+    def _wait_for_rank_zero(self) -> None:
+        """Return once the lock is this job's (or there is none: rank 0 may be done already);
+        refuse if another run holds it for ``LOCK_WAIT_S``, as rank 0 then has (rank 0 replaces
+        a stale lock well within that). Under Lightning's own launcher rank 0 is our parent."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            holder = self._holder()
+            if holder.get("job") == _job() or (holder.get("pid") == os.getppid()
+                                               and holder.get("host") == socket.gethostname()):
+                return
+            if time.monotonic() > deadline:
+                if self.lock_path.exists():
+                    raise self._in_use(holder)
+                return
+            time.sleep(0.5)
 
     def release(self) -> None:
         """Remove the lock if this process holds it."""
@@ -256,7 +288,7 @@ class RunDir:
     def _create_lock(self) -> None:
         fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         with os.fdopen(fd, "w") as handle:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "job": _job(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}, handle)
 
     def _holder(self) -> dict:

@@ -141,10 +141,8 @@ class TestAdapter:
         net, _, groups, _, bases = family
         pruner = Pruner(net, bases["output_aligned"])
         levels = dict.fromkeys(pruner.dense, 0.5)
-        try:
+        with pruner.at(levels):
             factors = refit(trainer, net, pruner, levels, data.calibration_dataloader())
-        finally:
-            pruner.apply(1.0)
         assert set(factors) == set(pruner.dense)
         for name, (a, b) in factors.items():
             h, d = pruner.units[name].shape

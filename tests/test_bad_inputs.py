@@ -105,6 +105,33 @@ def test_bad_data_setting_is_one_cli_line(capsys):
     assert lines == ["sieve-pl: error: data.batch_size must be >= 1, got 0"]
 
 
+@pytest.mark.parametrize("cls,kwargs,message", [
+    ("recover", {"rank": 0}, "recover needs rank >= 1"),
+    ("distill", {"temperature": 0}, "distill needs epochs >= 1, lr > 0 and temperature > 0"),
+    ("projection", {"ridge": 0}, "projection.ridge must be > 0, got 0"),
+    ("run", {"name": "a/b"}, "run.name 'a/b' contains a path separator"),
+    ("export", {"push_to_hub": "no-slash"}, "export.push_to_hub must be a repo id"),
+    ("lm_eval", {"batch_size": 0}, "lm_eval needs batch_size >= 1"),
+    ("search", {"epsilon": 1.5}, r"search.epsilon must be in \(0, 1\), got 1.5"),
+    ("quantize", {"examples": -1}, "quantize.examples must be >= 0"),
+])
+def test_bad_stage_settings_fail_at_construction(cls, kwargs, message):
+    from sieve_pl.cli import STAGE_CONFIGS
+
+    with pytest.raises(SieveError, match=message) as err:
+        STAGE_CONFIGS[cls](**kwargs)
+    one_line(err)
+
+
+def test_bad_stage_setting_is_one_cli_line(capsys):
+    """A stage config is built while the config is parsed: one line, before any work."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", DEMO, "--recover.rank", "0"])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["sieve-pl: error: recover needs rank >= 1, epochs >= 1 and lr > 0"]
+
+
 @pytest.mark.parametrize("content,message", [
     (b'{"model_type": "llama",\n "hidden_size": }\n',
      r"is not valid JSON \(line 2\): Expecting value"),

@@ -29,3 +29,17 @@ def test_cli_installs_the_named_bar_only_when_bars_are_on(tiny_llama):
     cli = SieveCLI(args=["--model.pretrained", tiny_llama, "--trainer.enable_progress_bar",
                          "false"], run=False)
     assert cli.trainer.progress_bar_callback is None
+
+
+def test_a_saved_run_config_reloads_with_bars_off(tiny_llama, tmp_path):
+    """The measuring subprocesses load the run's config.yaml (which lists the StageBar the CLI
+    added) with ``--trainer.enable_progress_bar false``: no bar, no conflict."""
+    cli = SieveCLI(args=["--model.pretrained", tiny_llama], run=False)
+    saved = tmp_path / "config.yaml"
+    cli.parser.save(cli.config, saved, skip_none=False, overwrite=True)
+    assert "sieve_pl.progress.StageBar" in saved.read_text()
+    again = SieveCLI(args=["--config", str(saved), "--trainer.enable_progress_bar", "false"],
+                     command="test", run=False)
+    assert again.trainer.progress_bar_callback is None
+    bars = SieveCLI(args=["--config", str(saved)], command="test", run=False)
+    assert sum(isinstance(c, StageBar) for c in bars.trainer.callbacks) == 1

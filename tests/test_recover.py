@@ -1,6 +1,8 @@
 """LoRA recovery: it learns, resumes exactly, and merges into an export that reloads."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import lightning as L
 import pytest
 import torch
@@ -10,7 +12,8 @@ from sieve_pl.models.module import SieveLM
 from sieve_pl.models.pruning import Pruner, with_weights
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project
-from sieve_pl.stages.recover import RecoverConfig, Recovery, lora_targets, recover
+from sieve_pl.stages.recover import (RecoverConfig, Recovery, left_as_it_came, lora_targets,
+                                     recover)
 from sieve_pl.tasks import SplitSizes, TaskDataModule
 from sieve_pl.tasks.base import last_logits
 
@@ -80,6 +83,36 @@ def test_recovery_lowers_task_loss_and_leaves_the_model_untouched(pruned, tmp_pa
     # checkpoints hold the adapters only
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert state and all("lora_" in k for k in state)
+
+
+def test_recovery_gives_back_the_gradient_flags_and_eval_mode(pruned, tmp_path):
+    """Recovery freezes every weight and trains in train mode; later stages get the model as
+    it was (a stage that trains some weights itself must not find them frozen)."""
+    lm, data = pruned
+    lm.net.eval()
+    trainable = {n for n, _ in lm.net.named_parameters() if "norm" in n}
+    for name, p in lm.net.named_parameters():
+        p.requires_grad_(name in trainable)
+    recover(make_trainer(), lm.net, data.task, lora_targets(lm.net, lm.adapter.layers),
+            data.train_dataloader(), data.val_dataloader(), replace(CONFIG, epochs=1), tmp_path)
+    assert {n for n, p in lm.net.named_parameters() if p.requires_grad} == trainable
+    assert not any(m.training for m in lm.net.modules())
+
+
+def test_left_as_it_came_restores_flags_modes_and_dtypes_on_errors():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)).to(torch.bfloat16)
+    net.eval()
+    net[0].bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="training failed"):
+        with left_as_it_came(net):
+            for p in net.parameters():
+                p.requires_grad_(False)
+            net[1].float()  # peft's preparation upcasts norms
+            net.train()
+            raise RuntimeError("training failed")
+    assert [p.requires_grad for p in net.parameters()] == [True, False, True, True]
+    assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
+    assert not any(m.training for m in net.modules())
 
 
 class Killed(Exception):

@@ -6,12 +6,17 @@ import json
 import os
 import socket
 import subprocess
+import threading
+import time
+from dataclasses import asdict
+from pathlib import PurePosixPath
 from types import SimpleNamespace
 
 import pytest
 
+from sieve_pl import rundir
 from sieve_pl.errors import SieveError
-from sieve_pl.io import content_id
+from sieve_pl.io import content_id, fingerprint, write_json
 from sieve_pl.rundir import RunConfig, RunDir
 
 
@@ -151,6 +156,51 @@ def test_lock_of_another_host_is_refused(tmp_path):
         RunDir(tmp_path / "run", fake_trainer()).acquire()
 
 
+def test_other_ranks_refuse_a_foreign_lock_with_rank_zeros_line(tmp_path, monkeypatch):
+    """Under torchrun every rank checks: rank 0 alone refusing would leave the others to hang
+    at their first collective."""
+    monkeypatch.setattr(rundir, "LOCK_WAIT_S", 0.2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text(json.dumps(
+        {"host": "elsewhere", "pid": 1, "started": "earlier", "job": "another job"}))
+    with pytest.raises(SieveError) as zero:
+        RunDir(tmp_path / "run", fake_trainer()).acquire()
+    with pytest.raises(SieveError) as other:
+        RunDir(tmp_path / "run", fake_trainer(rank0=False)).acquire()
+    assert str(other.value) == str(zero.value)
+    (tmp_path / "run" / ".lock").unlink()  # no lock at all (rank 0 done already): go on
+    RunDir(tmp_path / "run", fake_trainer(rank0=False)).acquire()
+    # Lightning's own launcher starts the other ranks from rank 0, after it took the lock
+    (tmp_path / "run" / ".lock").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": os.getppid(), "started": "now", "job": "its"}))
+    monkeypatch.setattr(rundir, "LOCK_WAIT_S", 30)
+    start = time.monotonic()
+    RunDir(tmp_path / "run", fake_trainer(rank0=False)).acquire()
+    assert time.monotonic() - start < 1
+
+
+def test_other_ranks_wait_while_rank_zero_replaces_a_stale_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "LOCK_WAIT_S", 30)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": gone.pid, "started": "earlier", "job": "old"}))
+
+    def rank_zero():
+        time.sleep(0.5)
+        with pytest.warns(UserWarning, match="stale lock"):
+            RunDir(tmp_path / "run", fake_trainer()).acquire()
+
+    thread = threading.Thread(target=rank_zero)
+    thread.start()
+    start = time.monotonic()
+    RunDir(tmp_path / "run", fake_trainer(rank0=False)).acquire()
+    thread.join()
+    assert 0.4 < time.monotonic() - start < 30
+    assert json.loads((tmp_path / "run" / ".lock").read_text())["pid"] == os.getpid()
+
+
 def test_unwritable_root_is_one_line(tmp_path):
     (tmp_path / "root").write_text("a file where the root folder should be")
     with pytest.raises(SieveError, match=r"cannot write to .*root: .*Not a directory"):
@@ -197,6 +247,27 @@ def test_content_id_follows_the_bytes(tmp_path):
     assert after["model.safetensors"]["sha256"] != before["model.safetensors"]["sha256"]
     assert content_id("smollm2-135m-instruct") == {} == content_id("org/hub-model")
     assert content_id("") == {}
+
+
+def test_fingerprints_and_json_convert_known_types_and_refuse_others(tmp_path):
+    """``str`` of an arbitrary object (its address, a repr that changes between versions) in a
+    fingerprint would re-run or wrongly skip stages: only known types are converted."""
+    import numpy as np
+    import torch
+
+    assert fingerprint({"p": PurePosixPath("a/b")}) == fingerprint({"p": "a/b"})
+    assert fingerprint((1, 2)) == fingerprint([1, 2])
+    assert fingerprint(RunConfig(name="x")) == fingerprint(asdict(RunConfig(name="x")))
+    assert fingerprint(np.int64(3), np.float32(0.5), torch.tensor(2)) == fingerprint(3, 0.5, 2)
+    for bad, name in ((object(), "builtins.object"), ({1, 2}, "builtins.set"),
+                      (torch.ones(2), "torch.Tensor"), (b"x", "builtins.bytes")):
+        with pytest.raises(TypeError, match=f"cannot write a {name} as JSON"):
+            fingerprint({"config": [bad]})
+        with pytest.raises(TypeError, match=f"cannot write a {name} as JSON"):
+            write_json(tmp_path / "out.json", {"x": bad})
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    write_json(tmp_path / "out.json", {"path": PurePosixPath("a"), "n": np.int64(1)})
+    assert json.loads((tmp_path / "out.json").read_text()) == {"path": "a", "n": 1}
 
 
 def test_edited_model_recalibrates_but_another_model_is_refused(tmp_path):

@@ -326,11 +326,9 @@ def test_generation_through_lightning_and_the_search_fitness(tmp_path, tokenizer
     expected = torch.cat([task.scores(lm.net, b)["f1"] for b in data.val_dataloader()])
     assert metrics["f1"] == pytest.approx(float(expected.mean()))
 
-    class NoPruning:
-        def apply(self, keep):
-            pass
+    from sieve_pl.models.pruning import Pruner
 
-    fitness = Fitness(trainer, lm, NoPruning(), data.val_dataloader())
+    fitness = Fitness(trainer, lm, Pruner(lm.net, {}), data.val_dataloader())
     assert fitness.n == 5 and fitness.correct(1.0) == pytest.approx(expected.tolist())
     assert fitness.budget(0.8) == pytest.approx(1.0)
 
@@ -374,3 +372,74 @@ def test_hub_id_path_reads_a_local_dataset_folder(tmp_path, tokenizer):
     assert len(load_source(str(folder), None, "validation")) == 1
     with pytest.raises(SieveError, match="cannot load dataset .* split 'test'"):
         load_source(str(folder), None, "test")
+
+
+def test_split_sizes_are_not_shared_state():
+    """The signature's default instance serves every datamodule built without sizes: it is
+    frozen, so no datamodule can change another's (or the default's) sizes."""
+    import dataclasses
+
+    one, two = TaskDataModule(), TaskDataModule()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        one.sizes.train = 5
+    assert two.sizes == SplitSizes() and SplitSizes().train == 0
+    three = TaskDataModule(sizes=dataclasses.replace(one.sizes, train=5))
+    assert three.sizes.train == 5 and one.sizes.train == 0
+
+
+def test_a_transfer_source_loads_once(tiny_data, monkeypatch):
+    """The pipeline asks for each transfer source when it checks the data (twice: the CLI's
+    check, then fit's) and when it scores it; the dataset is read once."""
+    import sieve_pl.tasks.datamodule as datamodule
+
+    loads = []
+
+    def counting(source, *args, **kwargs):
+        loads.append(source)
+        return load_source(source, *args, **kwargs)
+
+    monkeypatch.setattr(datamodule, "load_source", counting)
+    labels = {"positive": "fresh", "negative": "rotten"}
+    first = tiny_data.other_source("drug_reviews", labels, 6)
+    assert tiny_data.other_source("drug_reviews", dict(labels), 6) is first
+    tiny_data.other_source("drug_reviews", labels, 6)
+    assert loads == ["drug_reviews"] and len(first.splits["test"]) == 6
+    tiny_data.other_source("drug_reviews", labels, 4)  # another draw is another datamodule
+    assert loads == ["drug_reviews"] * 2
+
+
+def test_scored_splits_are_sorted_by_length_and_subsets_spread_over_them(tokenizer):
+    data = TaskDataModule(sizes=SplitSizes(calibration=4, validation=40, test=30), batch_size=8)
+    data.prepare(tokenizer)
+    again = TaskDataModule(sizes=SplitSizes(calibration=4, validation=40, test=30), batch_size=8)
+    again.prepare(tokenizer)
+    for split in ("validation", "test"):
+        lengths = [int(x) for b in data.loader(split) for x in b["attention_mask"].sum(1)]
+        assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+        assert data.splits[split]["text"] == again.splits[split]["text"]  # deterministic
+    spread = [int(x) for b in data.loader("test", limit=5) for x in b["attention_mask"].sum(1)]
+    lengths = sorted(int(x) for b in data.loader("test") for x in b["attention_mask"].sum(1))
+    assert spread == [lengths[i * 30 // 5] for i in range(5)]  # not the 5 shortest
+
+
+def test_fitness_scores_hardest_first_in_length_sorted_runs(tiny_llama, tokenizer):
+    data = TaskDataModule(sizes=SplitSizes(calibration=4, validation=40, test=4), batch_size=5)
+    data.prepare(tokenizer)
+    lm = SieveLM(tiny_llama)
+    lm.load()
+    lm.set_task(data.task)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    from sieve_pl.models.pruning import Pruner
+    fitness = Fitness(trainer, lm, Pruner(lm.net, {}), data.val_dataloader())
+    order = list(range(40))[::-1]
+    fitness.reorder(order)
+    assert sorted(fitness.order) == list(range(40))
+    for start in range(0, 40, 20):  # each run of 4 batches: the same examples, by length
+        run = fitness.order[start:start + 20]
+        assert set(run) == set(order[start:start + 20])
+        assert [fitness.lengths[i] for i in run] == sorted(fitness.lengths[i] for i in run)
+    before = list(fitness.order)
+    fitness.reorder(before)
+    assert fitness.order == before  # idempotent: a resumed search scores in the same order
+    scored = [int(x) for b in fitness.batches for x in b["attention_mask"].sum(1)]
+    assert scored == [fitness.lengths[i] for i in fitness.order]

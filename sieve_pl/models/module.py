@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -9,7 +10,7 @@ from torchmetrics import MeanMetric
 
 from ..io import PeakMemory
 from ..progress import named
-from .loading import DEFAULT_MODEL, load_config, load_model, load_tokenizer
+from .loading import DEFAULT_MODEL, load_config, load_model, load_tokenizer, local_folder
 
 # predict_step returns nothing on purpose (metrics accumulate in the module)
 warnings.filterwarnings("ignore", message="predict returned None")
@@ -77,36 +78,52 @@ def evaluate(trainer: L.Trainer, lm: SieveLM, dataloader, name: str = "evaluate"
     return evaluate_metrics(trainer, lm, dataloader, name)[lm.task.metric]
 
 
-def measure(trainer: L.Trainer, lm: SieveLM, data, quantize: str = "none") -> dict:
-    """Accuracy on validation and test, latency per test example, peak memory, bytes on disk.
+def measure(trainer: L.Trainer, lm: SieveLM, data, quantize: str = "none",
+            examples: int = 0) -> dict:
+    """Accuracy, latency per test example, peak memory, bytes on disk of one model.
 
     Peak memory is measured while scoring the test split (after loading, so a quantized model is
     not charged for the full-precision copy it is loaded from): process RSS on CPU, allocated
     memory on CUDA. ``weights_mb`` is the model's own footprint. Run one model per fresh process.
+    ``examples`` > 0 scores only the test split's first ``examples`` (no validation): enough
+    for latency and memory where bitsandbytes' CPU kernels make the whole split slow.
     """
     import tempfile
     import time
-    from pathlib import Path
-
-    from .loading import resolve
 
     lm.quantize = quantize
     lm.load()
     lm.set_task(data.task)
-    validation = evaluate(trainer, lm, data.val_dataloader())
+    validation = None if examples else evaluate(trainer, lm, data.val_dataloader())
+    test_loader = data.loader("test", limit=examples or None)
     with PeakMemory(trainer.strategy.root_device) as peak:
         start = time.perf_counter()
-        test = evaluate(trainer, lm, data.test_dataloader())
+        test = evaluate(trainer, lm, test_loader)
         seconds = time.perf_counter() - start
-    folder = Path(resolve(lm.pretrained))
-    with tempfile.TemporaryDirectory() as tmp:
-        if quantize == "none":
-            disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        else:  # bitsandbytes-serialised weights, as a user would save them
+    if quantize == "none":
+        disk = disk_bytes(lm)
+    else:  # bitsandbytes-serialised weights, as a user would save them
+        with tempfile.TemporaryDirectory() as tmp:
             lm.net.save_pretrained(tmp)
-            disk = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
-    return {"validation": validation, "test": test, "quantize": quantize,
-            "latency_ms_per_example": 1000 * seconds / len(data.splits["test"]),
+            disk = weight_file_bytes(Path(tmp))
+    scored = len(test_loader.dataset)
+    return {"validation": validation, "test": test, "test_examples": scored,
+            "quantize": quantize, "latency_ms_per_example": 1000 * seconds / scored,
             "batch_size": data.batch_size,
             "peak_memory_mb": peak.mb, "weights_mb": lm.net.get_memory_footprint() / 2**20,
             "disk_mb": disk / 2**20}
+
+
+def weight_file_bytes(folder: Path) -> int:
+    """Bytes of a model folder's weight files: safetensors, else PyTorch .bin (not both: some
+    hub repositories hold the same weights in each)."""
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("pytorch_model*.bin"))
+    return sum(f.stat().st_size for f in files)
+
+
+def disk_bytes(lm: SieveLM) -> int:
+    """The unquantized model's size on disk, wherever its files are (a hub id's are in the HF
+    cache); a model whose weight files are not on this disk counts its weights in memory, not 0."""
+    folder = local_folder(lm.pretrained)
+    size = weight_file_bytes(folder) if folder is not None else 0
+    return size or sum(p.nbytes for p in lm.net.parameters())

@@ -115,7 +115,7 @@ class MatrixUnit:
     """One target matrix, dense or factored at a rank cut from its bases."""
 
     def __init__(self, model: nn.Module, name: str, factors: Factors):
-        self.name, self.factors = name, factors
+        self.name, self.factors, self.output = name, factors, name
         self.dense = {name: model.get_submodule(name)}
         self.shape = dense_shape(self.dense[name])
         self.total = matrix_params(*self.shape, None)
@@ -125,6 +125,13 @@ class MatrixUnit:
 
     def params(self, rank: int | None) -> int:
         return matrix_params(*self.shape, rank)
+
+    def error(self, rank: int) -> torch.Tensor:
+        """The change ``W − W'`` (``out × in``) of ``output``'s weight at this rank: what
+        :mod:`~sieve_pl.stages.sensitivity` prices."""
+        w = dense_weight(self.dense[self.name]).detach()
+        a, b = self.factors
+        return w - (b[:, :rank] @ a[:rank]).to(w.dtype)
 
     def modules(self, rank: int, refitted: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> dict[str, nn.Module]:
@@ -148,7 +155,7 @@ class NeuronUnit:
     """One MLP's neurons: the first k of a stored order, down refitted to the dense output."""
 
     def __init__(self, model: nn.Module, name: str, basis: Neurons):
-        self.name, self.basis = name, basis
+        self.name, self.basis, self.output = name, basis, basis.output
         self.dense = {n: model.get_submodule(n) for n in (*basis.inputs, basis.output)}
         self.total = sum(matrix_params(*dense_shape(m), None) for m in self.dense.values())
 
@@ -161,6 +168,15 @@ class NeuronUnit:
 
     def params(self, k: int | None) -> int:
         return self.total if k is None else self.total * k // self.basis.size
+
+    def error(self, k: int) -> torch.Tensor:
+        """``W_down − W_down'`` over all I columns (dropped neurons' columns whole): the change
+        of down's output, since the kept neurons' activations are unchanged."""
+        b = self.basis
+        w = dense_weight(self.dense[b.output]).detach()
+        delta = w.clone()
+        delta[:, b.order[:k].to(w.device)] -= (b.g[:, :k] @ b.l_inv[:k, :k]).to(w.dtype)
+        return delta
 
     def modules(self, k: int, refitted: tuple[torch.Tensor] | None = None
                 ) -> dict[str, nn.Module]:
@@ -186,7 +202,7 @@ class HeadUnit:
     """One attention layer's value dimension: ``r`` of ``d`` per kv head, o refitted."""
 
     def __init__(self, model: nn.Module, name: str, basis: HeadDims):
-        self.name, self.basis = name, basis
+        self.name, self.basis, self.output = name, basis, basis.o
         self.dense = {n: model.get_submodule(n) for n in (basis.v, basis.o)}
         self.total = sum(matrix_params(*dense_shape(m), None) for m in self.dense.values())
 
@@ -201,22 +217,38 @@ class HeadUnit:
     def params(self, r: int | None) -> int:
         return self.total if r is None else self.total * r // self.basis.size
 
+    def _refit(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P`` per kv head (kv × r × d) and o's refitted columns per query head (heads × r ×
+        out): ``W_o,h C_h Pᵀ (P C_λ,h Pᵀ)⁻¹`` for every head h at once, in float64."""
+        b = self.basis
+        kv, d, heads = b.e.shape[0], b.size, b.c.shape[0]
+        p = b.e[:, :r].to(torch.float64)
+        w_o = dense_weight(self.dense[b.o]).detach().double().unflatten(1, (heads, d))
+        p_h = p.repeat_interleave(heads // kv, 0)  # the kv head each query head reads
+        c = b.c.double()
+        cp = c @ p_h.transpose(1, 2)  # heads × d × r
+        gram = p_h @ cp + b.ridge.double()[:, None, None] * (p_h @ p_h.transpose(1, 2))
+        return p, torch.linalg.solve(gram, torch.einsum("ohd,hdr->hro", w_o, cp))
+
+    def error(self, r: int) -> torch.Tensor:
+        """The change of o's weight over o's dense input (every head's d dimensions): the
+        narrowed v feeds o ``P z_h``, so the pair acts on ``z`` as ``W_o,h' P``."""
+        b = self.basis
+        p, new_o = self._refit(r)
+        heads, kv = b.c.shape[0], b.e.shape[0]
+        w_o = dense_weight(self.dense[b.o]).detach()
+        effective = torch.einsum("hro,hrd->ohd", new_o, p.repeat_interleave(heads // kv, 0))
+        return w_o - effective.flatten(1).to(w_o.dtype)
+
     def modules(self, r: int, refitted=None) -> dict[str, nn.Module]:
         b = self.basis
         kv, d, heads = b.e.shape[0], b.size, b.c.shape[0]
         v, o = self.dense[b.v], self.dense[b.o]
         w_v = dense_weight(v).detach()
-        p = b.e[:, :r].to(torch.float64)  # kv × r × d
+        p, new_o = self._refit(r)  # kv × r × d, heads × r × out
         new_v = torch.einsum("grd,gdi->gri", p, w_v.unflatten(0, (kv, d)).double())
         bias_v = None if v.bias is None else torch.einsum(
             "grd,gd->gr", p, v.bias.detach().unflatten(0, (kv, d)).double()).flatten()
-        w_o = dense_weight(o).detach().double().unflatten(1, (heads, d))  # out × heads × d
-        p_h = p.repeat_interleave(heads // kv, 0)  # the kv head each query head reads
-        c = b.c.double()
-        cp = c @ p_h.transpose(1, 2)  # heads × d × r
-        gram = p_h @ cp + b.ridge.double()[:, None, None] * (p_h @ p_h.transpose(1, 2))
-        # W_o,h C_h Pᵀ (P C_λ,h Pᵀ)⁻¹ for every head h at once
-        new_o = torch.linalg.solve(gram, torch.einsum("ohd,hdr->hro", w_o, cp))
         new_o = new_o.permute(2, 0, 1).flatten(1)  # out × heads·r
         dtype = w_v.dtype
         return {b.v: HeadPad(linear_like(v, new_v.flatten(0, 1).to(dtype),
@@ -288,7 +320,8 @@ class Pruner:
         return kept, sum(u.total for u in self.units.values())
 
     def apply(self, keep: float | dict[str, float]) -> dict[str, int]:
-        """Put the model at these levels (in place); returns the sizes of the pruned units."""
+        """Put the model at these levels (in place); returns the sizes of the pruned units.
+        Stages use :meth:`at`, which also puts the model back."""
         sizes = self.sizes(keep)
         self.keep = keep
         device = next(self.model.parameters()).device  # the model may have moved since
@@ -299,6 +332,20 @@ class Pruner:
                 set_submodule(self.model, module_name, module.to(device))
         return sizes
 
+
+    def use(self, refitted: dict[str, tuple[torch.Tensor, ...]]) -> None:
+        """Weights refitted for one size of some units (refit, distillation) replace the bases'
+        at that size from now on; the model, if pruned, is rebuilt with them."""
+        self.refitted = {**self.refitted, **refitted}
+        if self.sizes(self.keep):
+            self.apply(self.keep)
+
+    def require(self, keep: float | dict[str, float], who: str) -> dict[str, int]:
+        """The sizes at ``keep``, which the model must be at: stages that train or refit the
+        pruned modules work on the model the caller put at its levels (``at``)."""
+        if self.sizes(keep) != self.sizes(self.keep):
+            raise ValueError(f"{who}: put the model at the levels first (Pruner.at)")
+        return self.sizes(keep)
 
     @contextmanager
     def at(self, keep: float | dict[str, float], weights: dict[str, torch.Tensor] | None = None):

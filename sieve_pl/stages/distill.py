@@ -64,9 +64,13 @@ class DistillConfig:
     epochs: int = 3
     temperature: float = 1.0
 
-    def check(self, sizes) -> None:
-        """Fail before any weight loads if there is nothing to train on."""
-        if self.enabled and sum(getattr(sizes, s) for s in self.splits) < 1:
+    def __post_init__(self) -> None:
+        self.check()  # a bad value fails where the config is built (parsing), not mid-run
+
+    def check(self, sizes=None) -> None:
+        """Own values; with the data's ``sizes``, fail before any weight loads if there is
+        nothing to train on."""
+        if self.enabled and sizes is not None and sum(getattr(sizes, s) for s in self.splits) < 1:
             raise SieveError(f"distill.enabled needs examples in {self.splits}")
         if self.epochs < 1 or self.lr <= 0 or self.temperature <= 0:
             raise SieveError("distill needs epochs >= 1, lr > 0 and temperature > 0")
@@ -170,12 +174,12 @@ def distill(make_trainer, net: nn.Module, pruner, levels: dict[str, float], trai
             val_loader, config: DistillConfig, work: Path) -> dict:
     """Distil the factored weights at ``levels``; returns ``{"factors": {name: (A, B)}, ...}``.
 
-    The factors have the shape of ``refit``'s: put them in ``pruner.refitted`` and every later
-    ``pruner.apply(levels)`` uses them. The model is left at ``levels`` with these factors; its
+    The factors have the shape of ``refit``'s (for ``pruner.use``). The model must be at
+    ``levels`` (``with pruner.at(levels)``); its factored modules are trained in place, its
     dense weights (and the pruner's) are untouched. ``last.ckpt`` in ``work`` resumes a killed run.
     """
     work = Path(work)
-    pruner.apply(levels)
+    pruner.require(levels, "distill")
     module = Distillation(net, pruner.dense, config, work)
     if not module.factored:
         return {"factors": {}, "val_kl": [], "train_kl": [], "epochs": 0}

@@ -25,6 +25,9 @@ DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROU
                    "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"}
 
 
+MEASURES = ("latency_ms_per_example", "peak_memory_mb", "weights_mb", "disk_mb")
+
+
 @dataclass
 class QuantizeConfig:
     """Quantized forms of the exported model (bitsandbytes, applied when it is loaded).
@@ -33,10 +36,22 @@ class QuantizeConfig:
         formats: forms to evaluate: int8 and/or nf4.
         measure: also measure disk size, peak memory and latency of the base and exported
             models (each in a fresh process, on the test split).
+        examples: test examples each measured form scores (latency, peak memory, and the
+            quantized forms' accuracy, then marked with the count); 0 = the whole test split
+            and the validation split too. bitsandbytes' CPU kernels are slow: on a CPU a few
+            dozen examples give the latency in a fraction of the time.
     """
 
     formats: list[Literal["int8", "nf4"]] = field(default_factory=list)
     measure: bool = False
+    examples: int = 0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if self.examples < 0:
+            raise SieveError(f"quantize.examples must be >= 0, got {self.examples}")
 
 
 @dataclass
@@ -68,6 +83,9 @@ class ExportConfig:
     push_to_hub: str | None = None
     private: bool = True
 
+    def __post_init__(self) -> None:
+        self.check()  # a bad value fails where the config is built (parsing), not mid-run
+
     def check(self) -> None:
         repo = self.push_to_hub
         if repo is None:
@@ -81,12 +99,12 @@ class ExportConfig:
 def variant_list(found: dict, levels, pruned_accuracy: float, recovered: dict,
                  strategy: str) -> list[tuple]:
     """The rows scored, as ``(row, keep, validation accuracy, weights)``: the base, the search's
-    reference points (uniform, seed), the exported levels, with LoRA when recovery ran."""
+    reference points (uniform, each seed), the exported levels, with LoRA when recovery ran."""
     variants = [("base", 1.0, found["base_accuracy"], {})]
     if strategy != "uniform":
         variants.append(("uniform", found["uniform"]["keep"], found["uniform"]["accuracy"], {}))
-    if found.get("seed"):
-        variants.append(("seed", found["seed"]["levels"], found["seed"]["accuracy"], {}))
+    for name, seed in (found.get("seeds") or {}).items():
+        variants.append((f"seed_{name}", seed["levels"], seed["accuracy"], {}))
     variants.append(("pruned", levels, pruned_accuracy, {}))
     if recovered["weights"]:
         variants.append(("pruned+lora", levels, recovered["best_val_acc"], recovered["weights"]))
@@ -97,7 +115,7 @@ def evaluate_variants(trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, pru
                       variants: list[tuple], transfer: TransferConfig, dense_params: int,
                       dense: dict | None) -> tuple[dict, dict, int]:
     """Test accuracy and size of each variant, and each transfer source's accuracy of every
-    variant but the search's reference points (uniform, seed).
+    variant but the search's reference points (uniform, the seeds).
 
     Returns ``(rows, transfer scores, target params)``; ``dense`` (recovery's dense + LoRA
     comparison) adds a row without re-scoring. The model ends at the levels it had.
@@ -116,7 +134,7 @@ def evaluate_variants(trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, pru
         other = data.other_source(source, label_map, transfer.examples)
         scores[source] = {"examples": len(other.splits["test"])}
         for row, keep, _, weights in variants:
-            if row not in ("uniform", "seed"):
+            if row != "uniform" and not row.startswith("seed_"):
                 with pruner.at(keep, weights):
                     scores[source][row] = evaluate(trainer, lm, other.test_dataloader(),
                                                    f"evaluate {row}/{source}")
@@ -141,7 +159,8 @@ def measure_forms(rows: dict, final: str, work: Path, run_path: Path,
         out = work / f"measure-{row}.json"
         command = [sys.executable, "-m", "sieve_pl.cli", "test",
                    "--config", str(run_path / "config.yaml"), "--evaluate", which,
-                   "--quantized", fmt, "--measure_json", str(out), "--trainer.devices", "1",
+                   "--quantized", fmt, "--measure_json", str(out),
+                   "--measure_examples", str(quantize.examples), "--trainer.devices", "1",
                    "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false"]
         # a plain one-process run: not a member of this run's torchrun / SLURM job
         env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
@@ -149,11 +168,11 @@ def measure_forms(rows: dict, final: str, work: Path, run_path: Path,
         if done.returncode != 0:
             raise RuntimeError(f"measuring {row} failed:\n{done.stderr[-2000:]}")
         measured = read_json(out)
-        rows.setdefault(row, {"target_params_kept": rows[final]["target_params_kept"],
-                              "params": rows[final]["params"]})
-        rows[row].update(measured)
+        if row in rows:  # scored already on the whole splits: take only the measurements
+            rows[row].update({k: measured[k] for k in MEASURES})
+        else:
+            rows[row] = {"target_params_kept": rows[final]["target_params_kept"],
+                         "params": rows[final]["params"], **measured}
     for row, like in (("pruned", final), ("dense+lora", "base")):
         if row in rows and row != like:
-            rows[row].update({k: rows[like][k] for k in
-                              ("latency_ms_per_example", "peak_memory_mb", "weights_mb",
-                               "disk_mb")})
+            rows[row].update({k: rows[like][k] for k in MEASURES})

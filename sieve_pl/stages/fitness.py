@@ -7,6 +7,7 @@ budget is spent, and memoises each candidate, so the bisections and the GA share
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 
 class Fitness:
@@ -31,11 +32,13 @@ class Fitness:
         self.loader = dataloader
         self.batches = list(dataloader)
         self.n = sum(len(b["input_ids"]) for b in self.batches)
+        self.lengths = [int(x) for b in self.batches for x in b["attention_mask"].sum(1)]
         self.tokens_total = int(sum(b["attention_mask"].sum() for b in self.batches))
         self.tokens_spent = 0
         self.evaluations = 0
         self.order: list[int] | None = None
         self.memo: dict[str, dict] = {}  # judged candidates, by their unit sizes
+        self.label = "search"  # the progress bar's name; the search says what it is scoring
 
     def budget(self, target: float) -> float:
         """Most score a feasible candidate may lose (mean score ≥ target); for 0/1 scores,
@@ -43,11 +46,15 @@ class Fitness:
         return self.n - target * self.n + 1e-9
 
     def reorder(self, order: list[int]) -> None:
-        """Score the examples in this order from now on (indices into the split)."""
+        """Score the examples in about this order from now on (indices into the split): each
+        run of 4 batches is sorted by length, so batches pad little while the order holds at
+        that grain (early rejection decides per batch round anyway)."""
         from torch.utils.data import DataLoader, Subset
 
-        self.order = list(order)
         loader = self.loader
+        chunk = 4 * (loader.batch_size or 1)
+        self.order = [i for s in range(0, len(order), chunk)
+                      for i in sorted(order[s:s + chunk], key=self.lengths.__getitem__)]
         self.batches = list(DataLoader(Subset(loader.dataset, self.order),
                                        batch_size=loader.batch_size, collate_fn=loader.collate_fn))
 
@@ -90,8 +97,10 @@ class Fitness:
         or once ``until`` examples are scored; ``prior`` holds the scores of a first part
         already scored at these levels, which is continued rather than redone.
         """
-        self.pruner.apply(keep)
-        measure = measure or self.lm.task.score
+        with self.pruner.at(keep):  # back to the levels it had (dense) after scoring
+            return self._correct(max_errors, until, prior, measure or self.lm.task.score)
+
+    def _correct(self, max_errors, until, prior, measure) -> list[float]:
         strategy = self.trainer.strategy
         world, rank, device = self.trainer.world_size, self.trainer.global_rank, strategy.root_device
         net = self.lm.net.to(device).eval()
@@ -104,6 +113,8 @@ class Fitness:
         if done != len(scores):
             raise ValueError("prior scores must end at a batch round")
         self.evaluations += 1
+        bar = tqdm(total=self.n, initial=len(scores), desc=self.label, unit="example",
+                   leave=False, disable=not self.trainer.is_global_zero)
         for start in range(first, len(self.batches), world):
             # NaN: no example; the last slot carries the tokens this rank spent
             local = torch.full((size + 1,), float("nan"), dtype=torch.float64, device=device)
@@ -116,12 +127,15 @@ class Fitness:
                 local[-1] = batch["attention_mask"].sum()
             gathered = strategy.all_gather(local).reshape(-1, size + 1) if world > 1 else local[None]
             self.tokens_spent += int(gathered[:, -1].sum())
-            scores += [x for x in gathered[:, :-1].flatten().tolist() if x == x]
+            new = [x for x in gathered[:, :-1].flatten().tolist() if x == x]
+            scores += new
+            bar.update(len(new))
             if (max_errors is not None and self.early_reject and scores
                     and list(self.excess(scores))[-1] > max_errors):
                 break
             if until is not None and len(scores) >= until:
                 break
+        bar.close()
         return scores
 
     def accuracy(self, keep) -> float:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from deap import algorithms, base, creator, tools
 from tqdm.auto import tqdm
 
-from ..io import crash_point, read_json, write_json
+from ..io import crash_point, read_json, say, write_json
 
 if TYPE_CHECKING:
     from .fitness import Fitness
@@ -177,16 +177,23 @@ class GeneticSearch:
 
     def run(self, seeds: list[list[int]]) -> dict:
         cfg = self.config
+        budget = cfg.population * (cfg.generations + 1)
+        if self.is_writer:  # the budget against the genome's length: a search, or a local probe
+            say(f"[sieve-pl] search (genetic): {len(self.names)} genes, population "
+                f"{cfg.population} x {cfg.generations + 1} generations = {budget} genomes "
+                f"({budget / len(self.names):.1f} per gene; each scored only when it could win)")
         logbook = tools.Logbook()
         population, done = self._restore(logbook)
         if population is None:
             random.seed(cfg.seed)
+            self.fitness.label = f"search: generation 0/{cfg.generations}"
             population = self.initial(seeds)
             self._generation(0, population, logbook)
             done = 0
         bar = tqdm(range(done + 1, cfg.generations + 1), desc="search (genetic)", unit="gen",
                    initial=done, total=cfg.generations, disable=not self.is_writer)
         for generation in bar:
+            self.fitness.label = f"search: generation {generation}/{cfg.generations}"
             elite = [self.toolbox.clone(g) for g in self.best(population, cfg.elite)]
             offspring = self.select(population, len(population) - cfg.elite)
             offspring = algorithms.varAnd(offspring, self.toolbox, cfg.crossover_prob,

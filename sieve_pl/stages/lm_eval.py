@@ -43,14 +43,21 @@ class LmEvalConfig:
     batch_size: int = 8
     include_path: str | None = None
 
-    def check(self) -> None:
-        """One-line errors before any weight is loaded: options, install, task names."""
+    def __post_init__(self) -> None:
+        self.check_values()  # a bad value fails where the config is built (parsing)
+
+    def check_values(self) -> None:
         if self.include_path is not None and not Path(self.include_path).is_dir():
             raise SieveError(f"lm_eval.include_path {self.include_path!r} is not a folder")
         if self.batch_size < 1 or (self.limit is not None and self.limit < 1) or (
                 self.num_fewshot is not None and self.num_fewshot < 0):
             raise SieveError("lm_eval needs batch_size >= 1, limit >= 1 (or null) and "
                              "num_fewshot >= 0 (or null)")
+
+    def check(self) -> None:
+        """One-line errors before any weight is loaded: options, install, task names (lm-eval's
+        task list takes seconds to build, so not at construction)."""
+        self.check_values()
         if not self.tasks:
             return
         try:

@@ -65,6 +65,9 @@ class ProjectionConfig:
     ridge: float = 1e-2
     neuron_order: Literal["greedy", "magnitude"] = "greedy"
 
+    def __post_init__(self) -> None:
+        self.check()  # a bad value fails where the config is built (parsing), not mid-run
+
     def check(self) -> None:
         if not self.ridge > 0:
             raise SieveError(f"projection.ridge must be > 0, got {self.ridge}")

@@ -12,6 +12,8 @@ weights, like plain LoRA.
 """
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -63,8 +65,12 @@ class RecoverConfig:
     quantize: Literal["none", "nf4", "int8"] = "none"
     gradient_checkpointing: bool = False
 
-    def check(self, train_examples: int) -> None:
-        if self.enabled and train_examples < 1:
+    def __post_init__(self) -> None:
+        self.check()  # a bad value fails where the config is built (parsing), not mid-run
+
+    def check(self, train_examples: int | None = None) -> None:
+        """Own values; with ``train_examples`` (known once the data is), that there are some."""
+        if self.enabled and train_examples is not None and train_examples < 1:
             raise SieveError("recover.enabled needs training examples: set data.sizes.train > 0")
         if self.rank < 1 or self.epochs < 1 or self.lr <= 0:
             raise SieveError("recover needs rank >= 1, epochs >= 1 and lr > 0")
@@ -92,8 +98,10 @@ class Recovery(L.LightningModule):
         self.config, self.task, self.checkpoints = config, task, Path(checkpoints)
         for p in net.parameters():
             p.requires_grad_(False)
-        if getattr(net, "hf_quantizer", None) is not None or config.gradient_checkpointing:
+        if getattr(net, "hf_quantizer", None) is not None:
             _prepare_for_kbit_training(net, config.gradient_checkpointing)
+        elif config.gradient_checkpointing:  # (peft's preparation turns it on for k-bit only)
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(config.seed)  # the adapters' initialisation
         self.net = get_peft_model(net, LoraConfig(
             r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
@@ -191,13 +199,46 @@ def quantized_copy(net: nn.Module, fmt: str, folder: Path) -> nn.Module:
     return quantized
 
 
+@contextmanager
+def left_as_it_came(net: nn.Module):
+    """Put back what training changes on ``net``: which weights take gradients, train / eval
+    modes, weight dtypes (norms upcast for training) and the device (QLoRA parks ``net`` on the
+    CPU; Lightning's teardown moves a trained model there). Later stages expect the model as
+    they left it."""
+    params = list(net.parameters())
+    before = [(p, p.requires_grad, p.dtype) for p in params]
+    modes = [(m, m.training) for m in net.modules()]
+    device = params[0].device if params else None
+    checkpointing = getattr(net, "is_gradient_checkpointing", False)
+    try:
+        yield net
+    finally:
+        if getattr(net, "is_gradient_checkpointing", False) and not checkpointing:
+            net.gradient_checkpointing_disable()
+        for p, flag, dtype in before:
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+            p.requires_grad_(flag)
+        for module, training in modes:  # (parents first: a child's own mode is set last)
+            module.train(training)
+        if device is not None and next(net.parameters()).device != device:
+            gc.collect()  # free a QLoRA copy and the trainer's cycles before moving back
+            net.to(device)
+
+
 def recover(make_trainer, net: nn.Module, task, targets: list[str], train_loader, val_loader,
             config: RecoverConfig, work: Path) -> dict:
-    """Train LoRA on ``net``; returns the merged target weights (``net`` is left unchanged).
+    """Train LoRA on ``net``; returns the merged target weights (``net`` is left as it came).
 
     With ``config.quantize`` the adapters train on a bitsandbytes copy of ``net`` (QLoRA) and
     ``net`` waits on the CPU; the deltas are merged into ``net``'s own weights.
     """
+    with left_as_it_came(net):
+        return _recover(make_trainer, net, task, targets, train_loader, val_loader, config, work)
+
+
+def _recover(make_trainer, net: nn.Module, task, targets: list[str], train_loader, val_loader,
+             config: RecoverConfig, work: Path) -> dict:
     work = Path(work)
     trained = net
     if config.quantize != "none":

@@ -150,8 +150,9 @@ def _layer(unit: str) -> str:
 def refit(trainer: L.Trainer, net, pruner, levels: dict, dataloader, ridge: float = 1e-2
           ) -> dict[str, tuple[torch.Tensor, ...]]:
     """Refitted weights of every pruned unit at ``levels`` (``(A, B)`` of a factored matrix,
-    ``(W_down,)`` of an MLP, for ``pruner.refitted``); leaves the model at them."""
-    sizes = pruner.apply(levels)
+    ``(W_down,)`` of an MLP, for ``pruner.use``). The model must be at ``levels`` (``with
+    pruner.at(levels)``); its pruned modules are refitted in place."""
+    sizes = pruner.require(levels, "refit")
     units = {name: pruner.units[name] for name in sizes  # head units keep their projection refit
              if isinstance(pruner.units[name], (MatrixUnit, NeuronUnit))}
     dense = {n: m for u in pruner.units.values() for n, m in u.dense.items()}

@@ -1,12 +1,14 @@
 """Search: one keep level per pruning unit, as large a cut as validation accuracy allows.
 
-Bisect the uniform keep fraction (accuracy is assumed to fall with it), then each kind of unit
-(MLPs, q, k, v, o…) further, largest first: kinds differ far more in what a cut costs than units
-of one kind. That seeds the GA (``genetic.py``); candidates are scored by ``fitness.py``. Here:
-the config, :func:`search` (resumable from ``uniform.json``) and the bisections it runs.
+Bisect the uniform keep fraction (accuracy is assumed to fall with it), then seed allocations
+for the GA (``genetic.py``): ``sensitivity`` bisects one global price per weight removed along
+the path that a per-unit cost estimate orders (``sensitivity.py``); ``kind`` bisects each kind
+of unit (MLPs, q, k, v, o…) further, largest first. Candidates are scored by ``fitness.py``.
+Here: the config, :func:`search` (resumable from ``uniform.json``) and the bisections it runs.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -18,9 +20,10 @@ from ..io import read_json, write_json
 from ..models.pruning import layer_and_kind
 from .fitness import Fitness
 from .genetic import GeneticSearch
+from .sensitivity import levels_at, price_path
 
 __all__ = ["Fitness", "GeneticSearch", "SearchConfig", "bisect", "kind_search", "kinds_of",
-           "ladder_with", "search", "uniform_search"]
+           "ladder_with", "path_search", "search", "uniform_search"]
 
 
 @dataclass
@@ -51,8 +54,13 @@ class SearchConfig:
         min_keep: smallest uniform keep fraction tried.
         rank_multiple: round every factored rank down to a multiple of this (32 or 64 suit GPU
             kernels and bitsandbytes' CPU nf4 kernel; 1 = exact keep fractions).
-        seed_by_kind: after the uniform bisection, bisect each kind of unit further (largest
-            kind first, the others held) and seed the GA with that allocation too.
+        seeds: allocations bisected after the uniform level to seed the GA (and reported
+            beside it). sensitivity: units ordered by their estimated cost per weight removed
+            (K-FAC: one backward pass over the calibration split), one global threshold
+            bisected against epsilon (about 7 evaluations). kind: each kind of unit bisected
+            further, largest kind first, the others held (one bisection per kind: about 5x the
+            evaluations). Default kind: on the demo its levels held epsilon on the test split
+            and the sensitivity seed's did not (bench/README, "Seed allocations").
         confidence: z of a one-sided bound on the accuracy change: a candidate is feasible when
             its lost score plus ``confidence·sqrt(Σ (s_base − s)²)`` stays within the budget.
             The root term is the noise of the paired difference (for 0/1 scores: the square
@@ -79,8 +87,11 @@ class SearchConfig:
     resolution: float = 0.01
     min_keep: float = 0.05
     rank_multiple: int = 1
-    seed_by_kind: bool = True
+    seeds: list[Literal["sensitivity", "kind"]] = field(default_factory=lambda: ["kind"])
     confidence: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.check()  # a bad value fails where the config is built (parsing), not mid-run
 
     def check(self) -> None:
         if not 0 < self.epsilon < 1:
@@ -107,13 +118,16 @@ class SearchConfig:
 
 
 def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
-           is_writer: bool = True) -> dict:
-    """Uniform bisection, then (strategy genetic) the GA seeded with its level."""
+           is_writer: bool = True,
+           costs: Callable[[], dict[str, list[dict]]] | None = None) -> dict:
+    """Uniform bisection, then (strategy genetic) the seed allocations and the GA seeded with
+    them; ``costs`` gives the sensitivity seed's per-unit cost estimates."""
     uniform_path = work / "uniform.json" if work else None
     if uniform_path and uniform_path.exists():
         uniform = read_json(uniform_path)
         fitness.restore(uniform["fitness"])
     else:
+        fitness.label = "search: base model"
         base_scores = fitness.hardest_first()
         base_accuracy = sum(base_scores) / fitness.n
         budget = fitness.budget(config.target(base_accuracy))
@@ -123,30 +137,40 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
                 f"search: epsilon {config.epsilon} allows {slack:.1f} more lost score than the "
                 f"base model's on {fitness.n} validation examples; levels chosen on so few errors "
                 "fit this split's noise (use more validation examples or a larger epsilon)")
-        uniform = uniform_search(lambda keep: fitness.judge(keep, budget), base_accuracy, config)
-        if config.seed_by_kind and config.strategy == "genetic":
-            uniform["seed"] = kind_search(lambda levels: fitness.judge(levels, budget),
-                                          kinds_of(fitness, names), uniform["keep"],
-                                          uniform["accuracy"], config)
+        uniform = uniform_search(_judge(fitness, budget, "uniform"), base_accuracy, config)
+        uniform["seeds"] = {}
+        if config.strategy == "genetic":
+            if "sensitivity" in config.seeds and costs is not None:
+                path = price_path(costs())
+                uniform["seeds"]["sensitivity"] = path_search(
+                    _judge(fitness, budget, "sensitivity seed"), path, names,
+                    fitness.pruner.params(1.0)[1], base_accuracy, config)
+            if "kind" in config.seeds:
+                uniform["seeds"]["kind"] = kind_search(_judge(fitness, budget, "kind seed"),
+                                                       kinds_of(fitness, names),
+                                                       uniform["keep"], uniform["accuracy"],
+                                                       config)
         uniform["fitness"] = fitness.state()
         if uniform_path and is_writer:
             write_json(uniform_path, uniform)
     uniform_tokens, uniform_evaluations = (uniform["fitness"]["tokens_spent"],
                                            uniform["fitness"]["evaluations"])
     result = {"base_accuracy": uniform["base_accuracy"], "target": uniform["target"],
-              "uniform": {k: v for k, v in uniform.items() if k not in ("fitness", "seed")},
-              "seed": uniform.get("seed"),
+              "uniform": {k: v for k, v in uniform.items() if k not in ("fitness", "seeds")},
+              "seeds": {name: {**seed, "kept": fitness.pruner.params(seed["levels"])[0]}
+                        for name, seed in uniform["seeds"].items()},
               "validation_examples": fitness.n, "validation_tokens": fitness.tokens_total}
     if config.strategy == "uniform":
         kept, total = fitness.pruner.params(uniform["keep"])
         return {**result, "levels": dict.fromkeys(names, uniform["keep"]),
                 "accuracy": uniform["accuracy"], "kept": kept, "feasible": True,
                 "cost": {"search_tokens": uniform_tokens, "evaluations": uniform_evaluations}}
-    seed = uniform.get("seed") or {"levels": dict.fromkeys(names, uniform["keep"])}
-    ladder = ladder_with(config.ladder, uniform["keep"], *seed["levels"].values())
+    seeds = [seed["levels"] for seed in uniform["seeds"].values()]
+    ladder = ladder_with(config.ladder, uniform["keep"],
+                         *(keep for levels in seeds for keep in levels.values()))
     ga = GeneticSearch(fitness, names, ladder, uniform["target"], config, work, is_writer)
-    found = ga.run([[ladder.index(seed["levels"][n]) for n in names],
-                    [ladder.index(uniform["keep"])] * len(names)])
+    found = ga.run([[ladder.index(levels[n]) for n in names] for levels in seeds]
+                   + [[ladder.index(uniform["keep"])] * len(names)])
     naive = config.population * (config.generations + 1) * fitness.tokens_total
     return {**result, **found, "ladder": ladder,
             "cost": {"search_tokens": fitness.tokens_spent, "evaluations": fitness.evaluations,
@@ -196,6 +220,37 @@ def kind_search(judge: Callable[[dict], dict], kinds: dict[str, list[str]], keep
             "keeps": {kind: levels[names[0]] for kind, names in kinds.items()}}
 
 
+def path_search(judge: Callable[[dict], dict], path: list[tuple[str, float, int]],
+                names: list[str], total: int, accuracy: float, config: SearchConfig) -> dict:
+    """The longest feasible prefix of the price path (:func:`~.sensitivity.price_path`),
+    bisected on the weights it removes down to ``resolution`` of the total."""
+    removed = [0]
+    for _, _, weights in path:
+        removed.append(removed[-1] + weights)
+    history = []
+
+    def feasible(j: int) -> dict:
+        verdict = judge(levels_at(path, names, j))
+        history.append({"step": j, "removed": removed[j] / total,
+                        "accuracy": verdict["accuracy"], "feasible": verdict["feasible"]})
+        _progress("sensitivity", 1 - removed[j] / total, verdict)
+        return verdict
+
+    lo, hi, lo_accuracy = 0, len(path), accuracy
+    verdict = feasible(hi)
+    if verdict["feasible"]:
+        lo, lo_accuracy = hi, verdict["accuracy"]
+    while hi - lo > 1 and removed[hi] - removed[lo] > config.resolution * total:
+        mid = min(bisect_right(removed, (removed[lo] + removed[hi]) / 2, lo + 1, hi), hi - 1)
+        verdict = feasible(mid)
+        if verdict["feasible"]:
+            lo, lo_accuracy = mid, verdict["accuracy"]
+        else:
+            hi = mid
+    return {"levels": levels_at(path, names, lo), "accuracy": lo_accuracy, "steps": lo,
+            "history": history}
+
+
 def bisect(feasible: Callable[[float], dict], top: float, top_accuracy: float,
            config: SearchConfig) -> tuple[float, float]:
     """Smallest keep in ``[min_keep, top]`` found feasible (``top`` is), and its accuracy."""
@@ -211,6 +266,14 @@ def bisect(feasible: Callable[[float], dict], top: float, top_accuracy: float,
         else:
             lo = mid
     return hi, hi_acc
+
+
+def _judge(fitness: Fitness, budget: float, what: str) -> Callable[[dict | float], dict]:
+    """``fitness.judge`` at this budget, its progress bar named after the bisection."""
+    def judge(levels):
+        fitness.label = f"search: {what}"
+        return fitness.judge(levels, budget)
+    return judge
 
 
 def _progress(what: str, keep: float, verdict: dict) -> None:
