@@ -34,7 +34,7 @@ from sieve_pl.stages.calibrate import Calibration
 from sieve_pl.stages.project import project
 from sieve_pl.stages.recover import lora_targets
 from sieve_pl.stages.search import Fitness, search
-from sieve_pl.tasks.base import last_logits
+from sieve_pl.models.forward import last_logits
 
 
 class Forward(L.LightningModule):

@@ -21,7 +21,7 @@ from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import METHODS, ProjectionConfig, project
 from sieve_pl.stages.recover import lora_targets
 from sieve_pl.stages.refit import refit
-from sieve_pl.tasks.base import last_logits
+from sieve_pl.models.forward import last_logits
 
 LLAMA_SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

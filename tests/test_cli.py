@@ -212,7 +212,8 @@ def _quantized_logits_stay_close(folder: Path) -> None:
     (random or mis-scaled weights) is off by more than the logits' own norm (> 1).
     """
     from sieve_pl.models.loading import load_model, load_tokenizer
-    from sieve_pl.tasks.base import encode_prompts, last_logits
+    from sieve_pl.models.forward import last_logits
+    from sieve_pl.tasks.base import encode_prompts
 
     tokenizer = load_tokenizer(str(folder))
     texts = ["A three-hour cinema master class.", "Dull, lifeless and far too long.",

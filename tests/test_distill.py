@@ -117,8 +117,8 @@ def test_answer_positions_of_batches_with_reference_answers(tiny_llama, tokenize
     prompt's last position."""
     from transformers import AutoModelForCausalLM
 
-    from sieve_pl.tasks.base import encode_prompts, last_logits, pad_tokens, prompt_part, \
-        with_answers
+    from sieve_pl.models.forward import last_logits
+    from sieve_pl.tasks.base import encode_prompts, pad_tokens, prompt_part, with_answers
 
     net = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     prompts = encode_prompts(tokenizer, ["Question: a?", "A longer question: b c d?"], 64)

@@ -10,7 +10,7 @@ from sieve_pl.models.module import SieveLM
 from sieve_pl.models.pruning import HeadUnit, Pruner
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project
-from sieve_pl.tasks.base import last_logits
+from sieve_pl.models.forward import last_logits
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from sieve_pl.models.module import SieveLM
 from sieve_pl.models.pruning import Pruner, matrix_params, max_rank, rank_for
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project
-from sieve_pl.tasks.base import last_logits
+from sieve_pl.models.forward import last_logits
 
 
 def _pruner(tiny_llama, data, trainer, neurons: bool):

@@ -15,7 +15,7 @@ from sieve_pl.stages.project import ProjectionConfig, project
 from sieve_pl.stages.recover import (RecoverConfig, Recovery, left_as_it_came, lora_targets,
                                      recover)
 from sieve_pl.tasks import SplitSizes, TaskDataModule
-from sieve_pl.tasks.base import last_logits
+from sieve_pl.models.forward import last_logits
 
 CONFIG = RecoverConfig(enabled=True, rank=4, alpha=8, lr=5e-3, epochs=3, patience=10)
 

@@ -13,7 +13,7 @@ from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project
 from sieve_pl.stages.refit import refit
 from sieve_pl.stages.search import Fitness, GeneticSearch, SearchConfig, search
-from sieve_pl.tasks.base import last_logits
+from sieve_pl.models.forward import last_logits
 from sieve_pl.tasks import SplitSizes, TaskDataModule
 
 

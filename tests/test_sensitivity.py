@@ -9,7 +9,7 @@ from sieve_pl.stages.project import ProjectionConfig, project
 from sieve_pl.stages.search import SearchConfig, path_search
 from sieve_pl.stages.sensitivity import (gradient_moments, levels_at, price_path,
                                          sensitivity_costs)
-from sieve_pl.tasks.base import last_logits
+from sieve_pl.models.forward import last_logits
 
 
 @pytest.fixture

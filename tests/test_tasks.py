@@ -13,7 +13,8 @@ from sieve_pl.models.module import SieveLM, evaluate, evaluate_metrics
 from sieve_pl.stages.search import Fitness
 from sieve_pl.tasks import (Classification, Generation, MultipleChoice, SplitSizes,
                             TaskDataModule)
-from sieve_pl.tasks.base import answer_logprobs, greedy_decode, prompt_part
+from sieve_pl.models.forward import answer_logprobs, greedy_decode
+from sieve_pl.tasks.base import prompt_part
 from sieve_pl.tasks.generation import exact_match, normalize_answer, token_f1
 from sieve_pl.tasks.sources import load_source
 

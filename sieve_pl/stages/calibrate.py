@@ -19,7 +19,7 @@ from ..errors import SieveError
 from ..progress import named
 from ..io import crash_point
 from ..models.factored import dense_shape
-from ..tasks.base import last_logits
+from ..models.forward import last_logits
 
 
 @dataclass

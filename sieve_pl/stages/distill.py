@@ -37,7 +37,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from ..errors import SieveError
 from ..models.factored import FactoredLinear, set_submodule
-from ..tasks.base import last_logits
+from ..models.forward import last_logits
 from ..tasks.datamodule import EpochShuffle
 from .learned import frozen_except
 from .recover import _logged

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 
 from ..models.factored import dense_weight
 from ..models.pruning import max_rank
-from ..tasks.base import last_logits
+from ..models.forward import last_logits
 
 
 @dataclass

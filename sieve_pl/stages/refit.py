@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..models.factored import dense_weight, set_submodule
 from ..models.pruning import MatrixUnit, NeuronUnit
 from ..progress import named
-from ..tasks.base import last_logits
+from ..models.forward import last_logits
 from .calibrate import reduce_sums
 from .project import _eigh_desc
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import SieveError
-from .base import (Task, answer_loss, choice_logprobs, encode_prompts, field_text, last_logits,
-                   margin, pad_id, pad_tokens, with_answers)
+from ..models.forward import answer_loss, choice_logprobs, last_logits
+from .base import Task, encode_prompts, field_text, margin, pad_id, pad_tokens, with_answers
 
 
 class Classification(Task):

@@ -9,8 +9,9 @@ from typing import Literal
 import torch
 
 from ..errors import SieveError
-from .base import (Task, answer_loss, encode_prompts, field_text, field_value, greedy_decode,
-                   pad_id, pad_tokens, prompt_part, with_answers)
+from ..models.forward import answer_loss, greedy_decode
+from .base import (Task, encode_prompts, field_text, field_value, pad_id, pad_tokens, prompt_part,
+                   with_answers)
 
 
 class Generation(Task):

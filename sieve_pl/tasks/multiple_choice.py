@@ -6,8 +6,9 @@ from typing import Literal
 import torch
 
 from ..errors import SieveError
-from .base import (Task, answer_loss, choice_logprobs, encode_prompts, field_text, field_value,
-                   margin, pad_id, pad_tokens, prompt_part, with_answers)
+from ..models.forward import answer_loss, choice_logprobs
+from .base import (Task, encode_prompts, field_text, field_value, margin, pad_id, pad_tokens,
+                   prompt_part, with_answers)
 from .classification import label_word_tokens
 
 
