@@ -85,8 +85,8 @@ def measure(trainer: L.Trainer, lm: SieveLM, data, quantize: str = "none",
     Peak memory is measured while scoring the test split (after loading, so a quantized model is
     not charged for the full-precision copy it is loaded from): process RSS on CPU, allocated
     memory on CUDA. ``weights_mb`` is the model's own footprint. Run one model per fresh process.
-    ``examples`` > 0 scores only the test split's first ``examples`` (no validation): enough
-    for latency and memory where bitsandbytes' CPU kernels make the whole split slow.
+    ``examples`` > 0 scores only that many test examples, spread over the split, and no
+    validation: enough for latency and memory where bitsandbytes' CPU kernels are slow.
     """
     import tempfile
     import time

@@ -82,6 +82,7 @@ def unit_costs(pruner: Pruner, ladder: list[float], inputs: Callable[[str], torc
     costs = {}
     for name, unit in tqdm(pruner.units.items(), desc="search: costs", leave=False):
         points, seen = [], set()
+        c, g = inputs(unit.output).float(), grads[unit.output].float()  # read once per unit
         for keep in [1.0, *sorted(ladder, reverse=True)]:
             size = unit.size(keep, pruner.rank_multiple)
             if size in seen:
@@ -91,7 +92,6 @@ def unit_costs(pruner: Pruner, ladder: list[float], inputs: Callable[[str], torc
                 points.append({"keep": keep, "params": unit.total, "cost": 0.0})
                 continue
             delta = unit.error(size).float()
-            c, g = inputs(unit.output).float(), grads[unit.output].float()
             cost = 0.5 * float(((delta @ c) * (g @ delta)).sum())
             points.append({"keep": keep, "params": unit.params(size), "cost": cost})
         costs[name] = points
