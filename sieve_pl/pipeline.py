@@ -173,7 +173,8 @@ class Pipeline:
             if self.trainer.is_global_zero:
                 shutil.rmtree(shards, ignore_errors=True)  # a killed pass's leftovers
                 shards.mkdir()
-            calibrate(self.trainer, lm.net, groups, data.calibration_dataloader(),
+            calibrate(self.trainer, lm.net, groups,
+                      data.loader("calibration", limit=self.calibration.examples or None),
                       self.calibration, out=shards)
             return shards
 

@@ -33,6 +33,44 @@ def test_statistics_equal_direct_xtx_over_non_padding_tokens(tiny_llama, tiny_da
     assert len([k for k in stats if not k.endswith(".count")]) == 4 * 2
 
 
+def test_read_weight_counts_the_last_position_more(tiny_llama, tiny_data, trainer):
+    """read_weight 3 adds the last position's xᵀx twice more (and 2 tokens per sequence)."""
+    lm = SieveLM(tiny_llama)
+    lm.load()
+    groups = lm.adapter.input_groups(lm.net)
+    loader = tiny_data.calibration_dataloader()
+    config = dict(dtype="float64", product_dtype="float64")
+    plain = calibrate(trainer, lm.net, groups, loader, CalibrationConfig(**config))
+    weighted = calibrate(trainer, lm.net, groups, loader,
+                         CalibrationConfig(**config, read_weight=3))
+    key = next(iter(groups))
+    seen = []
+    handle = lm.net.get_submodule(groups[key][0]).register_forward_pre_hook(
+        lambda m, args: seen.append(args[0][:, -1].detach().double()))
+    with torch.no_grad():
+        for batch in loader:
+            lm.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"])
+    handle.remove()
+    last = torch.cat(seen)
+    torch.testing.assert_close(weighted[key], plain[key] + 2 * last.T @ last)
+    assert int(weighted[f"{key}.count"]) == int(plain[f"{key}.count"]) + 2 * len(last)
+
+
+def test_calibration_examples_spread_over_the_split(tiny_llama, tiny_data, trainer):
+    """calibration.examples N: the sums of N examples spread over the split."""
+    lm = SieveLM(tiny_llama)
+    lm.load()
+    groups = lm.adapter.input_groups(lm.net)
+    n = len(tiny_data.splits["calibration"]) // 2
+    part = calibrate(trainer, lm.net, groups, tiny_data.loader("calibration", limit=n),
+                     CalibrationConfig())
+    whole = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
+                      CalibrationConfig())
+    key = next(iter(groups))
+    assert 0 < int(part[f"{key}.count"]) < int(whole[f"{key}.count"])
+
+
 def test_float32_sums_close_to_float64(tiny_llama, tiny_data, trainer):
     lm = SieveLM(tiny_llama)
     lm.load()

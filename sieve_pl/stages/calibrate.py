@@ -39,21 +39,37 @@ class CalibrationConfig:
         product_dtype: dtype of each batch's xᵀx before it is added to the sum: float32 (at
             least the activations' precision, relative error ~1e-6 per batch; half the time
             of float64 on CPUs, where the statistics cost about a forward pass) or float64.
+        examples: calibrate on this many examples of the calibration split, spread over it
+            (0: all of it). Lets a sweep vary the statistics' data while the validation and
+            test splits, drawn after the calibration split, stay the same examples.
+        read_weight: each sequence's last position (left padding: the token whose next-token
+            logits a classification task reads) counts as this many tokens in the sums; 1 = all
+            tokens alike. Most calibration tokens are the review text and the prompt template.
     """
 
     dtype: str = "float64"
     layers_per_pass: int = 0
     device: Literal["auto", "cpu"] = "auto"
     product_dtype: Literal["float32", "float64"] = "float32"
+    examples: int = 0
+    read_weight: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float64"):
+            raise SieveError(f"calibration.dtype must be float32 or float64, got {self.dtype!r}")
+        if self.layers_per_pass < 0 or self.examples < 0 or self.read_weight < 1:
+            raise SieveError("calibration needs layers_per_pass >= 0, examples >= 0 and "
+                             f"read_weight >= 1, got {self.layers_per_pass}, {self.examples}, "
+                             f"{self.read_weight}")
 
 
 class Calibration(L.LightningModule):
     """Runs the model and accumulates input second moments through forward hooks."""
 
     def __init__(self, net: torch.nn.Module, groups: dict[str, list[str]], dtype: str = "float64",
-                 device: str = "auto", product_dtype: str = "float32"):
+                 device: str = "auto", product_dtype: str = "float32", read_weight: int = 1):
         super().__init__()
-        self.net, self.sum_device = net, device
+        self.net, self.sum_device, self.read_weight = net, device, read_weight
         self.groups = groups
         self.sum_dtype = getattr(torch, dtype)
         # never below float32, never above the accumulator
@@ -66,10 +82,14 @@ class Calibration(L.LightningModule):
 
     def _hook(self, key: str):
         def hook(module, args):
-            x = args[0][self._mask]  # (non-padding tokens, in_features)
-            x = x.to(self.product_dtype)
-            self.sums[key] += (x.T @ x).to(self.sums[key].device, self.sum_dtype)
-            self.counts[key] += x.shape[0]
+            x = args[0][self._mask].to(self.product_dtype)  # (non-padding tokens, in_features)
+            xtx, n = x.T @ x, x.shape[0]
+            if self.read_weight > 1:  # left padding: the last position is every row's own
+                last = args[0][:, -1].to(self.product_dtype)
+                xtx, n = xtx + (self.read_weight - 1) * (last.T @ last), n + (
+                    self.read_weight - 1) * last.shape[0]
+            self.sums[key] += xtx.to(self.sums[key].device, self.sum_dtype)
+            self.counts[key] += n
         return hook
 
     def on_predict_start(self) -> None:
@@ -131,7 +151,8 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
     for start in range(0, len(layers), per_pass):
         chunk = layers[start:start + per_pass]
         module = Calibration(net, {k: v for k, v in groups.items() if layer_of(k) in chunk},
-                             config.dtype, config.device, config.product_dtype)
+                             config.dtype, config.device, config.product_dtype,
+                             config.read_weight)
         with named(trainer, f"calibrate (layers {start + 1}-{start + len(chunk)} of {len(layers)})"):
             trainer.predict(module, dataloaders=dataloader, return_predictions=False)
         for index, layer in enumerate(chunk, start):
