@@ -15,10 +15,9 @@ import argparse
 from safetensors.torch import load_file
 
 from common import open_run, run_pruner, write_result
-from sieve_pl.artifacts import load_refit
 from sieve_pl.io import read_json
 from sieve_pl.models.module import evaluate
-from sieve_pl.models.pruning import with_weights
+from sieve_pl.stages.stage import Compensated
 
 
 def main() -> None:
@@ -33,16 +32,15 @@ def main() -> None:
     recovered = run.path / "recover" / "weights.safetensors"
     variants = [("base", 1.0, {}, {}), ("closed form", levels, {}, {})]
     if (distilled / "refit.json").exists():
-        variants.append(("+ distillation", levels, load_refit(distilled)["factors"], {}))
+        variants.append(("+ distillation", levels, Compensated.load(distilled).factors, {}))
     if recovered.exists():
         variants.append(("+ LoRA", levels, {}, load_file(str(recovered))))
     others = {s: data.other_source(s, m, pipeline.transfer.examples)
               for s, m in pipeline.transfer.sources.items()}
     rows = []
     for name, keep, factors, weights in variants:
-        pruner.refitted = factors
-        pruner.apply(keep)
-        with with_weights(lm.net, weights):
+        pruner.use(factors)
+        with pruner.at(keep, weights):
             row = {"variant": name, "test": evaluate(trainer, lm, data.test_dataloader())}
             for source, other in others.items():
                 row[source] = evaluate(trainer, lm, other.test_dataloader())

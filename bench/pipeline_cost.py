@@ -142,8 +142,8 @@ def main() -> None:
             start = time.perf_counter()
             fitness = Fitness(trainer, lm, pruner, data.val_dataloader(), config.early_reject,
                               config.confidence)
-            rerun = search(fitness, pruner.names, config, work)
-            pruner.apply(1.0)
+            with pruner.at(1.0):  # the search scores inside pruner.at; the model stays dense
+                rerun = search(fitness, pruner.names, config, work)
             cost = rerun["cost"]
             result["search"][f"{screen:g}"] = {
                 **cost, "ratio": cost["search_tokens"] / cost["naive_tokens"],
@@ -162,12 +162,11 @@ def main() -> None:
         times = {"dense": [], "pruned": []}
         for _ in range(2):  # alternated: machine noise hits both alike; the faster round counts
             for which in times:
-                pruner.apply(found["levels"] if which == "pruned" else 1.0)
-                times[which].append(lora_step_seconds(
-                    lm.net, lora_targets(lm.net, lm.adapter.layers), data.task, batches,
-                    pipeline.recover))
+                with pruner.at(found["levels"] if which == "pruned" else 1.0):
+                    times[which].append(lora_step_seconds(
+                        lm.net, lora_targets(lm.net, lm.adapter.layers), data.task, batches,
+                        pipeline.recover))
         kept, total = pruner.params(found["levels"])
-        pruner.apply(1.0)
         dense_s, pruned_s = min(times["dense"]), min(times["pruned"])
         result["lora_step"] = {"dense_s": dense_s, "pruned_s": pruned_s, "rounds": times,
                                "ratio": pruned_s / dense_s, "target_params_kept": kept / total}

@@ -90,15 +90,15 @@ def main() -> None:
         for keep in levels:
             if args.units != "all":  # only the named units
                 keep = {n: keep if cut(n) else 1.0 for n in pruner.names}
-            pruner.apply(keep)
             kept, total = pruner.params(keep)
             level = keep if args.units == "all" else next(v for v in keep.values() if v < 1)
-            rows.append({"method": method, "mlp": mlp, "neuron_order": order,
-                         "attention": attention, "units": args.units, "keep": level, "kept": kept / total,
-                         "projection_seconds": seconds, **accuracies()})
+            with pruner.at(keep):
+                rows.append({"method": method, "mlp": mlp, "neuron_order": order,
+                             "attention": attention, "units": args.units, "keep": level,
+                             "kept": kept / total, "projection_seconds": seconds,
+                             **accuracies()})
             print(rows[-1], file=sys.stderr, flush=True)
             save()
-        pruner.apply(1.0)
 
     print("| method | MLP as | v/o as | units cut | keep | decoder weights kept | validation acc "
           "| test acc |\n|---|---|---|---|---|---|---|---|")

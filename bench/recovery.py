@@ -23,7 +23,6 @@ from pathlib import Path
 from common import open_run, run_pruner, write_result
 from sieve_pl.io import read_json
 from sieve_pl.models.module import evaluate
-from sieve_pl.models.pruning import with_weights
 from sieve_pl.stages.recover import lora_targets, recover
 
 
@@ -60,24 +59,24 @@ def main() -> None:
             "recover": dataclasses.asdict(config)})
 
     for name, keep, fmt in variants:
-        pruner.apply(keep)
-        kept, total = pruner.params(keep)
-        row = {"levels": name, "kept": kept / total, "lora": "none", **accuracies()}
-        if fmt == "none":  # the un-recovered model is the same for LoRA and QLoRA
-            rows.append(row)
-            print(rows[-1], file=sys.stderr, flush=True)
-            save()
-        shutil.rmtree(work, ignore_errors=True)
-        start = time.perf_counter()
-        result = recover(pipeline.make_trainer, lm.net, data.task,
-                         lora_targets(lm.net, lm.adapter.layers), data.train_dataloader(),
-                         data.val_dataloader(), dataclasses.replace(config, quantize=fmt), work)
-        seconds = time.perf_counter() - start
-        with with_weights(lm.net, result["weights"]):
-            rows.append({**row, "lora": "qlora-" + fmt if fmt != "none" else "lora",
-                         **accuracies(), "recover_seconds": seconds,
-                         "recover_peak_memory_mb": result["peak_memory_mb"],
-                         "epochs": result["epochs"]})
+        with pruner.at(keep):
+            kept, total = pruner.params(keep)
+            row = {"levels": name, "kept": kept / total, "lora": "none", **accuracies()}
+            if fmt == "none":  # the un-recovered model is the same for LoRA and QLoRA
+                rows.append(row)
+                print(rows[-1], file=sys.stderr, flush=True)
+                save()
+            shutil.rmtree(work, ignore_errors=True)
+            start = time.perf_counter()
+            result = recover(pipeline.make_trainer, lm.net, data.task,
+                             lora_targets(lm.net, lm.adapter.layers), data.train_dataloader(),
+                             data.val_dataloader(), dataclasses.replace(config, quantize=fmt), work)
+            seconds = time.perf_counter() - start
+            with pruner.at(keep, result["weights"]):
+                rows.append({**row, "lora": "qlora-" + fmt if fmt != "none" else "lora",
+                             **accuracies(), "recover_seconds": seconds,
+                             "recover_peak_memory_mb": result["peak_memory_mb"],
+                             "epochs": result["epochs"]})
         print(rows[-1], file=sys.stderr, flush=True)
         save()
     shutil.rmtree(work, ignore_errors=True)

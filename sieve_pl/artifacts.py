@@ -1,6 +1,6 @@
-"""Stage artifacts: project writes ``bases.safetensors``, refit and distill ``refit.json`` +
-``factors.safetensors``, recover ``recover.json`` + ``weights.safetensors``. Tensors go to
-safetensors and the rest to JSON, never pickle: loading a run folder cannot execute code."""
+"""Tensor artifacts: project writes ``bases.safetensors``, refit and distill
+``factors.safetensors`` (``stages/stage.py`` adds their JSON). Tensors go to safetensors and the
+rest to JSON, never pickle: loading a run folder cannot execute code."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .io import read_json, write_json
 from .models.pruning import flatten_bases, unflatten_bases
 
 
@@ -40,22 +39,3 @@ def load_factors(folder: Path, name: str = "factors.safetensors") -> dict:
     for key in sorted(flat, key=lambda k: int(k.rpartition(".")[2])):
         factors.setdefault(key.rpartition(".")[0], []).append(flat[key])
     return {n: tuple(ts) for n, ts in factors.items()}
-
-
-def save_refit(result: dict, folder: Path) -> None:
-    write_json(folder / "refit.json", {k: v for k, v in result.items() if k != "factors"})
-    save_factors(result["factors"], folder)
-
-
-def load_refit(folder: Path) -> dict:
-    return {**read_json(folder / "refit.json"), "factors": load_factors(folder)}
-
-
-def save_recover(result: dict, folder: Path) -> None:
-    write_json(folder / "recover.json", {k: v for k, v in result.items() if k != "weights"})
-    save_tensors(result["weights"], folder / "weights.safetensors")
-
-
-def load_recover(folder: Path) -> dict:
-    return {**read_json(folder / "recover.json"),
-            "weights": load_file(str(folder / "weights.safetensors"))}

@@ -2,7 +2,8 @@
 
 ``fit`` calibrates, projects, searches, exports and evaluates (stages skipped when done);
 ``validate`` / ``test`` score the base model and, when the run has finished, its pruned model on
-the validation / test split.
+the validation / test split; ``measure`` writes one model's accuracy, latency, memory and size
+as JSON (``fit`` runs it in a fresh process per deployable form).
 """
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ COMMANDS = {
            "(finished stages are skipped; rerun the same command to resume)",
     "validate": "score the base model and, once exported, the pruned one on the validation split",
     "test": "score the base model and, once exported, the pruned one on the test split",
+    "measure": "one model's accuracy, latency per example, peak memory, weights in memory and "
+               "bytes on disk, as JSON (--out); run it in a fresh process per model",
 }
-USAGE = ("usage: sieve-pl {fit,validate,test} [--config CONFIG] [options]\n\n"
+USAGE = ("usage: sieve-pl {fit,validate,test,measure} [--config CONFIG] [options]\n\n"
          + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
          + "\n\nsieve-pl <command> --help lists every option.")
 
@@ -67,19 +70,24 @@ class SieveCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for name, cls in STAGE_CONFIGS.items():
             parser.add_class_arguments(cls, name, help=cls.__doc__)
-        parser.add_argument("--evaluate", type=Literal["auto", "base", "pruned"], default="auto",
-                            help="validate/test: which model to score (auto: base, plus the "
-                                 "pruned one when the run has been exported)")
-        parser.add_argument("--quantized", type=Literal["none", "int8", "nf4"], default="none",
-                            help="validate/test: load the scored model(s) quantized by "
-                                 "bitsandbytes")
-        parser.add_argument("--measure_json", type=Optional[str], default=None,
-                            help="validate/test: score one model on the validation and test "
-                                 "splits and write accuracy, latency per example, peak memory "
-                                 "while scoring, weights in memory and bytes on disk as JSON")
-        parser.add_argument("--measure_examples", type=int, default=0,
-                            help="with --measure_json: score only the test split's first N "
-                                 "examples, no validation (0: both whole splits)")
+        if self.command != "fit":
+            which = ("base", "pruned") if self.command == "measure" else ("auto", "base", "pruned")
+            parser.add_argument(
+                "--evaluate", type=Literal[which], default=which[0],
+                help="which model to score: base, pruned (the run's export)"
+                     + ("" if self.command == "measure" else
+                        ", or auto: base, plus the pruned one when the run has been exported"))
+            parser.add_argument("--quantized", type=Literal["none", "int8", "nf4"],
+                                default="none",
+                                help="load the scored model(s) quantized by bitsandbytes")
+        if self.command == "measure":
+            parser.add_argument("--out", type=str, required=True,
+                                help="the JSON file written: validation and test accuracy, "
+                                     "latency per test example, peak memory while scoring, "
+                                     "weights in memory, bytes on disk")
+            parser.add_argument("--examples", type=int, default=0,
+                                help="score only N test examples, spread over the split, and "
+                                     "no validation (0: both whole splits)")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="not used: a run resumes from its run folder (run.root / "
                                  "run.name) when the same command is run again")
@@ -126,28 +134,24 @@ def fit(cli: SieveCLI) -> None:
     pipeline.fit(save_config)
 
 
-def score(cli: SieveCLI, split: str) -> None:
-    """``validate`` / ``test``: the base model and, once exported, the pruned one."""
-    cfg, data = cli.config_init, cli.datamodule
-    pipeline = cli.pipeline()
-    pipeline.prepare(fitting=False)
+def models(cli: SieveCLI, pipeline: Pipeline) -> list[tuple[str, SieveLM]]:
+    """The models ``--evaluate`` names: the base model and/or the run's export."""
+    which = cli.config_init["evaluate"]
     exported = pipeline.run.path / "export" / "model"
-    rows = []
-    if cfg["evaluate"] in ("auto", "base"):
-        rows.append(("base", cli.model))
-    if cfg["evaluate"] == "pruned" or (cfg["evaluate"] == "auto"
-                                       and (exported / "config.json").exists()):
+    rows = [("base", cli.model)] if which in ("auto", "base") else []
+    if which == "pruned" or (which == "auto" and (exported / "config.json").exists()):
         if not (exported / "config.json").exists():
             raise SieveError(f"no exported model at {exported}: run `sieve-pl fit` first")
         rows.append(("pruned", SieveLM(str(exported), cli.model.dtype_name)))
-    if cfg["measure_json"]:
-        if len(rows) != 1:
-            raise SieveError("--measure_json scores one model: add --evaluate base|pruned")
-        write_json(Path(cfg["measure_json"]), measure(cli.trainer, rows[0][1], data,
-                                                      cfg["quantized"], cfg["measure_examples"]))
-        return
-    for name, lm in rows:
-        lm.quantize = cfg["quantized"]
+    return rows
+
+
+def score(cli: SieveCLI, split: str) -> None:
+    """``validate`` / ``test``: the base model and, once exported, the pruned one."""
+    data, pipeline = cli.datamodule, cli.pipeline()
+    pipeline.prepare(fitting=False)
+    for name, lm in models(cli, pipeline):
+        lm.quantize = cli.config_init["quantized"]
         lm.load()
         lm.set_task(data.task)
         acc = evaluate(cli.trainer, lm, data.loader(split), f"evaluate {name}/{split}")
@@ -155,6 +159,18 @@ def score(cli: SieveCLI, split: str) -> None:
         say(f"{name:>6}: {split} {data.task.metric} {100 * acc:.2f}% "
             f"({len(data.splits[split])} examples, {params / 1e6:.2f}M parameters"
             f"{'' if lm.quantize == 'none' else ', ' + lm.quantize})")
+
+
+def measure_one(cli: SieveCLI) -> None:
+    """``measure``: one model, in this process (peak memory is the process's own)."""
+    cfg, pipeline = cli.config_init, cli.pipeline()
+    pipeline.prepare(fitting=False)
+    [(name, lm)] = models(cli, pipeline)
+    result = measure(cli.trainer, lm, cli.datamodule, cfg["quantized"], cfg["examples"])
+    write_json(Path(cfg["out"]), result)
+    say(f"{name}: test {100 * result['test']:.2f}%, "
+        f"{result['latency_ms_per_example']:.1f} ms per example, "
+        f"peak {result['peak_memory_mb']:.0f} MB, disk {result['disk_mb']:.0f} MB -> {cfg['out']}")
 
 
 def stop_on_sigterm() -> None:
@@ -184,6 +200,8 @@ def main(args=None) -> None:
         cli = SieveCLI(rest, command=command)
         if command == "fit":
             fit(cli)
+        elif command == "measure":
+            measure_one(cli)
         else:
             score(cli, "validation" if command == "validate" else "test")
     except SieveError as err:

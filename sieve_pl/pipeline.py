@@ -1,38 +1,33 @@
 """Stage order: calibrate → project → search → refit → distill → recover → export → evaluate.
 
-Each stage goes through ``RunDir.stage`` (``rundir.py``): skipped when done earlier with the
-same fingerprint, recomputed when its config, an upstream stage or its artifacts changed.
+Each stage is a :class:`~sieve_pl.stages.stage.Stage` in its own module, run through
+``RunDir.run`` (``rundir.py``): skipped when done earlier with the same fingerprint, recomputed
+when its config, an upstream stage or its artifacts changed. Here: the checks before any weight
+loads, the order of the stages (``_fit``) and what happens after them (``_publish``).
 """
 from __future__ import annotations
 
-import os
-import shutil
-from dataclasses import asdict
-from functools import partial
-from pathlib import Path
 from typing import Callable
 
 import lightning as L
 
-from .artifacts import load_bases, load_recover, load_refit, save_bases, save_recover, save_refit
 from .errors import SieveError
-from .report import format_summary, model_card, save_search
+from .report import format_summary, model_card
 from .rundir import RunConfig, RunDir  # noqa: F401  (RunConfig: imported from here by the CLI)
-from .io import SafetensorsFolder, content_id, read_json, say, write_json, write_text
-from .models.hf import push_to_hub, save_pruned
-from .models.loading import BUILTIN_HUB_IDS, BUILTIN_MODELS, load_model, load_tokenizer
-from .models.module import SieveLM, evaluate
+from .io import content_id, read_json, say, write_json, write_text
+from .models.hf import push_to_hub
+from .models.loading import BUILTIN_HUB_IDS, BUILTIN_MODELS
+from .models.module import SieveLM
 from .models.pruning import Pruner
-from .stages.calibrate import CalibrationConfig, calibrate
-from .stages.distill import DistillConfig, distill, distill_loader
-from .stages.evaluate import (ExportConfig, QuantizeConfig, TransferConfig, evaluate_variants,
-                              measure_forms, variant_list)
-from .stages.lm_eval import LmEvalConfig, score as lm_eval_score
-from .stages.project import ProjectionConfig, project
-from .stages.recover import RecoverConfig, lora_targets, recover
-from .stages.refit import RefitConfig, refit
-from .stages.search import Fitness, SearchConfig, search
-from .stages.sensitivity import sensitivity_costs
+from .stages.calibrate import Calibrate, CalibrationConfig
+from .stages.distill import Distill, DistillConfig
+from .stages.evaluate import Evaluate, Export, ExportConfig, QuantizeConfig, TransferConfig
+from .stages.lm_eval import LmEval, LmEvalConfig
+from .stages.project import Project, ProjectionConfig
+from .stages.recover import Recover, RecoverConfig
+from .stages.refit import Refit, RefitConfig
+from .stages.search import Search, SearchConfig
+from .stages.stage import Compensated, Context
 from .tasks.datamodule import TaskDataModule
 
 
@@ -42,14 +37,6 @@ def _without_files(identity: dict) -> dict:
     if isinstance(data, dict):
         return {**identity, "data": {k: v for k, v in data.items() if k != "source_files"}}
     return identity
-
-
-def _settings(config, data: dict | None = None) -> dict:
-    """What a stage's results depend on: all its settings (and data) when it runs, only that it
-    is off when it does not — editing a disabled stage's options re-runs nothing."""
-    if not config.enabled:
-        return {"enabled": False}
-    return {**({"data": data} if data is not None else {}), **asdict(config)}
 
 
 class Pipeline:
@@ -144,17 +131,14 @@ class Pipeline:
         return {"model": {"pretrained": self.lm.pretrained, "dtype": self.lm.dtype_name},
                 "data": self.data.fingerprint_config("calibration")}
 
-    def _calibrate_config(self) -> dict:
-        """What the statistics depend on (passes and where the sums live change nothing;
-        float32 and float64 products agree to ~1e-6, so either set of statistics serves).
-
-        A local model's files are in it by content: a model re-saved under the same path is
-        another input and recalibrates."""
-        config = asdict(self.calibration)
-        for setting in ("layers_per_pass", "device", "product_dtype"):
-            config.pop(setting)
+    def _calibration_identity(self) -> dict:
+        """The model and data the statistics come from; a local model's files by content (a
+        model re-saved under the same path is another input and recalibrates)."""
         files = {} if self.lm.pretrained in BUILTIN_MODELS else content_id(self.lm.pretrained)
-        return {**self._run_identity(), **({"model_files": files} if files else {}), **config}
+        return {**self._run_identity(), **({"model_files": files} if files else {})}
+
+    def context(self) -> Context:
+        return Context(self.trainer, self.lm, self.data, self.make_trainer, self.run.path)
 
     def load(self) -> RunDir:
         """Checks, then weights; returns the run directory."""
@@ -165,62 +149,12 @@ class Pipeline:
         self.lm.set_task(self.data.task)
         return RunDir(self.run.path, self.trainer)
 
-    def calibrate(self, run: RunDir, groups: dict[str, list[str]]) -> dict:
-        lm, data = self.lm, self.data
-
-        def compute(work: Path) -> Path:
-            shards = work / "stats"
-            if self.trainer.is_global_zero:
-                shutil.rmtree(shards, ignore_errors=True)  # a killed pass's leftovers
-                shards.mkdir()
-            calibrate(self.trainer, lm.net, groups,
-                      data.loader("calibration", limit=self.calibration.examples or None),
-                      self.calibration, out=shards)
-            return shards
-
-        def save(shards: Path, folder: Path) -> None:
-            for shard in sorted(shards.glob("stats-*.safetensors")):
-                os.replace(shard, folder / shard.name)
-
-        return run.stage("calibrate", self._calibrate_config(), compute, save, SafetensorsFolder)
+    def calibrate(self, run: RunDir, groups: dict[str, list[str]]):
+        return run.run(Calibrate(self.context(), groups, self.calibration,
+                                 self._calibration_identity()))
 
     def project(self, run: RunDir, groups: dict[str, list[str]], stats) -> dict:
-        """Bases of every target matrix; under DDP each rank decomposes every world-th group."""
-        trainer = self.trainer
-        mlps = self.lm.adapter.mlps(self.lm.net)
-        attentions = (self.lm.adapter.attentions(self.lm.net)
-                      if self.projection.attention == "heads" else {})
-
-        def compute(work: Path) -> dict:
-            if self.projection.method == "learned":  # one data-parallel fit of every matrix
-                return project(self.lm.net, groups, stats, self.projection, self.make_trainer,
-                               self.data.calibration_dataloader(), work, mlps, attentions)
-            world, rank = trainer.world_size, trainer.global_rank
-            mine = {key: names for i, (key, names) in enumerate(groups.items())
-                    if i % world == rank}
-            bases = project(self.lm.net, mine, stats, self.projection, mlps=mlps,
-                            attentions=attentions)
-            if world == 1:
-                return bases
-            save_bases(bases, work, f"bases-{rank}.safetensors")
-            trainer.strategy.barrier()
-            return {} if rank else {name: ab for r in range(world) for name, ab in
-                                    load_bases(work, f"bases-{r}.safetensors").items()}
-
-        config = asdict(self.projection)
-        if self.projection.method != "learned":  # its settings change nothing then
-            config.pop("learned")
-        if self.projection.mlp != "neurons":
-            config.pop("neuron_order")
-            if self.projection.attention != "heads" or not attentions:
-                config.pop("ridge")
-        return run.stage("project", config, compute, save_bases, load_bases)
-
-    def _recover(self, work: Path) -> dict:
-        lm, data = self.lm, self.data
-        return recover(self.make_trainer, lm.net, data.task,
-                       lora_targets(lm.net, lm.adapter.layers), data.train_dataloader(),
-                       data.val_dataloader(), self.recover, work)
+        return run.run(Project(self.context(), groups, stats, self.projection))
 
     def fit(self, on_start: Callable[[], None] | None = None) -> dict:
         """Every stage, holding ``<run>/.lock`` throughout: two runs writing one folder would
@@ -233,149 +167,57 @@ class Pipeline:
             return self._fit()
 
     def _fit(self) -> dict:
-        run = self.load()
-        lm, data = self.lm, self.data
-        groups = lm.adapter.input_groups(lm.net)
-        dense_params = sum(p.numel() for p in lm.net.parameters())
+        run, ctx = self.load(), self.context()
+        net = self.lm.net
+        groups = self.lm.adapter.input_groups(net)
+        dense_params = sum(p.numel() for p in net.parameters())
         stats = self.calibrate(run, groups)
         bases = self.project(run, groups, stats)
-        pruner = Pruner(lm.net, bases, self.search.rank_multiple)
-
-        def run_search(work: Path) -> dict:
-            fitness = Fitness(self.trainer, lm, pruner, data.val_dataloader(),
-                              self.search.early_reject, self.search.confidence)
-            costs = partial(sensitivity_costs, self.trainer, lm, pruner,
-                            data.calibration_dataloader(), stats, groups, self.search.ladder)
-            return search(fitness, pruner.names, self.search, work, self.trainer.is_global_zero,
-                          costs)
-
-        found = run.stage(
-            "search", {"data": data.fingerprint_config("validation"), **asdict(self.search)},
-            run_search, save_search, lambda d: read_json(d / "search.json"))
-        levels = found["levels"]
-        self._log_search(found)
-
-        def run_refit(work: Path) -> dict:
-            if not self.refit.enabled:
-                return {"used": False, "factors": {}}
-            with pruner.at(levels):
-                factors = refit(self.trainer, lm.net, pruner, levels,
-                                data.loader("calibration", limit=self.refit.examples),
-                                self.refit.ridge)
-                after = evaluate(self.trainer, lm, data.val_dataloader())
-            return {"used": after >= found["accuracy"] - 1e-6, "factors": factors,
-                    "accuracy_before": found["accuracy"], "accuracy_after": after}
-
-        refitted = run.stage("refit", _settings(self.refit), run_refit, save_refit, load_refit)
-        if refitted["used"]:
-            pruner.use(refitted["factors"])
-        pruned_accuracy = refitted["accuracy_after"] if refitted["used"] else found["accuracy"]
-
-        def run_distill(work: Path) -> dict:
-            if not self.distill.enabled:
-                return {"used": False, "factors": {}}
-            with pruner.at(levels):
-                result = distill(self.make_trainer, lm.net, pruner, levels,
-                                 distill_loader(data, self.distill.splits),
-                                 data.val_dataloader(), self.distill, work)
-                after = evaluate(self.trainer, lm, data.val_dataloader())
-            # (1e-6: the same accuracy re-evaluated may differ in the last float32 bit)
-            return {**result, "used": after >= pruned_accuracy - 1e-6,
-                    "accuracy_before": pruned_accuracy, "accuracy_after": after}
-
-        distilled = run.stage("distill", _settings(self.distill, data.fingerprint_config("train")),
-                              run_distill, save_refit,
-                              load_refit)
-        if distilled["used"]:
-            pruner.use(distilled["factors"])
-            pruned_accuracy = distilled["accuracy_after"]
-
-        def run_recover(work: Path) -> dict:
-            if not self.recover.enabled:
-                return {"weights": {}}
-            with pruner.at(levels):
-                result = self._recover(work / "pruned")
-            if self.recover.compare_dense:  # the same LoRA budget and steps on the dense model
-                with pruner.at(1.0):
-                    dense = self._recover(work / "dense")
-                with pruner.at(1.0, dense.pop("weights")):
-                    dense["validation"] = evaluate(self.trainer, lm, data.val_dataloader(),
-                                                   "evaluate dense+lora/validation")
-                    dense["test"] = evaluate(self.trainer, lm, data.test_dataloader(),
-                                             "evaluate dense+lora/test")
-                result["dense"] = dense
-            return result
-
-        recovered = run.stage(
-            "recover", _settings(self.recover, data.fingerprint_config("train")),
-            run_recover, save_recover, load_recover)
+        pruner = Pruner(net, bases, self.search.rank_multiple)  # owns the model's levels
+        found = run.run(Search(ctx, pruner, stats, groups, self.search))
+        self._log_search(found.record())
+        levels, accuracy = found.levels, found.accuracy
+        refitted = run.run(Refit(ctx, pruner, levels, accuracy, self.refit))
+        accuracy = self._use(pruner, refitted, accuracy)
+        distilled = run.run(Distill(ctx, pruner, levels, accuracy, self.distill))
+        accuracy = self._use(pruner, distilled, accuracy)
+        recovered = run.run(Recover(ctx, pruner, levels, self.recover))
         # LoRA is exported only where it does not lower validation accuracy (selection on
         # validation, like refit and distillation)
-        lora = (bool(recovered["weights"]) and recovered["best_val_acc"] is not None
-                and recovered["best_val_acc"] >= pruned_accuracy - 1e-6)
+        lora = (bool(recovered.weights) and recovered.best_val_acc is not None
+                and recovered.best_val_acc >= accuracy - 1e-6)
         final = "pruned+lora" if lora else "pruned"
-        with pruner.at(levels, recovered["weights"] if lora else {}):
-            layout = run.stage("export", {}, lambda work: None,
-                      lambda _, d: save_pruned(lm.net, data.tokenizer, d / "model"),
-                      lambda d: read_json(d / "model" / "config.json")["sieve"])
-
-        def test_report(work: Path) -> dict:
-            variants = variant_list(found, levels, pruned_accuracy, recovered,
-                                    self.search.strategy)
-            rows, transfer, total = evaluate_variants(
-                self.trainer, lm, data, pruner, variants, self.transfer, dense_params,
-                recovered.get("dense"))
-            if (self.quantize.measure or self.quantize.formats) and self.trainer.is_global_zero:
-                # other ranks load rank 0's summary
-                measure_forms(rows, final, work, self.run.path, self.quantize)
-            return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
-                    "relative": self.search.relative, "target_params": total, "rows": rows,
-                    "final": final, "transfer": transfer,
-                    "pruned_units": len(pruner.sizes(levels)), "units": len(pruner.names),
-                    "bottlenecks": found.get("bottlenecks", []), "cost": found.get("cost"),
-                    "refit": {k: v for k, v in refitted.items() if k != "factors"},
-                    "distill": {k: v for k, v in distilled.items() if k != "factors"},
-                    "recover": {**{k: v for k, v in recovered.items() if k != "weights"},
-                                "used": lora, "accuracy_before": pruned_accuracy},
-                    "model_dir": str(self.run.path / "export" / "model")}
-
-        report = run.stage("evaluate", {"data": data.fingerprint_config("test"),
-                                        "quantize": asdict(self.quantize),
-                                        "transfer": asdict(self.transfer)}, test_report,
-                           lambda r, d: write_json(d / "summary.json", r),
-                           lambda d: read_json(d / "summary.json"))
-
-        def run_lm_eval(work: Path) -> dict:
-            """Standard benchmarks (lm-evaluation-harness) for the base and the exported model."""
-            if not self.lm_eval.tasks or not self.trainer.is_global_zero:
-                return {}  # other ranks read rank 0's scores when the stage loads
-            device = self.trainer.strategy.root_device
-            home = next(lm.net.parameters()).device
-            with pruner.at(1.0):
-                base = lm_eval_score(lm.net.to(device), data.tokenizer, self.lm_eval)
-                lm.net.to(home)
-            folder = str(self.run.path / "export" / "model")
-            exported, _ = load_model(folder, lm.dtype_name)
-            pruned = lm_eval_score(exported.to(device), load_tokenizer(folder), self.lm_eval)
-            return {"base": base, final: pruned}
-
-        scores = run.stage("lm_eval", self.lm_eval.fingerprint(), run_lm_eval,
-                           lambda r, d: write_json(d / "lm_eval.json", r),
-                           lambda d: read_json(d / "lm_eval.json"))
+        layout = run.run(Export(ctx, pruner, levels, recovered.weights if lora else {}))
+        report = run.run(Evaluate(ctx, pruner, self.search, found,
+                                  {"refit": refitted, "distill": distilled}, recovered,
+                                  accuracy, final, self.transfer, self.quantize, dense_params))
+        scores = run.run(LmEval(ctx, pruner, final, self.lm_eval))
         if scores:
             report["lm_eval"] = scores
         report["stage_seconds"] = dict(run.timings)
+        self._publish(report, layout)
+        return report
+
+    @staticmethod
+    def _use(pruner: Pruner, step: Compensated, accuracy: float) -> float:
+        """Hand a compensation stage's weights to the pruner when they are kept; the pruned
+        model's validation accuracy after it."""
+        if step.used:
+            pruner.use(step.factors)
+        return step.accuracy(accuracy)
+
+    def _publish(self, report: dict, layout: dict) -> None:
+        """The summary to the loggers and the run folder, the model card, the hub upload."""
         for row, values in report["rows"].items():
             self.log({f"final/{row}/{k}": v for k, v in values.items()})
         if self.trainer.is_global_zero:
             write_json(self.run.path / "summary.json", report)
-            card = model_card(report, BUILTIN_HUB_IDS.get(lm.pretrained, lm.pretrained),
-                              type(data.task).__name__, str(data.source),
-                              getattr(data.task, "prompt", None), layout)
-            write_text(self.run.path / "export" / "model" / "README.md", card)
+            card = model_card(report, BUILTIN_HUB_IDS.get(self.lm.pretrained, self.lm.pretrained),
+                              type(self.data.task).__name__, str(self.data.source),
+                              getattr(self.data.task, "prompt", None), layout)
+            folder = self.run.path / "export" / "model"
+            write_text(folder / "README.md", card)
             if self.export.push_to_hub:
-                url = push_to_hub(self.run.path / "export" / "model", self.export.push_to_hub,
-                                  self.export.private)
-                say(f"pushed {self.run.path / 'export' / 'model'} to {url}")
+                url = push_to_hub(folder, self.export.push_to_hub, self.export.private)
+                say(f"pushed {folder} to {url}")
         say(format_summary(report))
-        return report

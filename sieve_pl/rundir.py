@@ -141,6 +141,10 @@ class RunDir:
             return None
         return record
 
+    def run(self, stage):
+        """A :class:`~sieve_pl.stages.stage.Stage`: its results, computed or loaded."""
+        return self.stage(stage.name, stage.fingerprint(), stage.run, stage.save, stage.load)
+
     def stage(self, name: str, config: dict, compute: Callable[[Path], object],
               save: Callable[[object, Path], None], load: Callable[[Path], object]):
         """Load the stage's artifacts if its fingerprint matches, else compute and save them.

@@ -150,6 +150,21 @@ def test_default_logger_writes_into_the_run_folder(tmp_path, tiny_llama):
     assert list((tmp_path / "demo" / "lightning_logs").glob("version_*/metrics.csv"))
 
 
+def test_measure_writes_one_models_numbers(tmp_path, tiny_llama, capsys):
+    """``measure``: one model's accuracy, latency, memory and size as JSON; the export it would
+    measure must exist."""
+    data = ["--model.pretrained", tiny_llama, "--run.root", str(tmp_path), "--data.sizes",
+            "{calibration: 0, validation: 6, test: 8, train: 0}", "--data.batch_size", "4", *QUIET]
+    out = tmp_path / "base.json"
+    assert run_cli("measure", *data, "--out", str(out), "--examples", "4") == 0
+    measured = read_json(out)
+    assert measured["test_examples"] == 4 and measured["validation"] is None
+    assert measured["disk_mb"] > 0 and measured["latency_ms_per_example"] > 0
+    assert "base: test" in capsys.readouterr().out
+    assert run_cli("measure", *data, "--out", str(out), "--evaluate", "pruned") == 2
+    assert "no exported model" in capsys.readouterr().err
+
+
 def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
     """The real SmolLM2 on Rotten Tomatoes with every stage of the demo config, small splits:
     fit, then `test` reloads the export and agrees; the quantized forms stay close."""

@@ -286,14 +286,14 @@ def test_edited_model_recalibrates_but_another_model_is_refused(tmp_path):
     pipeline.lm = SimpleNamespace(pretrained=str(model), dtype_name="float32")
     pipeline.data = SimpleNamespace(fingerprint_config=lambda split: {
         "source": str(data), "source_files": content_id(data)})
-    config = pipeline._calibrate_config()
+    config = pipeline._calibration_identity()
     assert config["model_files"] == content_id(model)
     marker = pipeline.run.path / "calibrate" / "stage.json"
     marker.parent.mkdir(parents=True)
     marker.write_text(json.dumps({"fingerprint": "x", "config": config, "seconds": 1.0}))
     (model / "config.json").write_text('{"edited": 1}')
     data.write_text("text,label\nc,d\n")
-    assert pipeline._calibrate_config() != config  # recalibrates
+    assert pipeline._calibration_identity() != config  # recalibrates
     pipeline.check_run_dir()  # but is the same run
     pipeline.lm.pretrained = str(tmp_path / "other-model")
     with pytest.raises(SieveError, match="holds another run"):

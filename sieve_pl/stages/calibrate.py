@@ -6,7 +6,9 @@ Sums (not means) plus token counts are kept so ranks all-reduce them exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import asdict, dataclass
 from typing import Literal
 from pathlib import Path
 
@@ -17,9 +19,10 @@ from safetensors.torch import save_file
 
 from ..errors import SieveError
 from ..progress import named
-from ..io import crash_point
+from ..io import SafetensorsFolder, crash_point
 from ..models.factored import dense_shape
 from ..models.forward import last_logits
+from .stage import Context, Stage
 
 
 @dataclass
@@ -171,3 +174,39 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
             elif trainer.is_global_zero:
                 save_file(shard, str(Path(out) / f"stats-{index:05d}.safetensors"))
     return stats if out is None else None
+
+
+class Calibrate(Stage):
+    """The statistics of every input group, one safetensors shard per layer (read lazily)."""
+
+    name = "calibrate"
+
+    def __init__(self, ctx: Context, groups: dict[str, list[str]], config: CalibrationConfig,
+                 identity: dict):
+        self.ctx, self.groups, self.config, self.identity = ctx, groups, config, identity
+
+    def fingerprint(self) -> dict:
+        """The model and data (``identity``) and the settings that change the sums: passes and
+        where the sums live change nothing, and float32 and float64 products agree to ~1e-6."""
+        config = asdict(self.config)
+        for setting in ("layers_per_pass", "device", "product_dtype"):
+            config.pop(setting)
+        return {**self.identity, **config}
+
+    def run(self, work: Path) -> Path:
+        trainer, data = self.ctx.trainer, self.ctx.data
+        shards = work / "stats"
+        if trainer.is_global_zero:
+            shutil.rmtree(shards, ignore_errors=True)  # a killed pass's leftovers
+            shards.mkdir()
+        calibrate(trainer, self.ctx.lm.net, self.groups,
+                  data.loader("calibration", limit=self.config.examples or None), self.config,
+                  out=shards)
+        return shards
+
+    def save(self, shards: Path, folder: Path) -> None:
+        for shard in sorted(shards.glob("stats-*.safetensors")):
+            os.replace(shard, folder / shard.name)
+
+    def load(self, folder: Path) -> SafetensorsFolder:
+        return SafetensorsFolder(folder)

@@ -8,17 +8,22 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import lightning as L
 
 from ..errors import SieveError
-from ..io import read_json
+from ..io import read_json, write_json
+from ..models.hf import save_pruned
 from ..models.module import SieveLM, evaluate
 from ..models.pruning import Pruner
 from ..tasks.datamodule import TaskDataModule
+from .stage import Compensated, Context, Recovered, Searched, Stage
+
+if TYPE_CHECKING:
+    from .search import SearchConfig
 
 DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                    "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
@@ -96,18 +101,19 @@ class ExportConfig:
             raise SieveError("export.push_to_hub needs the network, but HF_HUB_OFFLINE is set")
 
 
-def variant_list(found: dict, levels, pruned_accuracy: float, recovered: dict,
+def variant_list(found: Searched, pruned_accuracy: float, recovered: Recovered,
                  strategy: str) -> list[tuple]:
     """The rows scored, as ``(row, keep, validation accuracy, weights)``: the base, the search's
     reference points (uniform, each seed), the exported levels, with LoRA when recovery ran."""
-    variants = [("base", 1.0, found["base_accuracy"], {})]
+    variants = [("base", 1.0, found.base_accuracy, {})]
+    uniform = found.details["uniform"]
     if strategy != "uniform":
-        variants.append(("uniform", found["uniform"]["keep"], found["uniform"]["accuracy"], {}))
-    for name, seed in (found.get("seeds") or {}).items():
+        variants.append(("uniform", uniform["keep"], uniform["accuracy"], {}))
+    for name, seed in (found.details.get("seeds") or {}).items():
         variants.append((f"seed_{name}", seed["levels"], seed["accuracy"], {}))
-    variants.append(("pruned", levels, pruned_accuracy, {}))
-    if recovered["weights"]:
-        variants.append(("pruned+lora", levels, recovered["best_val_acc"], recovered["weights"]))
+    variants.append(("pruned", found.levels, pruned_accuracy, {}))
+    if recovered.weights:
+        variants.append(("pruned+lora", found.levels, recovered.best_val_acc, recovered.weights))
     return variants
 
 
@@ -157,10 +163,10 @@ def measure_forms(rows: dict, final: str, work: Path, run_path: Path,
     forms += [(f"{final}+{fmt}", "pruned", fmt) for fmt in quantize.formats]
     for row, which, fmt in forms:
         out = work / f"measure-{row}.json"
-        command = [sys.executable, "-m", "sieve_pl.cli", "test",
+        command = [sys.executable, "-m", "sieve_pl.cli", "measure",
                    "--config", str(run_path / "config.yaml"), "--evaluate", which,
-                   "--quantized", fmt, "--measure_json", str(out),
-                   "--measure_examples", str(quantize.examples), "--trainer.devices", "1",
+                   "--quantized", fmt, "--out", str(out),
+                   "--examples", str(quantize.examples), "--trainer.devices", "1",
                    "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false"]
         # a plain one-process run: not a member of this run's torchrun / SLURM job
         env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
@@ -176,3 +182,72 @@ def measure_forms(rows: dict, final: str, work: Path, run_path: Path,
     for row, like in (("pruned", final), ("dense+lora", "base")):
         if row in rows and row != like:
             rows[row].update({k: rows[like][k] for k in MEASURES})
+
+
+class Export(Stage):
+    """The model at its levels (with LoRA merged when it is used) as a transformers folder."""
+
+    name = "export"
+
+    def __init__(self, ctx: Context, pruner: Pruner, levels: dict, weights: dict):
+        self.ctx, self.pruner, self.levels, self.weights = ctx, pruner, levels, weights
+
+    def fingerprint(self) -> dict:
+        return {}  # everything it writes follows from the stages before it
+
+    def run(self, work: Path) -> None:
+        return None
+
+    def save(self, _, folder: Path) -> None:
+        with self.pruner.at(self.levels, self.weights):
+            save_pruned(self.ctx.lm.net, self.ctx.data.tokenizer, folder / "model")
+
+    def load(self, folder: Path) -> dict:
+        """The export's layout (what each unit became), from its config.json."""
+        return read_json(folder / "model" / "config.json")["sieve"]
+
+
+class Evaluate(Stage):
+    """The summary: every variant on the test split and the transfer sources, the measured
+    forms, and what each stage did."""
+
+    name = "evaluate"
+
+    def __init__(self, ctx: Context, pruner: Pruner, search: "SearchConfig", found: Searched,
+                 compensated: dict[str, Compensated], recovered: Recovered,
+                 pruned_accuracy: float, final: str, transfer: TransferConfig,
+                 quantize: QuantizeConfig, dense_params: int):
+        self.ctx, self.pruner, self.search, self.found = ctx, pruner, search, found
+        self.compensated, self.recovered = compensated, recovered
+        self.pruned_accuracy, self.final = pruned_accuracy, final
+        self.transfer, self.quantize, self.dense_params = transfer, quantize, dense_params
+
+    def fingerprint(self) -> dict:
+        return {"data": self.ctx.data.fingerprint_config("test"),
+                "quantize": asdict(self.quantize), "transfer": asdict(self.transfer)}
+
+    def run(self, work: Path) -> dict:
+        ctx, found, recovered = self.ctx, self.found, self.recovered
+        variants = variant_list(found, self.pruned_accuracy, recovered, self.search.strategy)
+        rows, transfer, total = evaluate_variants(ctx.trainer, ctx.lm, ctx.data, self.pruner,
+                                                  variants, self.transfer, self.dense_params,
+                                                  recovered.dense)
+        if (self.quantize.measure or self.quantize.formats) and ctx.trainer.is_global_zero:
+            measure_forms(rows, self.final, work, ctx.path, self.quantize)  # others load it
+        return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
+                "relative": self.search.relative, "target_params": total, "rows": rows,
+                "final": self.final, "transfer": transfer,
+                "pruned_units": len(self.pruner.sizes(found.levels)),
+                "units": len(self.pruner.names),
+                "bottlenecks": found.details.get("bottlenecks", []),
+                "cost": found.details.get("cost"),
+                **{name: step.summary() for name, step in self.compensated.items()},
+                "recover": {**recovered.summary(), "used": self.final == "pruned+lora",
+                            "accuracy_before": self.pruned_accuracy},
+                "model_dir": str(ctx.path / "export" / "model")}
+
+    def save(self, report: dict, folder: Path) -> None:
+        write_json(folder / "summary.json", report)
+
+    def load(self, folder: Path) -> dict:
+        return read_json(folder / "summary.json")

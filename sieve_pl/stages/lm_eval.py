@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from ..errors import SieveError
-from ..io import file_digest
+from ..io import file_digest, read_json, write_json
+from ..models.loading import load_model, load_tokenizer
+from .stage import Context, Stage
 
 INSTALL_HINT = "pip install 'sieve-pl[lm_eval]'"
 
@@ -150,3 +152,36 @@ def score(model: torch.nn.Module, tokenizer, config: LmEvalConfig) -> dict[str, 
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return _metrics(out["results"])
+
+
+class LmEval(Stage):
+    """Standard benchmarks for the base model and the export (rank 0 scores; the others read
+    its scores when the stage loads)."""
+
+    name = "lm_eval"
+
+    def __init__(self, ctx: Context, pruner, final: str, config: LmEvalConfig):
+        self.ctx, self.pruner, self.final, self.config = ctx, pruner, final, config
+
+    def fingerprint(self) -> dict:
+        return self.config.fingerprint()
+
+    def run(self, work: Path) -> dict:
+        ctx = self.ctx
+        if not self.config.tasks or not ctx.trainer.is_global_zero:
+            return {}
+        net, device = ctx.lm.net, ctx.trainer.strategy.root_device
+        home = next(net.parameters()).device
+        with self.pruner.at(1.0):
+            base = score(net.to(device), ctx.data.tokenizer, self.config)
+            net.to(home)
+        folder = str(ctx.path / "export" / "model")
+        exported, _ = load_model(folder, ctx.lm.dtype_name)
+        return {"base": base,
+                self.final: score(exported.to(device), load_tokenizer(folder), self.config)}
+
+    def save(self, scores: dict, folder: Path) -> None:
+        write_json(folder / "lm_eval.json", scores)
+
+    def load(self, folder: Path) -> dict:
+        return read_json(folder / "lm_eval.json")

@@ -17,7 +17,7 @@ head is projected by a prefix of one stored basis (:func:`head_basis`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 from ..errors import SieveError
 from ..models.factored import dense_weight
 from ..models.pruning import Factors, HeadDims, Neurons, max_rank
+from ..artifacts import load_bases, save_bases
 from .learned import LearnedConfig, learn
+from .stage import Context, Stage
 
 
 @dataclass
@@ -73,13 +75,13 @@ class ProjectionConfig:
             raise SieveError(f"projection.ridge must be > 0, got {self.ridge}")
 
 
-def _eigh_desc(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def eigh_desc(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values, vectors = torch.linalg.eigh((m + m.T) / 2)
     return values.flip(0), vectors.flip(1)
 
 
 def output_aligned(w: torch.Tensor, c: torch.Tensor, k: int):
-    _, u = _eigh_desc(w @ c @ w.T)
+    _, u = eigh_desc(w @ c @ w.T)
     u = u[:, :k]
     return u.T @ w, u
 
@@ -90,7 +92,7 @@ def weight_svd(w: torch.Tensor, c: torch.Tensor, k: int):
 
 
 def input_pca(w: torch.Tensor, c: torch.Tensor, k: int):
-    _, v = _eigh_desc(c)
+    _, v = eigh_desc(c)
     v = v[:, :k]
     return v.T, w @ v
 
@@ -163,7 +165,7 @@ def head_basis(w_o: torch.Tensor, c: torch.Tensor, heads: int, kv: int, ridge: f
         a = cw[g * rep:(g + 1) * rep].sum(0)
         b = (blocks[g * rep:(g + 1) * rep] + lam[g * rep:(g + 1) * rep, None, None] * eye).sum(0)
         chol_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(b), eye, upper=False)
-        _, u = _eigh_desc(chol_inv @ a @ chol_inv.T)
+        _, u = eigh_desc(chol_inv @ a @ chol_inv.T)
         e.append(u.T @ chol_inv)  # rows: generalised eigenvectors, best first
     return torch.stack(e), blocks, lam
 
@@ -241,3 +243,50 @@ def _factored(net, groups, stats, config, make_trainer, loader, work) -> dict[st
         bases[name] = Factors(a.to("cpu", w.dtype).contiguous(),
                               b.to("cpu", w.dtype).contiguous())
     return bases
+
+
+class Project(Stage):
+    """Bases of every unit; under DDP each rank decomposes every world-th input group."""
+
+    name = "project"
+
+    def __init__(self, ctx: Context, groups: dict[str, list[str]], stats,
+                 config: ProjectionConfig):
+        self.ctx, self.groups, self.stats, self.config = ctx, groups, stats, config
+        lm = ctx.lm
+        self.mlps = lm.adapter.mlps(lm.net)
+        self.attentions = lm.adapter.attentions(lm.net) if config.attention == "heads" else {}
+
+    def fingerprint(self) -> dict:
+        """The settings of the chosen method only: the others change nothing."""
+        config = asdict(self.config)
+        if self.config.method != "learned":
+            config.pop("learned")
+        if self.config.mlp != "neurons":
+            config.pop("neuron_order")
+            if self.config.attention != "heads" or not self.attentions:
+                config.pop("ridge")
+        return config
+
+    def run(self, work: Path) -> dict:
+        ctx, net = self.ctx, self.ctx.lm.net
+        if self.config.method == "learned":  # one data-parallel fit of every matrix
+            return project(net, self.groups, self.stats, self.config, ctx.make_trainer,
+                           ctx.data.calibration_dataloader(), work, self.mlps, self.attentions)
+        world, rank = ctx.trainer.world_size, ctx.trainer.global_rank
+        mine = {key: names for i, (key, names) in enumerate(self.groups.items())
+                if i % world == rank}
+        bases = project(net, mine, self.stats, self.config, mlps=self.mlps,
+                        attentions=self.attentions)
+        if world == 1:
+            return bases
+        save_bases(bases, work, f"bases-{rank}.safetensors")
+        ctx.trainer.strategy.barrier()
+        return {} if rank else {name: ab for r in range(world) for name, ab in
+                                load_bases(work, f"bases-{r}.safetensors").items()}
+
+    def save(self, bases: dict, folder: Path) -> None:
+        save_bases(bases, folder)
+
+    def load(self, folder: Path) -> dict:
+        return load_bases(folder)

@@ -27,6 +27,8 @@ from torchmetrics import MeanMetric
 
 from ..errors import SieveError
 from ..io import PeakMemory, crash_point
+from ..models.module import evaluate
+from .stage import Context, Recovered, Stage, settings
 
 
 @dataclass
@@ -255,14 +257,14 @@ def _recover(make_trainer, net: nn.Module, task, targets: list[str], train_loade
         weights = module.merged_weights(into=None if trained is net else net)
     finally:
         module.net.unload()  # the model leaves as it came, even when training fails
-    history = _logged(work, "val_acc")
+    history = logged(work, "val_acc")
     return {"weights": weights, "val_acc": history,
             "best_val_acc": max(history) if history else None, "epochs": trainer.current_epoch,
-            "train_loss": _logged(work, "train_loss"), "quantize": config.quantize,
+            "train_loss": logged(work, "train_loss"), "quantize": config.quantize,
             "peak_memory_mb": peak.mb}
 
 
-def _logged(work: Path, key: str) -> list[float]:
+def logged(work: Path, key: str) -> list[float]:
     """Values of one metric from the CSV logs of this stage (every version, in order)."""
     import csv
 
@@ -271,3 +273,45 @@ def _logged(work: Path, key: str) -> list[float]:
         with open(path) as f:
             values += [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
     return values
+
+
+class Recover(Stage):
+    """LoRA on the pruned model and, with ``compare_dense``, the same budget on the dense one
+    (the fair baseline: what the pruning costs once both are fine-tuned)."""
+
+    name = "recover"
+
+    def __init__(self, ctx: Context, pruner, levels: dict, config: RecoverConfig):
+        self.ctx, self.pruner, self.levels, self.config = ctx, pruner, levels, config
+
+    def fingerprint(self) -> dict:
+        return settings(self.config, self.ctx.data.fingerprint_config("train"))
+
+    def _train(self, work: Path) -> dict:
+        lm, data = self.ctx.lm, self.ctx.data
+        return recover(self.ctx.make_trainer, lm.net, data.task,
+                       lora_targets(lm.net, lm.adapter.layers), data.train_dataloader(),
+                       data.val_dataloader(), self.config, work)
+
+    def run(self, work: Path) -> Recovered:
+        if not self.config.enabled:
+            return Recovered()
+        ctx = self.ctx
+        with self.pruner.at(self.levels):
+            result = self._train(work / "pruned")
+        dense = None
+        if self.config.compare_dense:
+            with self.pruner.at(1.0):
+                dense = self._train(work / "dense")
+            with self.pruner.at(1.0, dense.pop("weights")):
+                dense["validation"] = evaluate(ctx.trainer, ctx.lm, ctx.data.val_dataloader(),
+                                               "evaluate dense+lora/validation")
+                dense["test"] = evaluate(ctx.trainer, ctx.lm, ctx.data.test_dataloader(),
+                                         "evaluate dense+lora/test")
+        return Recovered(result.pop("weights"), result.pop("best_val_acc"), dense, result)
+
+    def save(self, result: Recovered, folder: Path) -> None:
+        result.save(folder)
+
+    def load(self, folder: Path) -> Recovered:
+        return Recovered.load(folder)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -28,8 +29,10 @@ from ..models.factored import dense_weight, set_submodule
 from ..models.pruning import MatrixUnit, NeuronUnit
 from ..progress import named
 from ..models.forward import last_logits
+from ..models.module import evaluate
 from .calibrate import reduce_sums
-from .project import _eigh_desc
+from .project import eigh_desc
+from .stage import Compensated, Context, Stage, settings
 
 
 @dataclass
@@ -129,7 +132,7 @@ def refit_matrix(w: torch.Tensor, ctt: torch.Tensor, k: torch.Tensor, rank: int,
     eye = torch.eye(ctt.shape[0], dtype=ctt.dtype, device=ctt.device)
     reg = ridge * ctt.diagonal().mean().clamp(min=1e-30)
     m_star = torch.linalg.solve(ctt + reg * eye, (w @ k + reg * w).T).T  # C̃ is symmetric
-    _, u = _eigh_desc(m_star @ ctt @ m_star.T)
+    _, u = eigh_desc(m_star @ ctt @ m_star.T)
     u = u[:, :rank]
     return u.T @ m_star, u
 
@@ -186,3 +189,33 @@ def refit(trainer: L.Trainer, net, pruner, levels: dict, dataloader, ridge: floa
                     dense_weight(module).copy_(down)
                     refitted[name] = (dense_weight(module).detach().cpu().clone(),)
     return refitted
+
+
+class Refit(Stage):
+    """Sequential compensation of the search's levels, kept if validation does not fall."""
+
+    name = "refit"
+
+    def __init__(self, ctx: Context, pruner, levels: dict, accuracy: float, config: RefitConfig):
+        self.ctx, self.pruner, self.levels, self.accuracy, self.config = (ctx, pruner, levels,
+                                                                          accuracy, config)
+
+    def fingerprint(self) -> dict:
+        return settings(self.config)
+
+    def run(self, work: Path) -> Compensated:
+        if not self.config.enabled:
+            return Compensated()
+        ctx = self.ctx
+        with self.pruner.at(self.levels):
+            factors = refit(ctx.trainer, ctx.lm.net, self.pruner, self.levels,
+                            ctx.data.loader("calibration", limit=self.config.examples),
+                            self.config.ridge)
+            after = evaluate(ctx.trainer, ctx.lm, ctx.data.val_dataloader())
+        return Compensated.judged(factors, self.accuracy, after)
+
+    def save(self, result: Compensated, folder: Path) -> None:
+        result.save(folder)
+
+    def load(self, folder: Path) -> Compensated:
+        return Compensated.load(folder)

@@ -9,7 +9,8 @@ Here: the config, :func:`search` (resumable from ``uniform.json``) and the bisec
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -17,13 +18,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..errors import SieveError
 from ..io import read_json, write_json
-from ..models.pruning import layer_and_kind
+from ..models.pruning import Pruner, layer_and_kind
+from ..report import save_search
 from .fitness import Fitness
 from .genetic import GeneticSearch
-from .sensitivity import levels_at, price_path
+from .sensitivity import levels_at, price_path, sensitivity_costs
+from .stage import Context, Searched, Stage
 
-__all__ = ["Fitness", "GeneticSearch", "SearchConfig", "bisect", "kind_search", "kinds_of",
-           "ladder_with", "path_search", "search", "uniform_search"]
+__all__ = ["Fitness", "GeneticSearch", "Search", "SearchConfig", "bisect", "kind_search",
+           "kinds_of", "ladder_with", "path_search", "search", "uniform_search"]
 
 
 @dataclass
@@ -115,6 +118,36 @@ class SearchConfig:
     def target(self, base_accuracy: float) -> float:
         return (base_accuracy * (1 - self.epsilon) if self.relative
                 else base_accuracy - self.epsilon)
+
+
+class Search(Stage):
+    """The levels, chosen on the validation split (statistics for the sensitivity seed)."""
+
+    name = "search"
+
+    def __init__(self, ctx: Context, pruner: Pruner, stats, groups: dict[str, list[str]],
+                 config: SearchConfig):
+        self.ctx, self.pruner, self.stats, self.groups, self.config = (ctx, pruner, stats,
+                                                                        groups, config)
+
+    def fingerprint(self) -> dict:
+        return {"data": self.ctx.data.fingerprint_config("validation"), **asdict(self.config)}
+
+    def run(self, work: Path) -> Searched:
+        ctx, config = self.ctx, self.config
+        fitness = Fitness(ctx.trainer, ctx.lm, self.pruner, ctx.data.val_dataloader(),
+                          config.early_reject, config.confidence)
+        costs = partial(sensitivity_costs, ctx.trainer, ctx.lm, self.pruner,
+                        ctx.data.calibration_dataloader(), self.stats, self.groups,
+                        config.ladder)
+        return Searched.from_record(search(fitness, self.pruner.names, config, work,
+                                           ctx.trainer.is_global_zero, costs))
+
+    def save(self, found: Searched, folder: Path) -> None:
+        save_search(found.record(), folder)
+
+    def load(self, folder: Path) -> Searched:
+        return Searched.from_record(read_json(folder / "search.json"))
 
 
 def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,

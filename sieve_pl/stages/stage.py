@@ -1,0 +1,145 @@
+"""What a pipeline stage is, and the typed results that stages hand each other.
+
+A :class:`Stage` names its run-directory folder, says what its results depend on
+(``fingerprint``), computes them (``run``) and writes and reads them (``save`` / ``load``);
+``RunDir.run`` skips it when a finished folder has the same fingerprint. Stages receive the
+shared objects in a :class:`Context` and the earlier stages' results as arguments, so
+``Pipeline._fit`` reads as the list of stages.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..artifacts import load_factors, save_factors, save_tensors
+from ..io import read_json, write_json
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from ..models.module import SieveLM
+    from ..tasks.datamodule import TaskDataModule
+
+
+@dataclass
+class Context:
+    """What every stage works with: the CLI's trainer, the model, the task's data, a factory of
+    trainers for the training stages (their own log plus the user's loggers), the run folder."""
+
+    trainer: L.Trainer
+    lm: SieveLM
+    data: TaskDataModule
+    make_trainer: Callable[..., L.Trainer]
+    path: Path
+
+
+class Stage:
+    """One step of ``sieve-pl fit``; subclasses set ``name`` and implement the four methods."""
+
+    name: str = ""
+
+    def fingerprint(self) -> dict:
+        """The settings (and data) its results depend on."""
+        raise NotImplementedError
+
+    def run(self, work: Path) -> Any:
+        """Compute the results; ``work`` survives a kill (for the stage's own checkpoints)."""
+        raise NotImplementedError
+
+    def save(self, result: Any, folder: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> Any:
+        raise NotImplementedError
+
+
+def settings(config, data: dict | None = None) -> dict:
+    """What an optional stage's results depend on: all its settings (and data) when it runs,
+    only that it is off when it does not — editing a disabled stage's options re-runs nothing."""
+    if not config.enabled:
+        return {"enabled": False}
+    return {**({"data": data} if data is not None else {}), **asdict(config)}
+
+
+@dataclass
+class Searched:
+    """The search's levels and their validation accuracy; ``details`` holds the rest of
+    search.json (the uniform level, the seeds, the GA's logbook, its cost)."""
+
+    levels: dict[str, float]
+    accuracy: float
+    base_accuracy: float
+    details: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Searched":
+        rest = {k: v for k, v in record.items()
+                if k not in ("levels", "accuracy", "base_accuracy")}
+        return cls(record["levels"], record["accuracy"], record["base_accuracy"], rest)
+
+    def record(self) -> dict:
+        return {**self.details, "levels": self.levels, "accuracy": self.accuracy,
+                "base_accuracy": self.base_accuracy}
+
+
+@dataclass
+class Compensated:
+    """Refit's or distillation's weights for the chosen levels, and whether they are used:
+    only when validation accuracy does not fall (``accuracy_after >= accuracy_before``)."""
+
+    used: bool = False
+    factors: dict = field(default_factory=dict)
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    details: dict = field(default_factory=dict)  # distillation's KL history, epochs
+
+    @classmethod
+    def judged(cls, factors: dict, before: float, after: float, **details) -> "Compensated":
+        # (1e-6: the same accuracy re-evaluated may differ in the last float32 bit)
+        return cls(after >= before - 1e-6, factors, before, after, details)
+
+    def accuracy(self, otherwise: float) -> float:
+        """Validation accuracy of the pruned model after this stage."""
+        return self.accuracy_after if self.used else otherwise
+
+    def summary(self) -> dict:
+        return {"used": self.used, "accuracy_before": self.accuracy_before,
+                "accuracy_after": self.accuracy_after, **self.details}
+
+    def save(self, folder: Path) -> None:
+        write_json(folder / "refit.json", self.summary())
+        save_factors(self.factors, folder)
+
+    @classmethod
+    def load(cls, folder: Path) -> "Compensated":
+        record = read_json(folder / "refit.json")
+        fixed = {k: record.pop(k, None) for k in ("accuracy_before", "accuracy_after")}
+        return cls(bool(record.pop("used")), load_factors(folder), **fixed, details=record)
+
+
+@dataclass
+class Recovered:
+    """LoRA's weights (empty when recovery is off), its best validation accuracy, and the
+    dense + LoRA comparison (``dense``: its validation and test accuracy)."""
+
+    weights: dict = field(default_factory=dict)
+    best_val_acc: float | None = None
+    dense: dict | None = None
+    details: dict = field(default_factory=dict)  # histories, epochs, peak memory
+
+    def summary(self) -> dict:
+        return {"best_val_acc": self.best_val_acc, **self.details,
+                **({"dense": self.dense} if self.dense is not None else {})}
+
+    def save(self, folder: Path) -> None:
+        write_json(folder / "recover.json", self.summary())
+        save_tensors(self.weights, folder / "weights.safetensors")
+
+    @classmethod
+    def load(cls, folder: Path) -> "Recovered":
+        from safetensors.torch import load_file
+
+        record = read_json(folder / "recover.json")
+        return cls(load_file(str(folder / "weights.safetensors")), record.pop("best_val_acc", None),
+                   record.pop("dense", None), record)
