@@ -245,17 +245,23 @@ def _quantized_logits_stay_close(folder: Path) -> None:
         assert error < {"int8": 0.35, "nf4": 0.7}[fmt] and error > 0, (fmt, error)
 
 
-def test_fit_with_learned_projection_and_distillation(tmp_path, tiny_llama, capsys):
+def test_fit_with_learned_projection_refit_and_distillation(tmp_path, tiny_llama, capsys):
     args = ["fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
             "--run.name", "tiny", "--data.sizes",
             "{calibration: 12, validation: 10, test: 6, train: 8}", "--data.batch_size", "4",
             "--projection.method", "learned", "--projection.learned.epochs", "2",
+            "--refit.enabled", "true", "--refit.examples", "8",
             "--distill.enabled", "true", "--distill.epochs", "1", "--search.generations", "1",
             "--search.population", "4", *QUIET]
     assert run_cli(*args) == 0
     run = tmp_path / "tiny"
     summary = read_json(run / "summary.json")
-    assert summary["distill"]["accuracy_after"] is not None
+    refit, distill = summary["refit"], summary["distill"]
+    assert refit["used"] == (refit["accuracy_after"] >= refit["accuracy_before"] - 1e-6)
+    # distillation starts from what refit left: its accuracy if kept, the search's if not
+    assert distill["accuracy_before"] == (refit["accuracy_after"] if refit["used"]
+                                          else refit["accuracy_before"])
+    assert distill["accuracy_after"] is not None and "val_kl" in distill
     assert (run / "distill" / "stage.json").exists() and (run / "project" / "stage.json").exists()
     assert read_json(run / "project" / "stage.json")["config"]["learned"]["epochs"] == 2
     assert "distillation: validation accuracy" in capsys.readouterr().out

@@ -187,6 +187,21 @@ def test_resume_after_interruption_equals_uninterrupted(setup, tmp_path):
     assert resumed["cost"] == uninterrupted["cost"]
 
 
+def test_a_search_state_of_another_format_is_recomputed(setup, tmp_path):
+    """uniform.json written by another version of the code is not misread on resume."""
+    import json
+
+    names = list(setup[2].dense)
+    config = SearchConfig(epsilon=0.001, strategy="uniform")
+    first = search(_fitness(setup), names, config, tmp_path)
+    state = json.loads((tmp_path / "uniform.json").read_text())
+    state.update(format=1, base_accuracy=0.123)
+    (tmp_path / "uniform.json").write_text(json.dumps(state))
+    again = search(_fitness(setup), names, config, tmp_path)
+    assert again["base_accuracy"] == first["base_accuracy"] != 0.123
+    assert json.loads((tmp_path / "uniform.json").read_text())["format"] != 1
+
+
 def _inputs(net, module, data):
     """Inputs of ``module`` over the calibration tokens (padding removed)."""
     seen = []

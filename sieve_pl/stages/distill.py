@@ -38,11 +38,10 @@ from torch.utils.data import ConcatDataset, DataLoader
 from ..errors import SieveError
 from ..models.factored import FactoredLinear, set_submodule
 from ..models.forward import last_logits
-from ..models.module import evaluate
 from ..tasks.datamodule import EpochShuffle
 from .learned import frozen_except
 from .recover import logged
-from .stage import Compensated, Context, Stage, settings
+from .stage import CompensationStage, settings
 
 
 @dataclass
@@ -198,33 +197,18 @@ def distill(make_trainer, net: nn.Module, pruner, levels: dict[str, float], trai
             "train_kl": logged(work, "train_kl"), "epochs": trainer.current_epoch}
 
 
-class Distill(Stage):
+class Distill(CompensationStage):
     """Distillation of the kept factors towards the dense model, kept if validation does not
     fall below the accuracy it starts from."""
 
     name = "distill"
 
-    def __init__(self, ctx: Context, pruner, levels: dict, accuracy: float,
-                 config: DistillConfig):
-        self.ctx, self.pruner, self.levels, self.accuracy, self.config = (ctx, pruner, levels,
-                                                                          accuracy, config)
-
     def fingerprint(self) -> dict:
         return settings(self.config, self.ctx.data.fingerprint_config("train"))
 
-    def run(self, work: Path) -> Compensated:
-        if not self.config.enabled:
-            return Compensated()
+    def fit(self, work: Path) -> tuple[dict, dict]:
         ctx = self.ctx
-        with self.pruner.at(self.levels):
-            result = distill(ctx.make_trainer, ctx.lm.net, self.pruner, self.levels,
-                             distill_loader(ctx.data, self.config.splits),
-                             ctx.data.val_dataloader(), self.config, work)
-            after = evaluate(ctx.trainer, ctx.lm, ctx.data.val_dataloader())
-        return Compensated.judged(result.pop("factors"), self.accuracy, after, **result)
-
-    def save(self, result: Compensated, folder: Path) -> None:
-        result.save(folder)
-
-    def load(self, folder: Path) -> Compensated:
-        return Compensated.load(folder)
+        result = distill(ctx.make_trainer, ctx.lm.net, self.pruner, self.levels,
+                         distill_loader(ctx.data, self.config.splits), ctx.data.val_dataloader(),
+                         self.config, work)
+        return result.pop("factors"), result

@@ -29,10 +29,9 @@ from ..models.factored import dense_weight, set_submodule
 from ..models.pruning import MatrixUnit, NeuronUnit
 from ..progress import named
 from ..models.forward import last_logits
-from ..models.module import evaluate
 from .calibrate import reduce_sums
 from .project import eigh_desc
-from .stage import Compensated, Context, Stage, settings
+from .stage import CompensationStage, settings
 
 
 @dataclass
@@ -191,31 +190,16 @@ def refit(trainer: L.Trainer, net, pruner, levels: dict, dataloader, ridge: floa
     return refitted
 
 
-class Refit(Stage):
+class Refit(CompensationStage):
     """Sequential compensation of the search's levels, kept if validation does not fall."""
 
     name = "refit"
 
-    def __init__(self, ctx: Context, pruner, levels: dict, accuracy: float, config: RefitConfig):
-        self.ctx, self.pruner, self.levels, self.accuracy, self.config = (ctx, pruner, levels,
-                                                                          accuracy, config)
-
     def fingerprint(self) -> dict:
         return settings(self.config)
 
-    def run(self, work: Path) -> Compensated:
-        if not self.config.enabled:
-            return Compensated()
+    def fit(self, work: Path) -> tuple[dict, dict]:
         ctx = self.ctx
-        with self.pruner.at(self.levels):
-            factors = refit(ctx.trainer, ctx.lm.net, self.pruner, self.levels,
-                            ctx.data.loader("calibration", limit=self.config.examples),
-                            self.config.ridge)
-            after = evaluate(ctx.trainer, ctx.lm, ctx.data.val_dataloader())
-        return Compensated.judged(factors, self.accuracy, after)
-
-    def save(self, result: Compensated, folder: Path) -> None:
-        result.save(folder)
-
-    def load(self, folder: Path) -> Compensated:
-        return Compensated.load(folder)
+        return refit(ctx.trainer, ctx.lm.net, self.pruner, self.levels,
+                     ctx.data.loader("calibration", limit=self.config.examples),
+                     self.config.ridge), {}

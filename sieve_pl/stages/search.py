@@ -120,6 +120,9 @@ class SearchConfig:
                 else base_accuracy - self.epsilon)
 
 
+STATE_FORMAT = 2  # of the resumable state in uniform.json; raise it when its content changes
+
+
 class Search(Stage):
     """The levels, chosen on the validation split (statistics for the sensitivity seed)."""
 
@@ -156,10 +159,11 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
     """Uniform bisection, then (strategy genetic) the seed allocations and the GA seeded with
     them; ``costs`` gives the sensitivity seed's per-unit cost estimates."""
     uniform_path = work / "uniform.json" if work else None
-    if uniform_path and uniform_path.exists():
-        uniform = read_json(uniform_path)
+    saved = read_json(uniform_path) if uniform_path and uniform_path.exists() else None
+    if saved is not None and saved.get("format") == STATE_FORMAT:
+        uniform = saved
         fitness.restore(uniform["fitness"])
-    else:
+    else:  # (a state written by another version of this code is recomputed, not misread)
         fitness.label = "search: base model"
         base_scores = fitness.hardest_first()
         base_accuracy = sum(base_scores) / fitness.n
@@ -183,13 +187,14 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
                                                        kinds_of(fitness, names),
                                                        uniform["keep"], uniform["accuracy"],
                                                        config)
-        uniform["fitness"] = fitness.state()
+        uniform["fitness"], uniform["format"] = fitness.state(), STATE_FORMAT
         if uniform_path and is_writer:
             write_json(uniform_path, uniform)
     uniform_tokens, uniform_evaluations = (uniform["fitness"]["tokens_spent"],
                                            uniform["fitness"]["evaluations"])
     result = {"base_accuracy": uniform["base_accuracy"], "target": uniform["target"],
-              "uniform": {k: v for k, v in uniform.items() if k not in ("fitness", "seeds")},
+              "uniform": {k: v for k, v in uniform.items()
+                          if k not in ("fitness", "seeds", "format")},
               "seeds": {name: {**seed, "kept": fitness.pruner.params(seed["levels"])[0]}
                         for name, seed in uniform["seeds"].items()},
               "validation_examples": fitness.n, "validation_tokens": fitness.tokens_total}

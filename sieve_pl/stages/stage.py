@@ -54,6 +54,36 @@ class Stage:
         raise NotImplementedError
 
 
+class CompensationStage(Stage):
+    """Refit and distillation: new weights for the search's levels, kept only when validation
+    accuracy does not fall below ``accuracy`` (what the pruned model scores before the stage)."""
+
+    def __init__(self, ctx: Context, pruner, levels: dict, accuracy: float, config):
+        self.ctx, self.pruner, self.levels, self.accuracy, self.config = (ctx, pruner, levels,
+                                                                          accuracy, config)
+
+    def fit(self, work: Path) -> tuple[dict, dict]:
+        """``(factors for pruner.use, details for the summary)``; the model is at the levels."""
+        raise NotImplementedError
+
+    def run(self, work: Path) -> "Compensated":
+        from ..models.module import evaluate
+
+        if not self.config.enabled:
+            return Compensated()
+        ctx = self.ctx
+        with self.pruner.at(self.levels):
+            factors, details = self.fit(work)
+            after = evaluate(ctx.trainer, ctx.lm, ctx.data.val_dataloader())
+        return Compensated.judged(factors, self.accuracy, after, **details)
+
+    def save(self, result: "Compensated", folder: Path) -> None:
+        result.save(folder)
+
+    def load(self, folder: Path) -> "Compensated":
+        return Compensated.load(folder)
+
+
 def settings(config, data: dict | None = None) -> dict:
     """What an optional stage's results depend on: all its settings (and data) when it runs,
     only that it is off when it does not — editing a disabled stage's options re-runs nothing."""
