@@ -1,8 +1,9 @@
 """The demo's pruned variants side by side at the same parameter count (the run's GA levels):
-closed form, + distillation, + LoRA, on the test split and on each ``transfer`` source.
+closed form, + sequential refit, + distillation, + LoRA (each that the run computed, whether or
+not its validation check kept it), on the test split and on each ``transfer`` source.
 
-Reuses the run's stages (calibration, projection, search, distillation, recovery weights) from
-its run directory; nothing is trained here. Usage:
+Reuses the run's stages (calibration, projection, search, refit, distillation, recovery weights)
+from its run directory; nothing is trained here. Usage:
 
     python bench/demo_variants.py --config configs/demo.yaml
 
@@ -14,9 +15,10 @@ import argparse
 
 from safetensors.torch import load_file
 
-from common import open_run, run_pruner, write_result
+from common import open_run, write_result
 from sieve_pl.io import read_json
 from sieve_pl.models.module import evaluate
+from sieve_pl.models.pruning import Pruner
 from sieve_pl.stages.stage import Compensated
 
 
@@ -26,19 +28,23 @@ def main() -> None:
     args, cli_args = parser.parse_known_args()
     pipeline, run = open_run(cli_args)
     lm, data, trainer = pipeline.lm, pipeline.data, pipeline.trainer
-    pruner = run_pruner(pipeline, run)
+    groups = lm.adapter.input_groups(lm.net)
+    bases = pipeline.project(run, groups, pipeline.calibrate(run, groups))
     levels = read_json(run.path / "search" / "search.json")["levels"]
-    distilled = run.path / "distill"
     recovered = run.path / "recover" / "weights.safetensors"
     variants = [("base", 1.0, {}, {}), ("closed form", levels, {}, {})]
-    if (distilled / "refit.json").exists():
-        variants.append(("+ distillation", levels, Compensated.load(distilled).factors, {}))
-    if recovered.exists():
+    for stage, name in (("refit", "+ sequential refit"), ("distill", "+ distillation")):
+        if (run.path / stage / "refit.json").exists():
+            step = Compensated.load(run.path / stage)
+            if step.factors:
+                variants.append((name, levels, step.factors, {}))
+    if recovered.exists() and load_file(str(recovered)):
         variants.append(("+ LoRA", levels, {}, load_file(str(recovered))))
     others = {s: data.other_source(s, m, pipeline.transfer.examples)
               for s, m in pipeline.transfer.sources.items()}
     rows = []
     for name, keep, factors, weights in variants:
+        pruner = Pruner(lm.net, bases, pipeline.search.rank_multiple)  # its own factors only
         pruner.use(factors)
         with pruner.at(keep, weights):
             row = {"variant": name, "test": evaluate(trainer, lm, data.test_dataloader())}

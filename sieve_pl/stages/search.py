@@ -64,6 +64,9 @@ class SearchConfig:
             further, largest kind first, the others held (one bisection per kind: about 5x the
             evaluations). Default kind: on the demo its levels held epsilon on the test split
             and the sensitivity seed's did not (bench/README, "Seed allocations").
+        sensitivity_floor: the sensitivity seed keeps every unit at this fraction or more (its
+            path leaves out deeper cuts): the K-FAC estimate, second order and per unit, prices
+            very deep cuts too cheaply. 0 = no floor.
         confidence: z of a one-sided bound on the accuracy change: a candidate is feasible when
             its lost score plus ``confidence·sqrt(Σ (s_base − s)²)`` stays within the budget.
             The root term is the noise of the paired difference (for 0/1 scores: the square
@@ -91,6 +94,7 @@ class SearchConfig:
     min_keep: float = 0.05
     rank_multiple: int = 1
     seeds: list[Literal["sensitivity", "kind"]] = field(default_factory=lambda: ["kind"])
+    sensitivity_floor: float = 0.0
     confidence: float = 1.0
 
     def __post_init__(self) -> None:
@@ -107,6 +111,9 @@ class SearchConfig:
             raise SieveError(f"search.resolution must be in (0, 1), got {self.resolution}")
         if not self.ladder or any(not 0 < p <= 1 for p in self.ladder):
             raise SieveError(f"search.ladder values must be in (0, 1], got {self.ladder}")
+        if not 0 <= self.sensitivity_floor < 1:
+            raise SieveError(f"search.sensitivity_floor must be in [0, 1), got "
+                             f"{self.sensitivity_floor}")
         if self.confidence < 0:
             raise SieveError(f"search.confidence must be >= 0, got {self.confidence}")
         if self.rank_multiple < 1:
@@ -178,7 +185,7 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
         uniform["seeds"] = {}
         if config.strategy == "genetic":
             if "sensitivity" in config.seeds and costs is not None:
-                path = price_path(costs())
+                path = price_path(costs(), config.sensitivity_floor)
                 uniform["seeds"]["sensitivity"] = path_search(
                     _judge(fitness, budget, "sensitivity seed"), path, names,
                     fitness.pruner.params(1.0)[1], base_accuracy, config)
