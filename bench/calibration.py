@@ -9,8 +9,10 @@ strategy uniform, no recovery, no quantization), one after another. Usage:
 
     python bench/calibration.py --config configs/demo.yaml
 
-Extra options after ``--config`` go to every run. Prints a Markdown table and writes
-bench/results/calibration.json.
+Extra options after ``--config`` go to every run. The uniform bisection's answer moves with the
+validation split's noise, so each run's projection is also scored at fixed uniform keep levels
+(``--keeps``) on the test split. Rerunning skips the finished fits. Prints Markdown tables and
+writes bench/results/calibration.json.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import write_result
+from common import open_run, run_pruner, write_result
 from sieve_pl.io import read_json
+from sieve_pl.models.module import evaluate
 
 VARIANTS = {  # run name: calibration options
     "cal_256": ["--calibration.examples", "256"],
@@ -40,13 +43,15 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--root", default="checkpoints")
     parser.add_argument("--out", default="bench/results/calibration.json")
+    parser.add_argument("--keeps", type=float, nargs="*", default=[0.7, 0.6, 0.5])
     args, extra = parser.parse_known_args()
     rows = []
     for name, options in VARIANTS.items():
-        command = ["sieve-pl", "fit", "--config", args.config, *COMMON, *options, *extra,
-                   "--run.name", name, "--run.root", args.root]
-        print(" ".join(command), flush=True)
-        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        run_args = ["--config", args.config, *COMMON, *options, *extra, "--run.name", name,
+                    "--run.root", args.root]
+        print("sieve-pl fit " + " ".join(run_args), flush=True)
+        subprocess.run(["sieve-pl", "fit", *run_args], check=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
         summary = read_json(Path(args.root) / name / "summary.json")
         base, pruned = summary["rows"]["base"], summary["rows"]["pruned"]
         transfer = {source: {"base": scores["base"], "pruned": scores["pruned"]}
@@ -55,7 +60,8 @@ def main() -> None:
                      "removed": 1 - pruned["target_params_kept"] / summary["target_params"],
                      "validation": pruned["validation"], "test": pruned["test"],
                      "base_validation": base["validation"], "base_test": base["test"],
-                     "transfer": transfer, "seconds": summary["stage_seconds"]})
+                     "transfer": transfer, "seconds": summary["stage_seconds"],
+                     "fixed": fixed_keeps(run_args, args.keeps)})
         print(rows[-1], flush=True)
     print("| calibration | removed | validation | test (base) | " +
           " | ".join(f"{s} (base)" for s in rows[0]["transfer"]) + " | calibrate s |")
@@ -67,8 +73,27 @@ def main() -> None:
                    for t in r["transfer"].values()),
                  f"{r['seconds'].get('calibrate', 0):.0f}"]
         print(f"| {' '.join(r['options'])} | " + " | ".join(cells) + " |")
+    print("\n| calibration | " + " | ".join(f"test at keep {k:g} (weights kept)"
+                                           for k in args.keeps) + " |")
+    print("|---|" + "---|" * len(args.keeps))
+    for r in rows:
+        print(f"| {' '.join(r['options'])} | " + " | ".join(
+            f"{100 * f['test']:.1f}% ({100 * f['kept']:.1f}%)" for f in r["fixed"]) + " |")
     write_result(args.out, {"rows": rows, "config": args.config, "common": COMMON,
                             "python": sys.version.split()[0]})
+
+
+def fixed_keeps(run_args: list[str], keeps: list[float]) -> list[dict]:
+    """Test accuracy of the run's projection at each uniform keep level."""
+    pipeline, run = open_run(run_args)
+    pruner = run_pruner(pipeline, run)
+    scored = []
+    for keep in keeps:
+        kept, total = pruner.params(keep)
+        with pruner.at(keep):
+            test = evaluate(pipeline.trainer, pipeline.lm, pipeline.data.test_dataloader())
+        scored.append({"keep": keep, "kept": kept / total, "test": test})
+    return scored
 
 
 if __name__ == "__main__":
