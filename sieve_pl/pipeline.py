@@ -138,7 +138,8 @@ class Pipeline:
         return {**self._run_identity(), **({"model_files": files} if files else {})}
 
     def context(self) -> Context:
-        return Context(self.trainer, self.lm, self.data, self.make_trainer, self.run.path)
+        return Context(self.trainer, self.lm, self.data, self.make_trainer, self.run.path,
+                       self.calibration.examples)
 
     def load(self) -> RunDir:
         """Checks, then weights; returns the run directory."""

@@ -138,3 +138,14 @@ def test_layers_per_pass_same_statistics_in_per_layer_shards_and_memory_formula(
     assert held_whole == [total]
     assert held_per_layer == [total // layers] * layers
     assert sum(whole[k].nbytes for k in whole if not k.endswith(".count")) == total
+
+
+def test_the_context_gives_every_stage_the_same_calibration_examples(tiny_data, trainer):
+    """calibration.examples reaches the statistics, the sensitivity gradients and learned
+    projections alike: they all read ``Context.calibration_loader``."""
+    from sieve_pl.stages.stage import Context
+
+    n = len(tiny_data.splits["calibration"])
+    some = Context(trainer, None, tiny_data, None, None, n // 2).calibration_loader()
+    every = Context(trainer, None, tiny_data, None, None).calibration_loader()
+    assert len(some.dataset) == n // 2 and len(every.dataset) == n

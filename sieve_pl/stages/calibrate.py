@@ -43,8 +43,9 @@ class CalibrationConfig:
             least the activations' precision, relative error ~1e-6 per batch; half the time
             of float64 on CPUs, where the statistics cost about a forward pass) or float64.
         examples: calibrate on this many examples of the calibration split, spread over it
-            (0: all of it). Lets a sweep vary the statistics' data while the validation and
-            test splits, drawn after the calibration split, stay the same examples.
+            (0: all of it); the sensitivity seed's gradients and learned projections use the
+            same. Lets a sweep vary the statistics' data while the validation and test splits,
+            drawn after the calibration split, stay the same examples.
         read_weight: each sequence's last position (left padding: the token whose next-token
             logits a classification task reads) counts as this many tokens in the sums; 1 = all
             tokens alike. Most calibration tokens are the review text and the prompt template.
@@ -194,14 +195,13 @@ class Calibrate(Stage):
         return {**self.identity, **config}
 
     def run(self, work: Path) -> Path:
-        trainer, data = self.ctx.trainer, self.ctx.data
+        trainer = self.ctx.trainer
         shards = work / "stats"
         if trainer.is_global_zero:
             shutil.rmtree(shards, ignore_errors=True)  # a killed pass's leftovers
             shards.mkdir()
-        calibrate(trainer, self.ctx.lm.net, self.groups,
-                  data.loader("calibration", limit=self.config.examples or None), self.config,
-                  out=shards)
+        calibrate(trainer, self.ctx.lm.net, self.groups, self.ctx.calibration_loader(),
+                  self.config, out=shards)
         return shards
 
     def save(self, shards: Path, folder: Path) -> None:

@@ -272,7 +272,7 @@ class Project(Stage):
         ctx, net = self.ctx, self.ctx.lm.net
         if self.config.method == "learned":  # one data-parallel fit of every matrix
             return project(net, self.groups, self.stats, self.config, ctx.make_trainer,
-                           ctx.data.calibration_dataloader(), work, self.mlps, self.attentions)
+                           ctx.calibration_loader(), work, self.mlps, self.attentions)
         world, rank = ctx.trainer.world_size, ctx.trainer.global_rank
         mine = {key: names for i, (key, names) in enumerate(self.groups.items())
                 if i % world == rank}

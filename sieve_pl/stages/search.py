@@ -148,7 +148,7 @@ class Search(Stage):
         fitness = Fitness(ctx.trainer, ctx.lm, self.pruner, ctx.data.val_dataloader(),
                           config.early_reject, config.confidence)
         costs = partial(sensitivity_costs, ctx.trainer, ctx.lm, self.pruner,
-                        ctx.data.calibration_dataloader(), self.stats, self.groups,
+                        ctx.calibration_loader(), self.stats, self.groups,
                         config.ladder)
         return Searched.from_record(search(fitness, self.pruner.names, config, work,
                                            ctx.trainer.is_global_zero, costs))

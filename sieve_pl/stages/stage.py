@@ -25,13 +25,20 @@ if TYPE_CHECKING:
 @dataclass
 class Context:
     """What every stage works with: the CLI's trainer, the model, the task's data, a factory of
-    trainers for the training stages (their own log plus the user's loggers), the run folder."""
+    trainers for the training stages (their own log plus the user's loggers), the run folder, and
+    how many calibration examples the statistics use."""
 
     trainer: L.Trainer
     lm: SieveLM
     data: TaskDataModule
     make_trainer: Callable[..., L.Trainer]
     path: Path
+    calibration_examples: int = 0
+
+    def calibration_loader(self):
+        """The calibration examples that statistics, gradients and learned projections use
+        (``calibration.examples`` of the split, spread over it; 0: all)."""
+        return self.data.loader("calibration", limit=self.calibration_examples or None)
 
 
 class Stage:
