@@ -95,7 +95,8 @@ class SieveCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Lightning's default logger (TensorBoard if installed, else CSV) writes into the run
         folder (``<run>/lightning_logs``) unless ``trainer.default_root_dir`` says otherwise;
-        prediction loops get named bars unless bars are off or the user brings one."""
+        prediction loops get named bars unless bars are off or the user brings one; with bars
+        off, no library draws one either."""
         cfg = self.config
         if cfg.ckpt_path:
             raise SieveError("--ckpt_path is not used: sieve-pl resumes from its run folder "
@@ -109,6 +110,12 @@ class SieveCLI(LightningCLI):
         own_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
         if cfg.trainer.enable_progress_bar is not False and not own_bar:
             callbacks.append(Namespace(class_path="sieve_pl.progress.StageBar"))
+        if cfg.trainer.enable_progress_bar is False:  # transformers' and datasets' bars too
+            import datasets
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
+            datasets.disable_progress_bars()
         cfg.trainer.callbacks = callbacks
         if self.command == "fit" and cfg.trainer.max_epochs is not None:
             rank_zero_warn("trainer.max_epochs is not used: recover.epochs, distill.epochs and "

@@ -43,3 +43,26 @@ def test_a_saved_run_config_reloads_with_bars_off(tiny_llama, tmp_path):
     assert again.trainer.progress_bar_callback is None
     bars = SieveCLI(args=["--config", str(saved)], command="test", run=False)
     assert sum(isinstance(c, StageBar) for c in bars.trainer.callbacks) == 1
+
+
+def test_bars_off_silences_sieve_pls_own_bars_too(tiny_llama, tmp_path, capfd):
+    """``--trainer.enable_progress_bar false`` (logs, CI): no bar from the search's candidates,
+    the projection or the GA either."""
+    import datasets
+    import transformers
+
+    from sieve_pl.cli import main
+
+    try:
+        main(["fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
+              "--data.sizes", "{calibration: 8, validation: 8, test: 4, train: 0}",
+              "--data.batch_size", "4", "--search.population", "3", "--search.generations", "1",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
+              "false"])
+    finally:  # (process-wide switches: later tests get their bars back)
+        transformers.utils.logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+    err = capfd.readouterr().err
+    for bar in ("search: base model", "search: uniform", "project (", "search (genetic)", "it/s]",
+                "example/s]"):
+        assert bar not in err

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..progress import quiet
+
 
 class Fitness:
     """Scores keep levels on the validation split by the task's per-example scores.
@@ -114,7 +116,7 @@ class Fitness:
             raise ValueError("prior scores must end at a batch round")
         self.evaluations += 1
         bar = tqdm(total=self.n, initial=len(scores), desc=self.label, unit="example",
-                   leave=False, disable=not self.trainer.is_global_zero)
+                   leave=False, disable=quiet(self.trainer))
         for start in range(first, len(self.batches), world):
             # NaN: no example; the last slot carries the tokens this rank spent
             local = torch.full((size + 1,), float("nan"), dtype=torch.float64, device=device)

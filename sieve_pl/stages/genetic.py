@@ -15,6 +15,7 @@ from deap import algorithms, base, creator, tools
 from tqdm.auto import tqdm
 
 from ..io import crash_point, read_json, say, write_json
+from ..progress import quiet
 
 if TYPE_CHECKING:
     from .fitness import Fitness
@@ -191,7 +192,8 @@ class GeneticSearch:
             self._generation(0, population, logbook)
             done = 0
         bar = tqdm(range(done + 1, cfg.generations + 1), desc="search (genetic)", unit="gen",
-                   initial=done, total=cfg.generations, disable=not self.is_writer)
+                   initial=done, total=cfg.generations,
+                   disable=not self.is_writer or quiet(self.fitness.trainer))
         for generation in bar:
             self.fitness.label = f"search: generation {generation}/{cfg.generations}"
             elite = [self.toolbox.clone(g) for g in self.best(population, cfg.elite)]

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import SieveError
 from ..models.factored import dense_weight
 from ..models.pruning import Factors, HeadDims, Neurons, max_rank
+from ..progress import quiet
 from ..artifacts import load_bases, save_bases
 from .learned import LearnedConfig, learn
 from .stage import Context, Stage
@@ -173,8 +174,8 @@ def head_basis(w_o: torch.Tensor, c: torch.Tensor, heads: int, kv: int, ridge: f
 def project(net: torch.nn.Module, groups: dict[str, list[str]], stats: dict[str, torch.Tensor],
             config: ProjectionConfig, make_trainer=None, loader=None, work: Path | None = None,
             mlps: dict[str, tuple[tuple[str, ...], str, int]] | None = None,
-            attentions: dict[str, tuple[str, str, int, int, int]] | None = None
-            ) -> dict[str, Factors | Neurons | HeadDims]:
+            attentions: dict[str, tuple[str, str, int, int, int]] | None = None,
+            bars: bool = True) -> dict[str, Factors | Neurons | HeadDims]:
     """Bases of every unit: ``{matrix name: Factors}`` up to each matrix's largest
     parameter-saving rank; with ``config.mlp`` neurons, ``{MLP name: Neurons}`` for the
     ``mlps`` (``Adapter.mlps``) whose down input is among ``groups``; with ``config.attention``
@@ -205,7 +206,8 @@ def project(net: torch.nn.Module, groups: dict[str, list[str]], stats: dict[str,
                                lam.to("cpu", torch.float32), v, o)
     mine = {m: spec for m, spec in mlps.items() if spec[1] in key_of}
     for mlp, (inputs, output, blocks) in tqdm(mine.items(), desc=f"project (neurons, "
-                                              f"{config.neuron_order})", unit="mlp"):
+                                              f"{config.neuron_order})", unit="mlp",
+                                              disable=not bars):
         w = dense_weight(net.get_submodule(output)).detach()
         device = w.device if config.device == "auto" else torch.device(config.device)
         key = key_of[output]
@@ -213,10 +215,11 @@ def project(net: torch.nn.Module, groups: dict[str, list[str]], stats: dict[str,
         order, g, l_inv = neuron_basis(w.to(device, dtype), c, config.ridge, config.neuron_order)
         bases[mlp] = Neurons(order.cpu(), g.to("cpu", w.dtype), l_inv.to("cpu", w.dtype),
                              inputs, output, blocks)
-    return {**bases, **_factored(net, matrices, stats, config, make_trainer, loader, work)}
+    return {**bases, **_factored(net, matrices, stats, config, make_trainer, loader, work, bars)}
 
 
-def _factored(net, groups, stats, config, make_trainer, loader, work) -> dict[str, Factors]:
+def _factored(net, groups, stats, config, make_trainer, loader, work, bars: bool = True
+              ) -> dict[str, Factors]:
     if not groups:
         return {}
     if config.method == "learned":
@@ -227,7 +230,7 @@ def _factored(net, groups, stats, config, make_trainer, loader, work) -> dict[st
         if config.learned.init == "closed_form":
             start = {n: (f.a, f.b) for n, f in _factored(
                 net, groups, stats, replace(config, method="output_aligned"), None, None,
-                None).items()}
+                None, bars).items()}
         return {n: Factors(a, b) for n, (a, b) in
                 learn(make_trainer, net, groups, stats, loader, config.learned, work,
                       start).items()}
@@ -235,7 +238,8 @@ def _factored(net, groups, stats, config, make_trainer, loader, work) -> dict[st
     fit = METHODS[config.method]
     bases = {}
     todo = [(key, name) for key, names in groups.items() for name in names]
-    for key, name in tqdm(todo, desc=f"project ({config.method})", unit="matrix"):
+    for key, name in tqdm(todo, desc=f"project ({config.method})", unit="matrix",
+                          disable=not bars):
         w = dense_weight(net.get_submodule(name)).detach()
         device = w.device if config.device == "auto" else torch.device(config.device)
         c = stats[key].to(device, dtype) / max(int(stats[f"{key}.count"]), 1)
@@ -272,12 +276,13 @@ class Project(Stage):
         ctx, net = self.ctx, self.ctx.lm.net
         if self.config.method == "learned":  # one data-parallel fit of every matrix
             return project(net, self.groups, self.stats, self.config, ctx.make_trainer,
-                           ctx.calibration_loader(), work, self.mlps, self.attentions)
+                           ctx.calibration_loader(), work, self.mlps, self.attentions,
+                           not quiet(ctx.trainer))
         world, rank = ctx.trainer.world_size, ctx.trainer.global_rank
         mine = {key: names for i, (key, names) in enumerate(self.groups.items())
                 if i % world == rank}
         bases = project(net, mine, self.stats, self.config, mlps=self.mlps,
-                        attentions=self.attentions)
+                        attentions=self.attentions, bars=not quiet(ctx.trainer))
         if world == 1:
             return bases
         save_bases(bases, work, f"bases-{rank}.safetensors")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..models.factored import dense_weight, set_submodule
 from ..models.pruning import MatrixUnit, NeuronUnit
-from ..progress import named
+from ..progress import named, quiet
 from ..models.forward import last_logits
 from .calibrate import reduce_sums
 from .project import eigh_desc
@@ -164,7 +164,7 @@ def refit(trainer: L.Trainer, net, pruner, levels: dict, dataloader, ridge: floa
         by_layer.setdefault(_layer(name), []).append(name)
     refitted = {}
     for layer, names in tqdm(by_layer.items(), desc="refit", unit="layer",
-                             disable=not trainer.is_global_zero):
+                             disable=quiet(trainer)):
         point = {n: n if isinstance(units[n], MatrixUnit) else units[n].basis.output
                  for n in names}  # the module whose input is refitted against
         moments = PairedMoments(net, layer, {n: (dense[m], pruned[m]) for n, m in point.items()},

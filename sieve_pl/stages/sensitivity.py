@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..models.factored import dense_shape
 from ..models.pruning import Pruner
+from ..progress import quiet
 
 
 def gradient_moments(trainer, net: nn.Module, task, outputs: Iterable[str],
@@ -53,7 +54,7 @@ def gradient_moments(trainer, net: nn.Module, task, outputs: Iterable[str],
     try:
         with torch.enable_grad(), torch.inference_mode(False):
             for i, batch in enumerate(tqdm(list(batches), desc="search: sensitivity",
-                                           disable=not trainer.is_global_zero)):
+                                           disable=quiet(trainer))):
                 if i % world != rank:
                     continue
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -75,12 +76,13 @@ def gradient_moments(trainer, net: nn.Module, task, outputs: Iterable[str],
 
 
 def unit_costs(pruner: Pruner, ladder: list[float], inputs: Callable[[str], torch.Tensor],
-               grads: dict[str, torch.Tensor]) -> dict[str, list[dict]]:
+               grads: dict[str, torch.Tensor], bars: bool = True) -> dict[str, list[dict]]:
     """Per unit, the distinct sizes its ladder rungs give, dense first:
     ``{"keep", "params", "cost"}`` with ``cost = ½ tr(ΔW C ΔWᵀ G)``; ``inputs(linear)`` gives
     ``C`` of a Linear's input (a mean over tokens)."""
     costs = {}
-    for name, unit in tqdm(pruner.units.items(), desc="search: costs", leave=False):
+    for name, unit in tqdm(pruner.units.items(), desc="search: costs", leave=False,
+                           disable=not bars):
         points, seen = [], set()
         c, g = inputs(unit.output).float(), grads[unit.output].float()  # read once per unit
         for keep in [1.0, *sorted(ladder, reverse=True)]:
@@ -148,4 +150,4 @@ def sensitivity_costs(trainer, lm, pruner: Pruner, loader, stats, groups: dict[s
         key = group_of[linear]
         return stats[key] / max(int(stats[f"{key}.count"]), 1)
 
-    return unit_costs(pruner, ladder, inputs, grads)
+    return unit_costs(pruner, ladder, inputs, grads, bars=not quiet(trainer))
