@@ -199,6 +199,25 @@ class Pipeline:
         self._publish(report, layout)
         return report
 
+    def _log_plots(self) -> None:
+        """The search's plots (levels.png, fitness.png) to the loggers that take images: W&B
+        and others with ``log_image``, TensorBoard, MLflow (as artifacts). The CSV logger has
+        them as files in the run folder."""
+        from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+
+        for path in sorted((self.run.path / "search").glob("*.png")):
+            key = f"search/{path.stem}"
+            for logger in self.trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    import matplotlib.image
+
+                    logger.experiment.add_image(key, matplotlib.image.imread(path),
+                                                dataformats="HWC")
+                elif isinstance(logger, MLFlowLogger):
+                    logger.experiment.log_artifact(logger.run_id, str(path), "search")
+                elif hasattr(logger, "log_image"):
+                    logger.log_image(key=key, images=[str(path)])
+
     @staticmethod
     def _use(pruner: Pruner, step: Compensated, accuracy: float) -> float:
         """Hand a compensation stage's weights to the pruner when they are kept; the pruned
@@ -212,6 +231,7 @@ class Pipeline:
         for row, values in report["rows"].items():
             self.log({f"final/{row}/{k}": v for k, v in values.items()})
         if self.trainer.is_global_zero:
+            self._log_plots()
             write_json(self.run.path / "summary.json", report)
             card = model_card(report, BUILTIN_HUB_IDS.get(self.lm.pretrained, self.lm.pretrained),
                               type(self.data.task).__name__, str(self.data.source),

@@ -143,6 +143,34 @@ def test_user_logger_gets_search_recovery_and_final_metrics(tmp_path, tiny_llama
             "final/base/test", "final/pruned/test"} <= columns
 
 
+def test_search_plots_go_to_loggers_that_take_images(tmp_path):
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from lightning.pytorch.loggers import CSVLogger
+
+    from sieve_pl.pipeline import Pipeline, RunConfig
+
+    class ImageLogger(CSVLogger):  # W&B's interface: log_image(key, images)
+        images: dict = {}
+
+        def log_image(self, key, images, **kwargs):
+            self.images[key] = images
+
+    pipeline = Pipeline.__new__(Pipeline)
+    pipeline.run = RunConfig(name="run", root=str(tmp_path))
+    search = pipeline.run.path / "search"
+    search.mkdir(parents=True)
+    for name in ("fitness", "levels"):
+        plt.imsave(search / f"{name}.png", np.zeros((4, 4, 3)))
+    logger, csv = ImageLogger(str(tmp_path)), CSVLogger(str(tmp_path))
+    pipeline.trainer = SimpleNamespace(loggers=[logger, csv])
+    pipeline._log_plots()
+    assert logger.images == {"search/fitness": [str(search / "fitness.png")],
+                             "search/levels": [str(search / "levels.png")]}
+
+
 def test_default_logger_writes_into_the_run_folder(tmp_path, tiny_llama):
     assert run_cli("fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
                    "--data.sizes", "{calibration: 12, validation: 10, test: 10, train: 0}",
