@@ -141,8 +141,11 @@ def fit(cli: SieveCLI) -> None:
     pipeline.fit(save_config)
 
 
-def models(cli: SieveCLI, pipeline: Pipeline) -> list[tuple[str, SieveLM]]:
-    """The models ``--evaluate`` names: the base model and/or the run's export."""
+def models(cli: SieveCLI) -> list[tuple[str, SieveLM]]:
+    """The models ``--evaluate`` names (the base model and/or the run's export), after the
+    checks that need no weights."""
+    pipeline = cli.pipeline()
+    pipeline.prepare(fitting=False)
     which = cli.config_init["evaluate"]
     exported = pipeline.run.path / "export" / "model"
     rows = [("base", cli.model)] if which in ("auto", "base") else []
@@ -155,9 +158,8 @@ def models(cli: SieveCLI, pipeline: Pipeline) -> list[tuple[str, SieveLM]]:
 
 def score(cli: SieveCLI, split: str) -> None:
     """``validate`` / ``test``: the base model and, once exported, the pruned one."""
-    data, pipeline = cli.datamodule, cli.pipeline()
-    pipeline.prepare(fitting=False)
-    for name, lm in models(cli, pipeline):
+    data = cli.datamodule
+    for name, lm in models(cli):
         lm.quantize = cli.config_init["quantized"]
         lm.load()
         lm.set_task(data.task)
@@ -170,9 +172,8 @@ def score(cli: SieveCLI, split: str) -> None:
 
 def measure_one(cli: SieveCLI) -> None:
     """``measure``: one model, in this process (peak memory is the process's own)."""
-    cfg, pipeline = cli.config_init, cli.pipeline()
-    pipeline.prepare(fitting=False)
-    [(name, lm)] = models(cli, pipeline)
+    cfg = cli.config_init
+    [(name, lm)] = models(cli)
     result = measure(cli.trainer, lm, cli.datamodule, cfg["quantized"], cfg["examples"])
     write_json(Path(cfg["out"]), result)
     say(f"{name}: test {100 * result['test']:.2f}%, "

@@ -89,9 +89,9 @@ class Calibration(L.LightningModule):
             x = args[0][self._mask].to(self.product_dtype)  # (non-padding tokens, in_features)
             xtx, n = x.T @ x, x.shape[0]
             if self.read_weight > 1:  # left padding: the last position is every row's own
-                last = args[0][:, -1].to(self.product_dtype)
-                xtx, n = xtx + (self.read_weight - 1) * (last.T @ last), n + (
-                    self.read_weight - 1) * last.shape[0]
+                last, extra = args[0][:, -1].to(self.product_dtype), self.read_weight - 1
+                xtx = xtx + extra * (last.T @ last)
+                n += extra * last.shape[0]
             self.sums[key] += xtx.to(self.sums[key].device, self.sum_dtype)
             self.counts[key] += n
         return hook

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from safetensors.torch import load_file
+
 from ..artifacts import load_factors, save_factors, save_tensors
 from ..io import read_json, write_json
 
@@ -175,8 +177,6 @@ class Recovered:
 
     @classmethod
     def load(cls, folder: Path) -> "Recovered":
-        from safetensors.torch import load_file
-
         record = read_json(folder / "recover.json")
         return cls(load_file(str(folder / "weights.safetensors")), record.pop("best_val_acc", None),
                    record.pop("dense", None), record)
