@@ -143,7 +143,10 @@ class RunDir:
 
     def run(self, stage):
         """A :class:`~sieve_pl.stages.stage.Stage`: its results, computed or loaded."""
-        return self.stage(stage.name, stage.fingerprint(), stage.run, stage.save, stage.load)
+        config = stage.fingerprint()
+        if stage.format != 1:  # (format 1 adds nothing: runs made before formats still match)
+            config = {**config, "format": stage.format}
+        return self.stage(stage.name, config, stage.run, stage.save, stage.load)
 
     def stage(self, name: str, config: dict, compute: Callable[[Path], object],
               save: Callable[[object, Path], None], load: Callable[[Path], object]):

@@ -71,6 +71,10 @@ def test_head_units_narrow_v_and_o_with_exact_counts(head_setup):
     assert pruner.sizes({attns[0]: 1e-9}) == {attns[0]: 1}  # never zero dimensions
     pruner.apply(1.0)  # full keep is the dense model, exactly
     assert torch.equal(last_logits(lm.net, batch), dense_logits)
+    # o's refit is damped towards the dense o: with every value dimension kept it is the dense o
+    unit = pruner.units[attns[0]]
+    w_o = unit.dense[unit.basis.o].weight
+    assert unit.error(8).abs().max() < 1e-5 * w_o.abs().max()
 
 
 def test_head_projection_and_refit_beat_truncation_on_held_out_tokens(head_setup):

@@ -152,6 +152,8 @@ def test_refit_of_down_reduces_the_output_error_on_held_out_tokens(neuron_setup)
 
 
 def test_prefix_refit_is_the_ridge_least_squares_and_a_dead_neuron_drops_exactly():
+    """The refit is damped towards the dense weights, so keeping every neuron gives down's
+    weights back exactly whatever the ridge (damping towards zero shrank them)."""
     from sieve_pl.stages.project import neuron_basis
 
     g = torch.Generator().manual_seed(0)
@@ -164,12 +166,13 @@ def test_prefix_refit_is_the_ridge_least_squares_and_a_dead_neuron_drops_exactly
     for how in ("greedy", "magnitude"):
         order, gg, l_inv = neuron_basis(w, c, 1e-3, how)
         assert sorted(order.tolist()) == list(range(inner))
-        lam = 1e-3 * c.diagonal().mean()
+        c_lam = c + 1e-3 * c.diagonal().mean() * torch.eye(inner, dtype=c.dtype)
         for k in (1, 5, 13, inner):
             s = order[:k]
-            expected = w @ c[:, s] @ torch.linalg.inv(c[s][:, s] + lam * torch.eye(k,
-                                                                                  dtype=c.dtype))
+            expected = w @ c_lam[:, s] @ torch.linalg.inv(c_lam[s][:, s])
             torch.testing.assert_close(gg[:, :k] @ l_inv[:k, :k], expected)
+        order, gg, l_inv = neuron_basis(w, c, 10.0, how)  # strong damping: still exact at I
+        torch.testing.assert_close(gg @ l_inv, w[:, order])
     order, gg, l_inv = neuron_basis(w, c, 1e-12, "magnitude")
     assert int(order[-1]) == 7
     refit = gg[:, :inner - 1] @ l_inv[:inner - 1, :inner - 1]

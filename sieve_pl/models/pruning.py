@@ -219,16 +219,17 @@ class HeadUnit:
 
     def _refit(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``P`` per kv head (kv × r × d) and o's refitted columns per query head (heads × r ×
-        out): ``W_o,h C_h Pᵀ (P C_λ,h Pᵀ)⁻¹`` for every head h at once, in float64."""
+        out): ``W_o,h C_λ,h Pᵀ (P C_λ,h Pᵀ)⁻¹`` for every head h at once, in float64 (damped
+        towards the dense ``W_o,h``: at r = d the pair is exactly the dense one)."""
         b = self.basis
         kv, d, heads = b.e.shape[0], b.size, b.c.shape[0]
         p = b.e[:, :r].to(torch.float64)
         w_o = dense_weight(self.dense[b.o]).detach().double().unflatten(1, (heads, d))
         p_h = p.repeat_interleave(heads // kv, 0)  # the kv head each query head reads
-        c = b.c.double()
-        cp = c @ p_h.transpose(1, 2)  # heads × d × r
-        gram = p_h @ cp + b.ridge.double()[:, None, None] * (p_h @ p_h.transpose(1, 2))
-        return p, torch.linalg.solve(gram, torch.einsum("ohd,hdr->hro", w_o, cp))
+        eye = torch.eye(d, dtype=torch.float64, device=p.device)
+        c_lam = b.c.double() + b.ridge.double()[:, None, None] * eye
+        cp = c_lam @ p_h.transpose(1, 2)  # heads × d × r
+        return p, torch.linalg.solve(p_h @ cp, torch.einsum("ohd,hdr->hro", w_o, cp))
 
     def error(self, r: int) -> torch.Tensor:
         """The change of o's weight over o's dense input (every head's d dimensions): the

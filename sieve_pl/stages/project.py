@@ -51,9 +51,11 @@ class ProjectionConfig:
             accuracy) or heads (one unit per layer: each kv head keeps r of its d value
             dimensions, v and o shrink by r/d as plain smaller Linears and o is refitted; needs
             separate v/o Linears, else factored). q and k are factored either way.
-        ridge: damping of the refits (down on kept neurons, o on kept value dimensions),
-            relative to the mean diagonal of the input's second moment:
-            ``W C[:, S] (C[S, S] + ridge·mean(diag C)·I)⁻¹``.
+        ridge: damping of the refits (down on kept neurons, o on kept value dimensions)
+            towards the dense weights, relative to the mean diagonal of the input's second
+            moment: ``W C_λ[:, S] C_λ[S, S]⁻¹`` with ``C_λ = C + ridge·mean(diag C)·I``, which
+            is ``W`` itself when every neuron is kept (damping towards zero, as before, shrank
+            the kept weights too: one neuron removed of 1,536 flipped 47 of 400 answers).
         neuron_order: greedy (each next neuron the one whose refit explains the most remaining
             output energy of down: a pivoted Cholesky) or magnitude (``‖W_down[:, j]‖²·C[j, j]``,
             the cheap baseline).
@@ -129,9 +131,11 @@ def neuron_basis(w_down: torch.Tensor, c: torch.Tensor, ridge: float, how: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(order, g, l_inv)`` of :class:`~sieve_pl.models.pruning.Neurons` for one MLP.
 
-    The refit of down on the first k neurons ``S`` of ``order``, ``W C[:, S] C_λ[S, S]⁻¹``,
-    equals ``g[:, :k] @ l_inv[:k, :k]`` because the Cholesky factor of a leading block is the
-    leading block of the Cholesky factor (and so are their inverses).
+    The refit of down on the first k neurons ``S`` of ``order``, ``W C_λ[:, S] C_λ[S, S]⁻¹``
+    (least squares on the calibration inputs plus ``λ·‖W' − W[:, S]‖²`` and ``λ·‖W[:, dropped]‖²``:
+    damped towards the dense weights), equals ``g[:, :k] @ l_inv[:k, :k]`` because the Cholesky
+    factor of a leading block is the leading block of the Cholesky factor (and so are their
+    inverses). The greedy order minimises the same objective.
     """
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     c_lam = c + ridge * c.diagonal().mean().clamp(min=1e-30) * eye
@@ -141,7 +145,7 @@ def neuron_basis(w_down: torch.Tensor, c: torch.Tensor, ridge: float, how: str
         order = torch.argsort(w_down.square().sum(0) * c.diagonal(), descending=True)
     chol = torch.linalg.cholesky(c_lam[order][:, order])
     l_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-    return order, w_down @ c[:, order] @ l_inv.T, l_inv
+    return order, w_down @ c_lam[:, order] @ l_inv.T, l_inv
 
 
 def head_basis(w_o: torch.Tensor, c: torch.Tensor, heads: int, kv: int, ridge: float
@@ -149,22 +153,24 @@ def head_basis(w_o: torch.Tensor, c: torch.Tensor, heads: int, kv: int, ridge: f
     """``(e, c_heads, ridge_heads)`` of :class:`~sieve_pl.models.pruning.HeadDims` for one layer.
 
     ``c`` is the second moment of o's input (heads·d square). For a kv head g read by query
-    heads h, keeping the span of ``P``'s rows and refitting o captures ``Σ_h tr(W_h C_h Pᵀ
-    (P C_h Pᵀ)⁻¹ P C_h W_hᵀ)`` of o's output energy; with one head that is maximised by the top
-    generalised eigenvectors of ``(C_h W_hᵀ W_h C_h, C_h)``, and the group uses the sums over
-    its heads. Rows are ordered by eigenvalue, so every level is a prefix.
+    heads h, keeping the span of ``P``'s rows and refitting o (damped towards the dense o:
+    ``C_λ,h = C_h + λ_h I``) captures ``Σ_h tr(W_h C_λ,h Pᵀ (P C_λ,h Pᵀ)⁻¹ P C_λ,h W_hᵀ)`` of
+    o's output energy; with one head that is maximised by the top generalised eigenvectors of
+    ``(C_λ,h W_hᵀ W_h C_λ,h, C_λ,h)``, and the group uses the sums over its heads. Rows are
+    ordered by eigenvalue, so every level is a prefix.
     """
     d = c.shape[0] // heads
     blocks = torch.stack([c[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(heads)])
     lam = ridge * blocks.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
     w = w_o.unflatten(1, (heads, d)).transpose(0, 1)  # heads × out × d
-    cw = blocks @ w.transpose(1, 2) @ w @ blocks  # C_h W_hᵀ W_h C_h
     eye = torch.eye(d, dtype=c.dtype, device=c.device)
+    c_lam = blocks + lam[:, None, None] * eye
+    cw = c_lam @ w.transpose(1, 2) @ w @ c_lam  # C_λ,h W_hᵀ W_h C_λ,h
     rep = heads // kv
     e = []
     for g in range(kv):
         a = cw[g * rep:(g + 1) * rep].sum(0)
-        b = (blocks[g * rep:(g + 1) * rep] + lam[g * rep:(g + 1) * rep, None, None] * eye).sum(0)
+        b = c_lam[g * rep:(g + 1) * rep].sum(0)
         chol_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(b), eye, upper=False)
         _, u = eigh_desc(chol_inv @ a @ chol_inv.T)
         e.append(u.T @ chol_inv)  # rows: generalised eigenvectors, best first
@@ -253,6 +259,7 @@ class Project(Stage):
     """Bases of every unit; under DDP each rank decomposes every world-th input group."""
 
     name = "project"
+    format = 2  # 2: the refits of down and o are damped towards the dense weights, not zero
 
     def __init__(self, ctx: Context, groups: dict[str, list[str]], stats,
                  config: ProjectionConfig):

@@ -47,6 +47,7 @@ class Stage:
     """One step of ``sieve-pl fit``; subclasses set ``name`` and implement the four methods."""
 
     name: str = ""
+    format: int = 1  # of its results: raise it when the same settings now give other results
 
     def fingerprint(self) -> dict:
         """The settings (and data) its results depend on."""
