@@ -3,11 +3,13 @@
 The order and the refit of down are fitted on the run's calibration statistics; the error is
 measured on tokens they never saw (the validation split): for every MLP, the relative error
 ``‖MLP_k(x) − MLP(x)‖² / ‖MLP(x)‖²`` on its dense inputs, keeping a fraction of the neurons,
-averaged over the layers. ``no refit`` keeps the selected columns of down as they are. For
+averaged over the layers. ``no refit`` keeps the selected columns of down as they are;
+``damped towards zero`` is the refit sieve-pl used before (``W C[:, S] C_λ[S, S]⁻¹``, the same
+order), beside the refit damped towards the dense weights (``W C_λ[:, S] C_λ[S, S]⁻¹``). For
 gated (Llama-like) MLPs. Usage:
 
     python bench/neuron_units.py --config configs/demo.yaml [--ridges 1e-4,1e-3,1e-2,1e-1] \
-        [--keeps 0.8,0.6,0.4]
+        [--keeps 0.95,0.8,0.6,0.4]
 
 Prints a Markdown table and writes bench/results/neuron_units.json.
 """
@@ -43,7 +45,7 @@ def mlp_inputs(net, mlps: dict, loader) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ridges", default="1e-4,1e-3,1e-2,1e-1")
-    parser.add_argument("--keeps", default="0.8,0.6,0.4")
+    parser.add_argument("--keeps", default="0.95,0.8,0.6,0.4")
     parser.add_argument("--orders", default="greedy,magnitude")
     parser.add_argument("--out", default="bench/results/neuron_units.json")
     args, cli_args = parser.parse_known_args()
@@ -65,6 +67,7 @@ def main() -> None:
             start = time.perf_counter()
             errors = {k: [] for k in keeps}
             plain = {k: [] for k in keeps}
+            to_zero = {k: [] for k in keeps}
             for mlp, (inputs, output, blocks) in mlps.items():
                 module = net.get_submodule(mlp)
                 x = held_out[mlp]
@@ -75,12 +78,15 @@ def main() -> None:
                 c = stats[key].double() / int(stats[f"{key}.count"])
                 w = dense_weight(module.down_proj).detach().double()
                 order, g, l_inv = neuron_basis(w, c, ridge, how)
+                g_zero = w @ c[:, order] @ l_inv.T  # the refit damped towards zero (before)
                 act = act.double()
                 for keep in keeps:
                     k = int(keep * len(order))
                     kept = order[:k]
                     refit = act[:, kept] @ (g[:, :k] @ l_inv[:k, :k]).T
                     errors[keep].append(float((refit - y).square().sum() / y.square().sum()))
+                    refit = act[:, kept] @ (g_zero[:, :k] @ l_inv[:k, :k]).T
+                    to_zero[keep].append(float((refit - y).square().sum() / y.square().sum()))
                     selected = act[:, kept] @ w[:, kept].T
                     plain[keep].append(float((selected - y).square().sum() / y.square().sum()))
             seconds = round(time.perf_counter() - start, 1)
@@ -88,15 +94,16 @@ def main() -> None:
                 rows.append({"order": how, "ridge": ridge, "keep": keep,
                              "error": sum(errors[keep]) / len(errors[keep]),
                              "error_no_refit": sum(plain[keep]) / len(plain[keep]),
+                             "error_damped_to_zero": sum(to_zero[keep]) / len(to_zero[keep]),
                              "seconds": seconds})
                 print(rows[-1], file=sys.stderr, flush=True)
     write_result(args.out, {"rows": rows, "model": lm.pretrained, "sizes": vars(data.sizes),
                             "held_out_tokens": int(next(iter(held_out.values())).shape[0])})
-    print("| order | ridge | neurons kept | held-out relative error (refit) | (no refit) |\n"
-          "|---|---|---|---|---|")
+    print("| order | ridge | neurons kept | held-out relative error (refit damped towards dense) "
+          "| (damped towards zero) | (no refit) |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['order']} | {r['ridge']:g} | {r['keep']:.0%} | {r['error']:.4f} "
-              f"| {r['error_no_refit']:.4f} |")
+              f"| {r['error_damped_to_zero']:.4f} | {r['error_no_refit']:.4f} |")
 
 
 if __name__ == "__main__":

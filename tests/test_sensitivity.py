@@ -116,8 +116,6 @@ def test_price_path_merges_convex_hulls_cheapest_first():
     assert path == [("a", 0.5, 50), ("b", 0.25, 75), ("a", 0.25, 25)]
     assert levels_at(path, ["a", "b"], 2) == {"a": 0.5, "b": 0.25}
     assert levels_at(path, ["a", "b"], 0) == {"a": 1.0, "b": 1.0}
-    # a floor of 0.5 leaves out the deeper cuts: b's hull is then dense -> 0.5
-    assert price_path(costs, floor=0.5) == [("a", 0.5, 50), ("b", 0.5, 50)]
 
 
 def test_path_search_finds_the_longest_feasible_prefix():

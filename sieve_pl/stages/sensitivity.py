@@ -100,10 +100,8 @@ def unit_costs(pruner: Pruner, ladder: list[float], inputs: Callable[[str], torc
     return costs
 
 
-def price_path(costs: dict[str, list[dict]], floor: float = 0.0
-               ) -> list[tuple[str, float, int]]:
-    """Every unit's cuts as steps ``(unit, keep, weights removed)``, cheapest per weight first;
-    no step takes a unit below ``floor``.
+def price_path(costs: dict[str, list[dict]]) -> list[tuple[str, float, int]]:
+    """Every unit's cuts as steps ``(unit, keep, weights removed)``, cheapest per weight first.
 
     Each unit contributes the steps along the lower convex hull of its (weights removed, cost)
     points, whose prices rise along the hull; merging all units' steps by price gives, after
@@ -113,7 +111,7 @@ def price_path(costs: dict[str, list[dict]], floor: float = 0.0
     for name, points in costs.items():
         hull = [points[0]]  # dense
         for p in sorted(points[1:], key=lambda p: -p["params"]):
-            if p["params"] >= hull[-1]["params"] or p["keep"] < floor:
+            if p["params"] >= hull[-1]["params"]:
                 continue
             while len(hull) >= 2 and _slope(hull[-2], hull[-1]) >= _slope(hull[-2], p):
                 hull.pop()  # above the segment to p: never the cheapest at any price
