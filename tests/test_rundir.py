@@ -53,6 +53,41 @@ def test_stage_records_files_and_is_skipped_when_unchanged(tmp_path):
     assert len(calls) == 2
 
 
+def test_a_stage_whose_result_format_changes_is_recomputed(tmp_path):
+    """Stage.format: code that gives other results for the same settings (a fixed formula)
+    recomputes finished stages; format 1 leaves the fingerprints of older runs as they were."""
+    from sieve_pl.stages.stage import Stage
+
+    calls = []
+
+    class Counting(Stage):
+        name = "counting"
+
+        def fingerprint(self):
+            return {"a": 1}
+
+        def run(self, work):
+            calls.append(self.format)
+            return str(self.format)
+
+        def save(self, result, folder):
+            (folder / "value.txt").write_text(result)
+
+        def load(self, folder):
+            return (folder / "value.txt").read_text()
+
+    class Fixed(Counting):
+        format = 2
+
+    assert RunDir(tmp_path, fake_trainer()).run(Counting()) == "1"
+    assert RunDir(tmp_path, fake_trainer()).run(Counting()) == "1"  # loaded
+    assert RunDir(tmp_path, fake_trainer()).run(Fixed()) == "2"  # recomputed
+    assert RunDir(tmp_path, fake_trainer()).run(Fixed()) == "2"
+    assert calls == [1, 2]
+    record = json.loads((tmp_path / "counting" / "stage.json").read_text())
+    assert record["fingerprint"] == fingerprint("counting", {"a": 1, "format": 2}, "")
+
+
 @pytest.mark.parametrize("damage,why", [
     (lambda f: f.write_text("4"), "size"),  # truncated
     (lambda f: f.write_text("43"), "checksum"),  # same size, other bytes
