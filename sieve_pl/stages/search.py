@@ -41,7 +41,7 @@ class SearchConfig:
             dense. The smallest rung is as deep as the seeds and the GA cut any unit (the
             uniform level may go lower): validation does not show what very deep cuts of single
             units cost (on the demo the GA's levels with rungs down to 0.1 put some units at 0.3
-            and fell 2 points more on test than with rungs down to 0.4, at the same size).
+            and fell 2 points more on test than with rungs down to 0.4, for 0.5% more weights).
         population: genomes per generation.
         generations: generations after the initial population.
         crossover_prob: probability that a pair of parents is crossed over (two-point).
