@@ -23,7 +23,7 @@ import torch
 
 from common import open_run, write_result
 from sieve_pl.models.factored import dense_weight
-from sieve_pl.stages.project import neuron_basis
+from sieve_pl.units import neuron_basis
 from sieve_pl.models.forward import last_logits
 
 

@@ -1,30 +1,16 @@
-"""Tensor artifacts: project writes ``bases.safetensors``, refit and distill
-``factors.safetensors`` (``stages/stage.py`` adds their JSON). Tensors go to safetensors and the
-rest to JSON, never pickle: loading a run folder cannot execute code."""
+"""Tensor artifacts: refit and distill write ``factors.safetensors`` (``stages/stage.py`` adds
+their JSON; projection's per-layer bases files are ``sieve_pl.units.Bases``'). Tensors go to
+safetensors and the rest to JSON, never pickle: loading a run folder cannot execute code."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from .models.pruning import flatten_bases, unflatten_bases
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-
-
-def save_bases(bases, folder: Path, name: str = "bases.safetensors") -> None:
-    tensors, metadata = flatten_bases(bases)
-    save_file(tensors, str(folder / name), metadata=metadata)
-
-
-def load_bases(folder: Path, name: str = "bases.safetensors"):
-    with safe_open(str(folder / name), "pt") as f:
-        metadata = f.metadata()
-    return unflatten_bases(load_file(str(folder / name)), metadata)
 
 
 def save_factors(factors: dict, folder: Path, name: str = "factors.safetensors") -> None:

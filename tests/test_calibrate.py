@@ -83,19 +83,6 @@ def test_float32_sums_close_to_float64(tiny_llama, tiny_data, trainer):
         torch.testing.assert_close(s32[key].double(), s64[key], rtol=1e-4, atol=1e-4)
 
 
-class SumsHeld(L.Callback):
-    """Bytes of statistics the calibration module holds during each pass."""
-
-    def __init__(self):
-        self.passes = []
-
-    def on_predict_batch_end(self, trainer, module, *args):
-        if hasattr(module, "sums"):
-            held = sum(t.nbytes for t in module.sums.values())
-            if not self.passes or self.passes[-1][0] is not module:
-                self.passes.append((module, held))
-
-
 def stats_bytes(config, layers: int, bytes_per: int) -> int:
     """The README's formula for Llama-like models: L·(3·h² + I²)·b (one Σxᵀx per distinct input:
     q/k/v share h, o_proj reads heads·head_dim = h, gate/up share h, down_proj reads I)."""
@@ -103,41 +90,52 @@ def stats_bytes(config, layers: int, bytes_per: int) -> int:
     return layers * (3 * h * h + i * i) * bytes_per
 
 
-def test_layers_per_pass_same_statistics_in_per_layer_shards_and_memory_formula(
-        tiny_llama, tiny_data, tmp_path):
+def test_one_layer_at_a_time_same_statistics_in_per_layer_shards_and_memory_formula(
+        tiny_llama, tiny_data, tmp_path, trainer, monkeypatch):
+    """Sums live for one layer at a time (the formula's 1/L share), the other layers' weights
+    stay where they are while one runs, and shards on disk, sums on the host and in memory are
+    the same statistics."""
     from sieve_pl.io import SafetensorsFolder
+    from sieve_pl.stages import calibrate as module
 
     lm = SieveLM(tiny_llama)
     lm.load()
     groups = lm.adapter.input_groups(lm.net)
     loader = tiny_data.calibration_dataloader()
     layers = lm.net.config.num_hidden_layers
+    held, moved = [], []
+    original = module.Sums.__init__
 
-    def run(layers_per_pass, out=None, device="auto"):
-        held = SumsHeld()
-        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, callbacks=[held])
-        stats = calibrate(trainer, lm.net, groups, loader,
-                          CalibrationConfig("float64", layers_per_pass, device), out=out)
-        return stats, [b for _, b in held.passes]
+    def recording(self, modules, config, device):
+        original(self, modules, config, device)
+        held.append(sum(t.nbytes for t in self.sums.values()))
+    monkeypatch.setattr(module.Sums, "__init__", recording)
+    original_to = torch.nn.Module.to
 
-    whole, held_whole = run(0)
+    def to(self, *args, **kwargs):
+        if self in list(lm.net.model.layers):
+            moved.append(self)
+        return original_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+
+    whole = calibrate(trainer, lm.net, groups, loader, CalibrationConfig("float64"))
     (tmp_path / "shards").mkdir()
-    assert run(1, tmp_path / "shards")[0] is None
-    sharded, held_per_layer = run(1)
-    on_host = run(1, device="cpu")[0]
+    assert calibrate(trainer, lm.net, groups, loader, CalibrationConfig("float64"),
+                     out=tmp_path / "shards") is None
+    on_host = calibrate(trainer, lm.net, groups, loader, CalibrationConfig("float64",
+                                                                           device="cpu"))
     on_disk = SafetensorsFolder(tmp_path / "shards")
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
         f"stats-{i:05d}.safetensors" for i in range(layers)]
-    for stats in (sharded, on_disk, on_host):
+    for stats in (on_disk, on_host):
         assert stats.keys() == whole.keys()
         for key in whole:
             assert torch.equal(stats[key], whole[key]), key
-    # memory: the formula, all layers in one pass, one layer's share per pass with 1 per pass
     total = stats_bytes(lm.net.config, layers, 8)
-    assert held_whole == [total]
-    assert held_per_layer == [total // layers] * layers
+    assert held == [total // layers] * layers * 3  # one layer's share at a time
     assert sum(whole[k].nbytes for k in whole if not k.endswith(".count")) == total
+    # each layer is moved to the device for its turn and back, one at a time
+    assert moved == [layer for layer in lm.net.model.layers for _ in range(2)] * 3
 
 
 def test_the_context_gives_every_stage_the_same_calibration_examples(tiny_data, trainer):

@@ -7,7 +7,8 @@ import torch
 from sieve_pl.models.factored import HeadPad, HeadSlice
 from sieve_pl.models.hf import save_pruned
 from sieve_pl.models.module import SieveLM
-from sieve_pl.models.pruning import HeadUnit, Pruner
+from sieve_pl.models.pruning import Pruner
+from sieve_pl.units import HeadUnit
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project
 from sieve_pl.models.forward import last_logits
@@ -73,7 +74,7 @@ def test_head_units_narrow_v_and_o_with_exact_counts(head_setup):
     assert torch.equal(last_logits(lm.net, batch), dense_logits)
     # o's refit is damped towards the dense o: with every value dimension kept it is the dense o
     unit = pruner.units[attns[0]]
-    w_o = unit.dense[unit.basis.o].weight
+    w_o = unit.dense[unit.o].weight
     assert unit.error(8).abs().max() < 1e-5 * w_o.abs().max()
 
 
@@ -87,7 +88,7 @@ def test_head_projection_and_refit_beat_truncation_on_held_out_tokens(head_setup
         pruned = _o_io(lm.net, attn, data.val_dataloader())
         errors[r] = (pruned["o_out"] - dense["o_out"]).square().sum() / dense["o_out"].square().sum()
         # the naive cut: keep each head's first r value dimensions, o's columns unchanged
-        o = pruner.units[attn].dense[pruner.units[attn].basis.o]
+        o = pruner.units[attn].dense[pruner.units[attn].o]
         naive_in = dense["o_in"].unflatten(-1, (4, 8)).clone()
         naive_in[..., r:] = 0
         naive = o(naive_in.flatten(-2))

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from sieve_pl.models.pruning import max_rank
-from sieve_pl.stages.project import METHODS
+from sieve_pl.units import max_rank
+from sieve_pl.units import METHODS
 
 
 def _problem(h, d, n, seed=0):
@@ -24,9 +24,10 @@ def test_output_aligned_error_is_discarded_eigenvalues_and_beats_baselines(h, d)
     y = x @ w.T
     for r in range(0, k + 1):
         err = {}
-        for name, (a, b) in bases.items():
-            assert a.shape == (k, d) and b.shape == (h, k)
-            m = b[:, :r] @ a[:r]
+        for name, basis in bases.items():
+            a, b = basis.pair(r, w)
+            assert a.shape == (r, d) and b.shape == (h, r)
+            m = b @ a
             err[name] = float(((y - x @ m.T) ** 2).sum())
         assert err["output_aligned"] == pytest.approx(float(eig[r:].sum()), rel=1e-9, abs=1e-6)
         assert err["output_aligned"] <= err["weight_svd"] * (1 + 1e-9) + 1e-9
@@ -40,6 +41,6 @@ def test_output_aligned_strictly_better_than_baselines_somewhere():
     r = k // 2
     err = {}
     for name, fit in METHODS.items():
-        a, b = fit(w, c, k)
-        err[name] = float(((x @ w.T - x @ (b[:, :r] @ a[:r]).T) ** 2).sum())
+        a, b = fit(w, c, k).pair(r, w)
+        err[name] = float(((x @ w.T - x @ (b @ a).T) ** 2).sum())
     assert err["output_aligned"] < 0.99 * min(err["weight_svd"], err["input_pca"])

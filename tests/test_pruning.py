@@ -8,7 +8,8 @@ import torch
 from sieve_pl.models.factored import FactoredLinear
 from sieve_pl.models.hf import save_pruned
 from sieve_pl.models.module import SieveLM
-from sieve_pl.models.pruning import Pruner, matrix_params, max_rank, rank_for
+from sieve_pl.models.pruning import Pruner
+from sieve_pl.units import matrix_params, max_rank, rank_for
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project
 from sieve_pl.models.forward import last_logits
@@ -147,14 +148,14 @@ def test_refit_of_down_reduces_the_output_error_on_held_out_tokens(neuron_setup)
     for k in (8, 24, 40):
         kept = basis.order[:k]
         selected = hidden[:, kept] @ w[:, kept].T  # neurons dropped, down not refitted
-        refit = hidden[:, kept] @ (basis.g[:, :k] @ basis.l_inv[:k, :k]).T
+        refit = hidden[:, kept] @ basis.refit(k).T
         assert (refit - y).square().sum() < (selected - y).square().sum()
 
 
 def test_prefix_refit_is_the_ridge_least_squares_and_a_dead_neuron_drops_exactly():
     """The refit is damped towards the dense weights, so keeping every neuron gives down's
     weights back exactly whatever the ridge (damping towards zero shrank them)."""
-    from sieve_pl.stages.project import neuron_basis
+    from sieve_pl.units import neuron_basis
 
     g = torch.Generator().manual_seed(0)
     h, inner, n = 12, 20, 400
@@ -164,23 +165,25 @@ def test_prefix_refit_is_the_ridge_least_squares_and_a_dead_neuron_drops_exactly
     w[:, 7] = 0  # neuron 7 feeds nothing downstream
     c = hidden.T @ hidden / n
     for how in ("greedy", "magnitude"):
-        order, gg, l_inv = neuron_basis(w, c, 1e-3, how)
-        assert sorted(order.tolist()) == list(range(inner))
+        basis = neuron_basis(w, c, 1e-3, how)
+        assert sorted(basis.order.tolist()) == list(range(inner))
         c_lam = c + 1e-3 * c.diagonal().mean() * torch.eye(inner, dtype=c.dtype)
         for k in (1, 5, 13, inner):
-            s = order[:k]
+            s = basis.order[:k]
             expected = w @ c_lam[:, s] @ torch.linalg.inv(c_lam[s][:, s])
-            torch.testing.assert_close(gg[:, :k] @ l_inv[:k, :k], expected)
-        order, gg, l_inv = neuron_basis(w, c, 10.0, how)  # strong damping: still exact at I
-        torch.testing.assert_close(gg @ l_inv, w[:, order])
-    order, gg, l_inv = neuron_basis(w, c, 1e-12, "magnitude")
-    assert int(order[-1]) == 7
-    refit = gg[:, :inner - 1] @ l_inv[:inner - 1, :inner - 1]
-    torch.testing.assert_close(hidden[:, order[:-1]] @ refit.T, hidden @ w.T)
+            torch.testing.assert_close(basis.refit(k).double(), expected, rtol=1e-5, atol=1e-6)
+        basis = neuron_basis(w, c, 10.0, how)  # strong damping: still exact at I
+        torch.testing.assert_close(basis.refit(inner).double(), w[:, basis.order],
+                                   rtol=1e-5, atol=1e-6)
+    basis = neuron_basis(w, c, 1e-12, "magnitude")
+    assert int(basis.order[-1]) == 7
+    refit = basis.refit(inner - 1).double()
+    torch.testing.assert_close(hidden[:, basis.order[:-1]] @ refit.T, hidden @ w.T,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_greedy_order_beats_magnitude_on_the_fitted_error():
-    from sieve_pl.stages.project import neuron_basis
+    from sieve_pl.units import neuron_basis
 
     g = torch.Generator().manual_seed(1)
     h, inner, n = 16, 48, 600
@@ -190,8 +193,8 @@ def test_greedy_order_beats_magnitude_on_the_fitted_error():
     c = hidden.T @ hidden / n
 
     def errors(how):
-        order, gg, l_inv = neuron_basis(w, c, 1e-6, how)
-        return [float((hidden[:, order[:k]] @ (gg[:, :k] @ l_inv[:k, :k]).T
+        basis = neuron_basis(w, c, 1e-6, how)
+        return [float((hidden[:, basis.order[:k]] @ basis.refit(k).double().T
                        - hidden @ w.T).square().sum()) for k in range(4, inner, 4)]
 
     greedy, magnitude = errors("greedy"), errors("magnitude")

@@ -90,20 +90,25 @@ def dense_shape(module: nn.Module) -> tuple[int, int]:
     return tuple(dense_weight(module).shape)
 
 
-def new_linear(like: nn.Module, out_features: int, in_features: int, bias: bool) -> nn.Module:
-    """An uninitialised Linear of another size, of the same kind as ``like`` (Linear or Conv1D)."""
+def new_linear(like: nn.Module, out_features: int, in_features: int, bias: bool,
+               device=None) -> nn.Module:
+    """An uninitialised Linear of another size, of the same kind as ``like`` (Linear or
+    Conv1D), on ``device`` (default: ``like``'s)."""
     w = like.weight
+    device = device or w.device
     if _transposed(like):
         module = type(like)(out_features, in_features)  # Conv1D(nf=out, nx=in)
         if not bias:
             module.bias = None
-        return module.to(w.device, w.dtype)
-    return nn.Linear(in_features, out_features, bias=bias, device=w.device, dtype=w.dtype)
+        return module.to(device, w.dtype)
+    return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=w.dtype)
 
 
-def linear_like(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A Linear of the kind of ``like`` holding ``weight`` (out × in) and ``bias``."""
-    module = new_linear(like, *weight.shape, bias is not None)
+def linear_like(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+                device=None) -> nn.Module:
+    """A Linear of the kind of ``like`` holding ``weight`` (out × in) and ``bias``, on
+    ``device`` (default: ``like``'s)."""
+    module = new_linear(like, *weight.shape, bias is not None, device)
     with torch.no_grad():
         module.weight.copy_(weight.T if _transposed(like) else weight)
         if bias is not None:

@@ -226,14 +226,10 @@ def quantization_config(fmt: str, config, compute_dtype: torch.dtype = torch.flo
     if fmt == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if not torch.cuda.is_available():
+        from ..units import KINDS
+
         layout = getattr(config, "sieve", None) or {}
-        skip += [f"{name}.{child}" for name, rank in (layout.get("ranks") or {}).items()
-                 if rank % 64 for child in "AB"]
-        skip += [name for name, (out, inner) in (layout.get("shapes") or {}).items()
-                 if out % 32 or inner % 64]
-        skip += [f"{name}.linear" for name, (kind, heads, kept, _) in
-                 (layout.get("heads") or {}).items()
-                 if heads * kept % (32 if kind == "pad" else 64)]  # v: out, o: in narrowed
+        skip += [name for kind in KINDS.values() for name in kind.nf4_skip(layout)]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
 

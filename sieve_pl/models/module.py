@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -23,17 +24,51 @@ class SieveLM(L.LightningModule):
         pretrained: built-in offline model name, local HF folder or hub id.
         dtype: weight dtype while pruning (float32 is exact on CPU; bfloat16 halves memory).
         trust_remote_code: passed to ``from_pretrained`` (needed for custom architectures).
+        placement: where the whole-model stages (sensitivity, search, evaluation, recovery)
+            run the model. device: all of it on each process's accelerator (DDP over GPUs
+            splits the data). split: one process, the decoder layers spread over every
+            visible GPU by accelerate's device map (for models no single GPU holds; run
+            with trainer.devices 1). auto: device when the weights take at most 70% of one
+            accelerator's memory (or there is none), else split. Calibration and projection
+            run layer by layer either way. ``sieve-pl plan`` shows what each choice needs.
     """
 
     def __init__(self, pretrained: str = DEFAULT_MODEL, dtype: str = "float32",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False,
+                 placement: Literal["auto", "device", "split"] = "auto"):
         super().__init__()
         self.pretrained, self.dtype_name, self.trust_remote_code = pretrained, dtype, trust_remote_code
+        self.placement = placement
+        self.split = False  # set once the model is spread over several GPUs
         self.quantize = "none"  # validate/test only: bitsandbytes format applied at load time
         self.net = None
         self.adapter = None
         self.task = None
         self.accuracy = None
+
+    def place(self, device: torch.device) -> torch.nn.Module:
+        """The model where the whole-model stages run it: on ``device``, or — with placement
+        split (or auto, when it does not fit one accelerator) — spread over the GPUs once;
+        returns it."""
+        from .placement import choose, dispatch
+
+        if self.split:
+            return self.net
+        if device.type == "cuda" and choose(self.placement, self.net, device) == "split":
+            dispatch(self.net, self.adapter)
+            self.split = True
+            return self.net
+        return self.net.to(device)
+
+    def _apply(self, fn, recurse=True):
+        """Lightning moves the module it runs to its device: a model split over GPUs stays."""
+        if not self.split:
+            return super()._apply(fn, recurse)
+        net, self.net = self.net, None
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self.net = net
 
     def check(self):
         """Architecture check from the config alone (before heavy work)."""

@@ -1,13 +1,19 @@
 """Calibration: second moments ``Σ xᵀx`` of every distinct target-Linear input over task tokens.
 
-A predict loop of the CLI's Trainer runs the model over the calibration split; forward hooks on
-the first Linear of each input group add the non-padding tokens' ``xᵀx`` into one sum per group.
-Sums (not means) plus token counts are kept so ranks all-reduce them exactly.
+Layer by layer (``models/sequential.py``): a predict loop of the CLI's Trainer captures, for each
+calibration batch of this rank, the hidden states entering the first decoder layer and how every
+layer is called; then each decoder layer in turn goes to the accelerator, every batch runs
+through it (its output becomes the next layer's input), and forward hooks on the first Linear of
+each input group add the non-padding tokens' ``xᵀx`` into one sum per group. The layer's sums
+are all-reduced over ranks and written before the next layer starts, so accelerator memory holds
+one layer, its sums and one batch, whatever the depth, and the model waits in host memory.
+Sums (not means) plus token counts are kept so ranks reduce them exactly.
 """
 from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
 from pathlib import Path
@@ -18,10 +24,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from ..errors import SieveError
-from ..progress import named
 from ..io import SafetensorsFolder, crash_point
 from ..models.factored import dense_shape
-from ..models.forward import last_logits
+from ..models.sequential import capture, layer_by_layer
+from ..progress import named, quiet
 from .stage import Context, Stage
 
 
@@ -31,14 +37,10 @@ class CalibrationConfig:
 
     Args:
         dtype: accumulator dtype of the Σ xᵀx sums (float64: no drift over millions of tokens;
-            float32 halves memory).
-        layers_per_pass: decoder layers whose statistics are accumulated in one pass over the
-            calibration data (0 = all). The sums live on the model's device during a pass
-            and go to disk after it, so k layers per pass hold k/L of the statistics at a time,
-            for L/k passes (the memory formula is in the README).
-        device: where the sums live: auto (the model's device) or cpu (each batch's xᵀx is
-            computed on the model's device and added to a sum in host memory: accelerator
-            memory for one group's xᵀx at a time, at the cost of a transfer per batch).
+            float32 halves their memory and disk).
+        device: where one layer's sums live while it runs: auto (the accelerator) or cpu (each
+            batch's xᵀx is computed on the accelerator and added to a sum in host memory, for
+            the largest layers on the smallest accelerators).
         product_dtype: dtype of each batch's xᵀx before it is added to the sum: float32 (at
             least the activations' precision, relative error ~1e-6 per batch; half the time
             of float64 on CPUs, where the statistics cost about a forward pass) or float64.
@@ -52,7 +54,6 @@ class CalibrationConfig:
     """
 
     dtype: str = "float64"
-    layers_per_pass: int = 0
     device: Literal["auto", "cpu"] = "auto"
     product_dtype: Literal["float32", "float64"] = "float32"
     examples: int = 0
@@ -61,32 +62,46 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float64"):
             raise SieveError(f"calibration.dtype must be float32 or float64, got {self.dtype!r}")
-        if self.layers_per_pass < 0 or self.examples < 0 or self.read_weight < 1:
-            raise SieveError("calibration needs layers_per_pass >= 0, examples >= 0 and "
-                             f"read_weight >= 1, got {self.layers_per_pass}, {self.examples}, "
-                             f"{self.read_weight}")
+        if self.examples < 0 or self.read_weight < 1:
+            raise SieveError("calibration needs examples >= 0 and read_weight >= 1, got "
+                             f"{self.examples}, {self.read_weight}")
 
 
-class Calibration(L.LightningModule):
-    """Runs the model and accumulates input second moments through forward hooks."""
+class Capture(L.LightningModule):
+    """A predict loop that records each batch's layer-0 input and layer arguments (on the
+    host). The model is not a submodule: Lightning moves the batches, not the model."""
 
-    def __init__(self, net: torch.nn.Module, groups: dict[str, list[str]], dtype: str = "float64",
-                 device: str = "auto", product_dtype: str = "float32", read_weight: int = 1):
+    def __init__(self, net: torch.nn.Module, layers: str):
         super().__init__()
-        self.net, self.sum_device, self.read_weight = net, device, read_weight
-        self.groups = groups
-        self.sum_dtype = getattr(torch, dtype)
+        self._net = [net]  # (a list: not registered, so not moved to the device as a whole)
+        self.layers = layers
+        self.batches = []
+
+    def predict_step(self, batch, batch_idx):
+        self.batches += capture(self._net[0], self.layers, [batch], self.device)
+        crash_point("calibrate:batch")
+
+
+class Sums:
+    """Forward pre-hooks adding each group's ``xᵀx`` (non-padding tokens) into a sum."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], config: CalibrationConfig,
+                 device: torch.device):
+        self.sum_dtype = getattr(torch, config.dtype)
         # never below float32, never above the accumulator
-        self.product_dtype = (torch.float64 if product_dtype == "float64"
+        self.product_dtype = (torch.float64 if config.product_dtype == "float64"
                               and self.sum_dtype == torch.float64 else torch.float32)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self._mask = None
-        self._handles = []
+        self.read_weight = config.read_weight
+        where = torch.device("cpu") if config.device == "cpu" else device
+        self.sums = {key: torch.zeros((dense_shape(m)[1],) * 2, dtype=self.sum_dtype,
+                                      device=where) for key, m in modules.items()}
+        self.counts = dict.fromkeys(modules, 0)
+        self.mask = None
+        self.handles = [m.register_forward_pre_hook(self._hook(key)) for key, m in modules.items()]
 
     def _hook(self, key: str):
         def hook(module, args):
-            x = args[0][self._mask].to(self.product_dtype)  # (non-padding tokens, in_features)
+            x = args[0][self.mask.to(args[0].device)].to(self.product_dtype)
             xtx, n = x.T @ x, x.shape[0]
             if self.read_weight > 1:  # left padding: the last position is every row's own
                 last, extra = args[0][:, -1].to(self.product_dtype), self.read_weight - 1
@@ -96,26 +111,18 @@ class Calibration(L.LightningModule):
             self.counts[key] += n
         return hook
 
-    def on_predict_start(self) -> None:
-        first = {key: self.net.get_submodule(names[0]) for key, names in self.groups.items()}
-        self.sums = {key: torch.zeros((dense_shape(m)[1],) * 2, dtype=self.sum_dtype,
-                                      device="cpu" if self.sum_device == "cpu" else m.weight.device)
-                     for key, m in first.items()}
-        self.counts = dict.fromkeys(self.groups, 0)
-        self._handles = [m.register_forward_pre_hook(self._hook(key)) for key, m in first.items()]
-
-    def predict_step(self, batch, batch_idx):
-        self._mask = batch["attention_mask"].bool()
-        last_logits(self.net, batch)
-        crash_point("calibrate:batch")
-
-    def on_predict_end(self) -> None:
-        for handle in self._handles:
+    def remove(self) -> dict[str, torch.Tensor]:
+        """Remove the hooks; the sums and counts, reduced over ranks, on the host."""
+        for handle in self.handles:
             handle.remove()
-        self._handles = []
         reduce_sums(self.sums)
-        counts = {k: torch.tensor(n, device=self.sums[k].device) for k, n in self.counts.items()}
-        self.counts = {k: int(n) for k, n in reduce_sums(counts).items()}
+        device = next(iter(self.sums.values())).device
+        counts = reduce_sums({k: torch.tensor(n, device=device) for k, n in self.counts.items()})
+        out = {}
+        for key, s in self.sums.items():
+            out[key] = s.cpu()
+            out[f"{key}.count"] = counts[key].cpu()
+        return out
 
 
 def reduce_sums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,34 +153,37 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
     """``{input key: Σ xᵀx}`` plus ``{input key + '.count': tokens}``, summed over all ranks.
 
     With ``out``, rank 0 writes each layer's statistics to ``out/stats-<layer>.safetensors`` as
-    soon as its pass ends (nothing is returned: read them with ``SafetensorsFolder`` once every
-    rank is done); without, they are returned as a dict.
+    soon as the layer is done (nothing is returned: read them with ``SafetensorsFolder`` once
+    every rank is done); without, they are returned as a dict.
     """
-    layers = list(dict.fromkeys(layer_of(key) for key in groups))
-    per_pass = config.layers_per_pass or len(layers)
+    layers = layer_of(layer_of(next(iter(groups))))  # model.layers.0.attn_in -> model.layers
+    keys_of: dict[int, list[str]] = {}
+    for key in groups:
+        keys_of.setdefault(int(layer_of(key).rpartition(".")[2]), []).append(key)
+    device = trainer.strategy.root_device
+    grabber = Capture(net, layers)
+    with named(trainer, "calibrate: inputs"):
+        trainer.predict(grabber, dataloaders=dataloader, return_predictions=False)
     stats: dict[str, torch.Tensor] = {}
-    for start in range(0, len(layers), per_pass):
-        chunk = layers[start:start + per_pass]
-        module = Calibration(net, {k: v for k, v in groups.items() if layer_of(k) in chunk},
-                             config.dtype, config.device, config.product_dtype,
-                             config.read_weight)
-        with named(trainer, f"calibrate (layers {start + 1}-{start + len(chunk)} of {len(layers)})"):
-            trainer.predict(module, dataloaders=dataloader, return_predictions=False)
-        for index, layer in enumerate(chunk, start):
-            shard = {}
-            for key in (k for k in groups if layer_of(k) == layer):
-                s = module.sums.pop(key).cpu()
-                if not torch.isfinite(s).all():
-                    raise SieveError(f"calibration statistics of {key} (input of "
-                                     f"{', '.join(groups[key])}) contain NaN/inf; run the model "
-                                     f"in float32 (model.dtype) and keep calibration.dtype "
-                                     f"float64")
-                shard[key] = s
-                shard[f"{key}.count"] = torch.tensor(module.counts[key])
-            if out is None:
-                stats.update(shard)
-            elif trainer.is_global_zero:
-                save_file(shard, str(Path(out) / f"stats-{index:05d}.safetensors"))
+
+    @contextmanager
+    def statistics(index: int, layer):
+        keys = keys_of.get(index, [])
+        sums = Sums({key: net.get_submodule(groups[key][0]) for key in keys}, config, device)
+        yield lambda batch: setattr(sums, "mask", batch.mask)
+        shard = sums.remove()
+        for key in keys:
+            if not torch.isfinite(shard[key]).all():
+                raise SieveError(f"calibration statistics of {key} (input of "
+                                 f"{', '.join(groups[key])}) contain NaN/inf; run the model "
+                                 f"in float32 (model.dtype) and keep calibration.dtype float64")
+        if out is None:
+            stats.update(shard)
+        elif trainer.is_global_zero:
+            save_file(shard, str(Path(out) / f"stats-{index:05d}.safetensors"))
+
+    layer_by_layer(net, layers, grabber.batches, device, statistics, desc="calibrate",
+                   bars=not quiet(trainer))
     return stats if out is None else None
 
 
@@ -187,10 +197,10 @@ class Calibrate(Stage):
         self.ctx, self.groups, self.config, self.identity = ctx, groups, config, identity
 
     def fingerprint(self) -> dict:
-        """The model and data (``identity``) and the settings that change the sums: passes and
-        where the sums live change nothing, and float32 and float64 products agree to ~1e-6."""
+        """The model and data (``identity``) and the settings that change the sums: where the
+        sums live changes nothing, and float32 and float64 products agree to ~1e-6."""
         config = asdict(self.config)
-        for setting in ("layers_per_pass", "device", "product_dtype"):
+        for setting in ("device", "product_dtype"):
             config.pop(setting)
         return {**self.identity, **config}
 

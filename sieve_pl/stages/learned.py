@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..models.factored import dense_weight
-from ..models.pruning import max_rank
+from ..units import max_rank
 from ..models.forward import last_logits
 
 

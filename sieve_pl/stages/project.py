@@ -1,22 +1,16 @@
-"""Projection: one decomposition per target matrix, from which every rank is a slice.
+"""Projection: every unit's basis, computed once so that every level is a slice of it.
 
-For ``W`` (H × D) with input second moment ``C``:
-
-- ``output_aligned`` (default): eigenvectors ``U`` of the output covariance ``W C Wᵀ``, sorted by
-  eigenvalue; rank R keeps ``B = U_R``, ``A = U_Rᵀ W``. This minimises ``‖WX − BAX‖²`` over all
-  rank-R matrices (reduced-rank regression), and the error is the sum of the discarded eigenvalues.
-- ``weight_svd``: truncated SVD of W (ignores the data).
-- ``input_pca``: top eigenvectors ``V`` of C (SliceGPT-like): ``A = V_Rᵀ``, ``B = W V_R``.
-- ``learned``: A and B fitted by gradient descent on the calibration activations, as the paper
-  does (a Lightning fit; see ``learned.py``).
-
-With ``mlp: neurons`` (default) each MLP is one unit instead of three matrices: its neurons are
-ordered once (:func:`neuron_basis`) and any prefix of that order is a level. With ``attention:
-heads`` each attention layer's v and o are one unit: the value dimension of every kv
-head is projected by a prefix of one stored basis (:func:`head_basis`).
+Layer by layer: one decoder layer's dense weights and input statistics go to the accelerator,
+each of its units fits its basis there (``sieve_pl.units``: a matrix's factorisation, an MLP's
+neuron order and refit, an attention layer's value-dimension projection), and the layer's bases
+are written to one file before the next layer starts — a killed projection resumes at the
+first layer without a file, and memory holds one layer's work whatever the depth. Under DDP
+the layers are shared out by their estimated cost, not round-robin.
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -25,10 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SieveError
-from ..models.factored import dense_weight
-from ..models.pruning import Factors, HeadDims, Neurons, max_rank
+from ..models.factored import dense_shape
 from ..progress import quiet
-from ..artifacts import load_bases, save_bases
+from ..units import Bases, Factors, HeadSpec, NeuronSpec, Spec, save_layer, unit_for
 from .learned import LearnedConfig, learn
 from .stage import Context, Stage
 
@@ -40,8 +33,10 @@ class ProjectionConfig:
     Args:
         method: output_aligned (task-aware optimum), weight_svd or input_pca (baselines), or
             learned (output-aligned factors fitted by gradient descent, as in the paper).
-        dtype: dtype of the decompositions (float64 ranks tiny eigenvalues reliably).
-        device: where decompositions run (cpu, cuda, or auto = the model's device).
+        dtype: dtype of the decompositions, on the device (float32: what accelerators run
+            fast; bench/README compares float64). Bases are stored in float32 either way.
+        device: where decompositions run (auto = the run's accelerator, one layer at a time;
+            or cpu, cuda, cuda:1...).
         learned: the gradient-descent fit of method learned.
         mlp: how an MLP is pruned: neurons (one unit: keep a subset of its inner dimension,
             rows of gate/up and columns of down, and refit down's kept columns; the result is
@@ -55,16 +50,14 @@ class ProjectionConfig:
             towards the dense weights, relative to the mean diagonal of the input's second
             moment: ``W C_λ[:, S] C_λ[S, S]⁻¹`` with ``C_λ = C + ridge·mean(diag C)·I``, which
             is ``W`` itself when every neuron is kept (damping towards zero, as before, shrank
-            the kept weights too: one neuron removed of 1,536 flipped 47 of 400 answers).
-            Default 0.1: the lowest held-out MLP error of 1e-2, 0.1 and 1 at every level, and
-            on the demo the larger cut at epsilon 5% on two draws of the splits (bench/README).
+            the kept weights too).
         neuron_order: greedy (each next neuron the one whose refit explains the most remaining
-            output energy of down: a pivoted Cholesky) or magnitude (``‖W_down[:, j]‖²·C[j, j]``,
-            the cheap baseline).
+            output energy of down: a pivoted Cholesky, blocked) or magnitude
+            (``‖W_down[:, j]‖²·C[j, j]``, the cheap baseline).
     """
 
     method: Literal["output_aligned", "weight_svd", "input_pca", "learned"] = "output_aligned"
-    dtype: str = "float64"
+    dtype: Literal["float32", "float64"] = "float32"
     device: str = "auto"
     learned: LearnedConfig = field(default_factory=LearnedConfig)
     mlp: Literal["neurons", "factored"] = "neurons"
@@ -80,188 +73,135 @@ class ProjectionConfig:
             raise SieveError(f"projection.ridge must be > 0, got {self.ridge}")
 
 
-def eigh_desc(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    values, vectors = torch.linalg.eigh((m + m.T) / 2)
-    return values.flip(0), vectors.flip(1)
+def layer_index(name: str) -> int:
+    """``model.layers.3.mlp`` -> 3."""
+    return int(re.search(r"\.(\d+)(\.|$)", name).group(1))
 
 
-def output_aligned(w: torch.Tensor, c: torch.Tensor, k: int):
-    _, u = eigh_desc(w @ c @ w.T)
-    u = u[:, :k]
-    return u.T @ w, u
+def unit_specs(groups: dict[str, list[str]], config: ProjectionConfig,
+               mlps: dict | None = None, attentions: dict | None = None) -> dict[str, Spec]:
+    """Every unit, in forward order: with ``config.mlp`` neurons, one per MLP (``Adapter.mlps``)
+    whose down input is among ``groups``; with ``config.attention`` heads, one per attention
+    layer (``Adapter.attentions``) whose o input is; every other target matrix on its own."""
+    linears = {name for names in groups.values() for name in names}
+    specs: dict[str, Spec] = {}
+    for name, (inputs, output, blocks) in ((mlps or {}) if config.mlp == "neurons" else {}).items():
+        if output in linears:
+            specs[name] = NeuronSpec(name, (*inputs, output), output, tuple(inputs), blocks)
+    for name, (v, o, heads, kv, head_dim) in (
+            (attentions or {}) if config.attention == "heads" else {}).items():
+        if o in linears:
+            specs[name] = HeadSpec(name, (v, o), o, v, o, heads, kv, head_dim)
+    covered = {n for spec in specs.values() for n in spec.linears}
+    specs.update({n: Spec(n, (n,), n) for n in sorted(linears - covered, key=_forward(groups))})
+    return dict(sorted(specs.items(), key=lambda item: (layer_index(item[0]),
+                                                        _forward(groups)(item[1].output))))
 
 
-def weight_svd(w: torch.Tensor, c: torch.Tensor, k: int):
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    return s[:k, None] * vh[:k], u[:, :k]
+def _forward(groups: dict[str, list[str]]):
+    position = {n: i for i, n in enumerate(n for names in groups.values() for n in names)}
+    return position.__getitem__
 
 
-def input_pca(w: torch.Tensor, c: torch.Tensor, k: int):
-    _, v = eigh_desc(c)
-    v = v[:, :k]
-    return v.T, w @ v
+def cost(net, spec: Spec) -> float:
+    """Rough flops of fitting one unit's basis (for sharing layers out over ranks)."""
+    out_features, in_features = dense_shape(net.get_submodule(spec.output))
+    if isinstance(spec, NeuronSpec):
+        return 2.0 * out_features * in_features ** 2 + in_features ** 3
+    if isinstance(spec, HeadSpec):
+        return 4.0 * out_features * in_features * spec.head_dim
+    return 10.0 * out_features ** 3 + 2.0 * out_features * in_features ** 2
 
 
-METHODS = {"output_aligned": output_aligned, "weight_svd": weight_svd, "input_pca": input_pca}
+def share(costs: dict[int, float], world: int) -> list[list[int]]:
+    """Layers per rank, largest first to the least loaded rank (LPT): every rank computes the
+    same answer, and no rank gets all the MLPs."""
+    loads, shares = [0.0] * world, [[] for _ in range(world)]
+    for layer, c in sorted(costs.items(), key=lambda kv: (-kv[1], kv[0])):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        loads[rank] += c
+        shares[rank].append(layer)
+    return [sorted(s) for s in shares]
 
 
-def greedy_order(w: torch.Tensor, c_lam: torch.Tensor) -> torch.Tensor:
-    """Neurons in the order a greedy refit wants them: each next one the column ``j`` whose
-    addition to the kept set explains the most of ``W``'s remaining output energy,
-    ``‖W R[:, j]‖² / R[j, j]`` with ``R`` the residual of ``C_λ`` after the kept columns (a
-    pivoted Cholesky of ``C_λ``, O(I²·(I + H)) in all)."""
-    n = c_lam.shape[0]
-    residual_w = w @ c_lam  # W R, updated by rank one per step
-    diag = c_lam.diagonal().clone()
-    chol = torch.zeros_like(c_lam)  # columns in pivot order
-    free = torch.ones(n, dtype=torch.bool, device=w.device)
-    order = []
-    for t in range(n):
-        gain = residual_w.square().sum(0) / diag.clamp(min=1e-300)
-        j = int(torch.where(free, gain, -torch.inf).argmax())
-        col = c_lam[:, j] - chol[:, :t] @ chol[j, :t]
-        col = col / col[j].clamp(min=1e-300).sqrt()
-        chol[:, t] = col
-        diag -= col.square()
-        residual_w -= torch.outer(w @ col, col)
-        free[j] = False
-        order.append(j)
-    return torch.tensor(order, device=w.device)
+def project(net: torch.nn.Module, groups: dict[str, list[str]], stats, config: ProjectionConfig,
+            make_trainer=None, loader=None, work: Path | None = None,
+            mlps: dict | None = None, attentions: dict | None = None, bars: bool = True,
+            device: torch.device | str | None = None, layers: list[int] | None = None) -> Bases:
+    """Every unit's basis (:func:`unit_specs`), layer by layer on ``device`` (default: where the
+    model is; ``config.device`` other than auto overrides it).
 
-
-def neuron_basis(w_down: torch.Tensor, c: torch.Tensor, ridge: float, how: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(order, g, l_inv)`` of :class:`~sieve_pl.models.pruning.Neurons` for one MLP.
-
-    The refit of down on the first k neurons ``S`` of ``order``, ``W C_λ[:, S] C_λ[S, S]⁻¹``
-    (least squares on the calibration inputs plus ``λ·‖W' − W[:, S]‖²`` and ``λ·‖W[:, dropped]‖²``:
-    damped towards the dense weights), equals ``g[:, :k] @ l_inv[:k, :k]`` because the Cholesky
-    factor of a leading block is the leading block of the Cholesky factor (and so are their
-    inverses). The greedy order minimises the same objective.
+    With ``work``, each layer's bases go to ``work/bases-<layer>.safetensors`` as they are done
+    (a layer whose file exists is skipped: a killed projection resumes) and the folder is
+    returned; ``layers`` limits this call to some layers (a rank's share). ``learned`` trains:
+    it needs ``make_trainer`` (a Trainer factory), the calibration ``loader`` and ``work``.
     """
-    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    c_lam = c + ridge * c.diagonal().mean().clamp(min=1e-30) * eye
-    if how == "greedy":
-        order = greedy_order(w_down, c_lam)
-    else:
-        order = torch.argsort(w_down.square().sum(0) * c.diagonal(), descending=True)
-    chol = torch.linalg.cholesky(c_lam[order][:, order])
-    l_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-    return order, w_down @ c_lam[:, order] @ l_inv.T, l_inv
-
-
-def head_basis(w_o: torch.Tensor, c: torch.Tensor, heads: int, kv: int, ridge: float
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(e, c_heads, ridge_heads)`` of :class:`~sieve_pl.models.pruning.HeadDims` for one layer.
-
-    ``c`` is the second moment of o's input (heads·d square). For a kv head g read by query
-    heads h, keeping the span of ``P``'s rows and refitting o (damped towards the dense o:
-    ``C_λ,h = C_h + λ_h I``) captures ``Σ_h tr(W_h C_λ,h Pᵀ (P C_λ,h Pᵀ)⁻¹ P C_λ,h W_hᵀ)`` of
-    o's output energy; with one head that is maximised by the top generalised eigenvectors of
-    ``(C_λ,h W_hᵀ W_h C_λ,h, C_λ,h)``, and the group uses the sums over its heads. Rows are
-    ordered by eigenvalue, so every level is a prefix.
-    """
-    d = c.shape[0] // heads
-    blocks = torch.stack([c[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(heads)])
-    lam = ridge * blocks.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
-    w = w_o.unflatten(1, (heads, d)).transpose(0, 1)  # heads × out × d
-    eye = torch.eye(d, dtype=c.dtype, device=c.device)
-    c_lam = blocks + lam[:, None, None] * eye
-    cw = c_lam @ w.transpose(1, 2) @ w @ c_lam  # C_λ,h W_hᵀ W_h C_λ,h
-    rep = heads // kv
-    e = []
-    for g in range(kv):
-        a = cw[g * rep:(g + 1) * rep].sum(0)
-        b = c_lam[g * rep:(g + 1) * rep].sum(0)
-        chol_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(b), eye, upper=False)
-        _, u = eigh_desc(chol_inv @ a @ chol_inv.T)
-        e.append(u.T @ chol_inv)  # rows: generalised eigenvectors, best first
-    return torch.stack(e), blocks, lam
-
-
-def project(net: torch.nn.Module, groups: dict[str, list[str]], stats: dict[str, torch.Tensor],
-            config: ProjectionConfig, make_trainer=None, loader=None, work: Path | None = None,
-            mlps: dict[str, tuple[tuple[str, ...], str, int]] | None = None,
-            attentions: dict[str, tuple[str, str, int, int, int]] | None = None,
-            bars: bool = True) -> dict[str, Factors | Neurons | HeadDims]:
-    """Bases of every unit: ``{matrix name: Factors}`` up to each matrix's largest
-    parameter-saving rank; with ``config.mlp`` neurons, ``{MLP name: Neurons}`` for the
-    ``mlps`` (``Adapter.mlps``) whose down input is among ``groups``; with ``config.attention``
-    heads, ``{attention name: HeadDims}`` for the ``attentions`` (``Adapter.attentions``) whose
-    o input is among ``groups``.
-
-    ``learned`` trains: it needs ``make_trainer`` (a Trainer factory), the calibration ``loader``
-    and a ``work`` folder for its checkpoints.
-    """
-    mlps = (mlps or {}) if config.mlp == "neurons" else {}
-    attentions = (attentions or {}) if config.attention == "heads" else {}
-    in_units = {n for inputs, output, _ in mlps.values() for n in (*inputs, output)}
-    in_units |= {n for v, o, *_ in attentions.values() for n in (v, o)}
+    specs = unit_specs(groups, config, mlps, attentions)
+    if config.device != "auto":
+        device = torch.device(config.device)
+    device = torch.device(device) if device is not None else next(net.parameters()).device
     key_of = {name: key for key, names in groups.items() for name in names}
-    matrices = {key: [n for n in names if n not in in_units] for key, names in groups.items()}
-    matrices = {key: names for key, names in matrices.items() if names}
-    bases: dict[str, Factors | Neurons | HeadDims] = {}
-    dtype = getattr(torch, config.dtype)
-    for name, (v, o, heads, kv, _) in attentions.items():
-        if o not in key_of:
+    learned = _learned(net, groups, specs, stats, config, make_trainer, loader, work, bars,
+                       device) if config.method == "learned" else {}
+    by_layer: dict[int, dict[str, Spec]] = {}
+    for name, spec in specs.items():
+        by_layer.setdefault(layer_index(name), {})[name] = spec
+    found: dict[str, tuple[Spec, object]] = {}
+    todo = [i for i in by_layer if layers is None or i in layers]
+    for index in tqdm(todo, desc=f"project ({config.method}, {config.mlp} MLPs)", unit="layer",
+                      disable=not bars):
+        path = None if work is None else Path(work) / f"bases-{index:05d}.safetensors"
+        if path is not None and path.exists():
             continue
-        w = dense_weight(net.get_submodule(o)).detach()
-        device = w.device if config.device == "auto" else torch.device(config.device)
-        key = key_of[o]
-        c = stats[key].to(device, dtype) / max(int(stats[f"{key}.count"]), 1)
-        e, blocks, lam = head_basis(w.to(device, dtype), c, heads, kv, config.ridge)
-        bases[name] = HeadDims(e.to("cpu", w.dtype), blocks.to("cpu", torch.float32),
-                               lam.to("cpu", torch.float32), v, o)
-    mine = {m: spec for m, spec in mlps.items() if spec[1] in key_of}
-    for mlp, (inputs, output, blocks) in tqdm(mine.items(), desc=f"project (neurons, "
-                                              f"{config.neuron_order})", unit="mlp",
-                                              disable=not bars):
-        w = dense_weight(net.get_submodule(output)).detach()
-        device = w.device if config.device == "auto" else torch.device(config.device)
-        key = key_of[output]
-        c = stats[key].to(device, dtype) / max(int(stats[f"{key}.count"]), 1)
-        order, g, l_inv = neuron_basis(w.to(device, dtype), c, config.ridge, config.neuron_order)
-        bases[mlp] = Neurons(order.cpu(), g.to("cpu", w.dtype), l_inv.to("cpu", w.dtype),
-                             inputs, output, blocks)
-    return {**bases, **_factored(net, matrices, stats, config, make_trainer, loader, work, bars)}
+        moments: dict[str, torch.Tensor] = {}
+
+        def moment(linear: str) -> torch.Tensor:
+            key = key_of[linear]
+            if key not in moments:  # q/k/v, gate/up: one read per input
+                moments[key] = stats[key].to(device, getattr(torch, config.dtype)) / max(
+                    int(stats[f"{key}.count"]), 1)
+            return moments[key]
+
+        layer = {name: (spec, learned[name] if name in learned else
+                        unit_for(spec).fit(net, spec, moment, config, device))
+                 for name, spec in by_layer[index].items()}
+        if path is None:
+            found.update(layer)
+        else:
+            save_layer(layer, path)
+    return Bases.memory(found) if work is None else Bases.folder(work)
 
 
-def _factored(net, groups, stats, config, make_trainer, loader, work, bars: bool = True
-              ) -> dict[str, Factors]:
-    if not groups:
-        return {}
-    if config.method == "learned":
-        if make_trainer is None or loader is None or work is None:
-            raise SieveError("projection.method learned needs a trainer factory, the calibration "
-                             "data and a work folder")
-        start = None
-        if config.learned.init == "closed_form":
-            start = {n: (f.a, f.b) for n, f in _factored(
-                net, groups, stats, replace(config, method="output_aligned"), None, None,
-                None, bars).items()}
-        return {n: Factors(a, b) for n, (a, b) in
-                learn(make_trainer, net, groups, stats, loader, config.learned, work,
-                      start).items()}
-    dtype = getattr(torch, config.dtype)
-    fit = METHODS[config.method]
-    bases = {}
-    todo = [(key, name) for key, names in groups.items() for name in names]
-    for key, name in tqdm(todo, desc=f"project ({config.method})", unit="matrix",
-                          disable=not bars):
-        w = dense_weight(net.get_submodule(name)).detach()
-        device = w.device if config.device == "auto" else torch.device(config.device)
-        c = stats[key].to(device, dtype) / max(int(stats[f"{key}.count"]), 1)
-        a, b = fit(w.to(device, dtype), c, max_rank(*w.shape))
-        bases[name] = Factors(a.to("cpu", w.dtype).contiguous(),
-                              b.to("cpu", w.dtype).contiguous())
-    return bases
+def _learned(net, groups, specs, stats, config, make_trainer, loader, work, bars, device
+             ) -> dict[str, tuple[Spec, Factors]]:
+    """The ``learned`` method: every matrix unit's factors fitted by gradient descent in one
+    data-parallel fit (optionally started from the closed form)."""
+    if make_trainer is None or loader is None or work is None:
+        raise SieveError("projection.method learned needs a trainer factory, the calibration "
+                         "data and a work folder")
+    matrices = {n for n, spec in specs.items() if type(spec) is Spec}
+    mine = {key: [n for n in names if n in matrices] for key, names in groups.items()}
+    mine = {key: names for key, names in mine.items() if names}
+    start = None
+    if config.learned.init == "closed_form":
+        closed = project(net, mine, stats, replace(config, method="output_aligned"), bars=bars,
+                         device=device)
+        start = {}
+        for name in closed:
+            unit = unit_for(closed.specs[name])(net, closed.specs[name], lambda n=name: closed[n])
+            start[name] = unit.factors(unit.shape[0] * unit.shape[1] // sum(unit.shape), None,
+                                       "cpu")
+    fitted = learn(make_trainer, net, mine, stats, loader, config.learned, Path(work) / "learned",
+                   start)
+    return {name: Factors(b.float().contiguous(), a.float().contiguous())
+            for name, (a, b) in fitted.items()}
 
 
 class Project(Stage):
-    """Bases of every unit; under DDP each rank decomposes every world-th input group."""
+    """Bases of every unit, layer by layer; under DDP each rank fits its share of layers."""
 
     name = "project"
-    format = 2  # 2: the refits of down and o are damped towards the dense weights, not zero
+    format = 3  # 3: one self-describing file per layer; float32; matrices store one side
 
     def __init__(self, ctx: Context, groups: dict[str, list[str]], stats,
                  config: ProjectionConfig):
@@ -273,6 +213,7 @@ class Project(Stage):
     def fingerprint(self) -> dict:
         """The settings of the chosen method only: the others change nothing."""
         config = asdict(self.config)
+        config.pop("device")  # where the maths runs does not change what it gives
         if self.config.method != "learned":
             config.pop("learned")
         if self.config.mlp != "neurons":
@@ -281,26 +222,28 @@ class Project(Stage):
                 config.pop("ridge")
         return config
 
-    def run(self, work: Path) -> dict:
+    def run(self, work: Path) -> Path:
         ctx, net = self.ctx, self.ctx.lm.net
-        if self.config.method == "learned":  # one data-parallel fit of every matrix
-            return project(net, self.groups, self.stats, self.config, ctx.make_trainer,
-                           ctx.calibration_loader(), work, self.mlps, self.attentions,
-                           not quiet(ctx.trainer))
-        world, rank = ctx.trainer.world_size, ctx.trainer.global_rank
-        mine = {key: names for i, (key, names) in enumerate(self.groups.items())
-                if i % world == rank}
-        bases = project(net, mine, self.stats, self.config, mlps=self.mlps,
-                        attentions=self.attentions, bars=not quiet(ctx.trainer))
-        if world == 1:
-            return bases
-        save_bases(bases, work, f"bases-{rank}.safetensors")
-        ctx.trainer.strategy.barrier()
-        return {} if rank else {name: ab for r in range(world) for name, ab in
-                                load_bases(work, f"bases-{r}.safetensors").items()}
+        trainer = ctx.trainer
+        shards = work / "bases"
+        if trainer.is_global_zero:
+            shards.mkdir(exist_ok=True)
+        trainer.strategy.barrier()
+        specs = unit_specs(self.groups, self.config, self.mlps, self.attentions)
+        costs: dict[int, float] = {}
+        for name, spec in specs.items():
+            costs[layer_index(name)] = costs.get(layer_index(name), 0.0) + cost(net, spec)
+        mine = share(costs, trainer.world_size)[trainer.global_rank]
+        learned = self.config.method == "learned"
+        project(net, self.groups, self.stats, self.config, ctx.make_trainer if learned else None,
+                ctx.calibration_loader() if learned else None, shards, self.mlps,
+                self.attentions, not quiet(trainer), trainer.strategy.root_device, mine)
+        trainer.strategy.barrier()
+        return shards
 
-    def save(self, bases: dict, folder: Path) -> None:
-        save_bases(bases, folder)
+    def save(self, shards: Path, folder: Path) -> None:
+        for shard in sorted(Path(shards).glob("bases-*.safetensors")):
+            os.replace(shard, folder / shard.name)
 
-    def load(self, folder: Path) -> dict:
-        return load_bases(folder)
+    def load(self, folder: Path) -> Bases:
+        return Bases.folder(folder)

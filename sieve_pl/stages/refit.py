@@ -26,11 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.factored import dense_weight, set_submodule
-from ..models.pruning import MatrixUnit, NeuronUnit
+from ..units import MatrixUnit, NeuronUnit, eigh_desc
 from ..progress import named, quiet
 from ..models.forward import last_logits
 from .calibrate import reduce_sums
-from .project import eigh_desc
 from .stage import CompensationStage, settings
 
 
@@ -165,8 +164,7 @@ def refit(trainer: L.Trainer, net, pruner, levels: dict, dataloader, ridge: floa
     refitted = {}
     for layer, names in tqdm(by_layer.items(), desc="refit", unit="layer",
                              disable=quiet(trainer)):
-        point = {n: n if isinstance(units[n], MatrixUnit) else units[n].basis.output
-                 for n in names}  # the module whose input is refitted against
+        point = {n: units[n].output for n in names}  # the module whose input is refitted against
         moments = PairedMoments(net, layer, {n: (dense[m], pruned[m]) for n, m in point.items()},
                                 dense, pruned)
         with named(trainer, f"refit {layer}"):

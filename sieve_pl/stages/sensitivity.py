@@ -84,7 +84,9 @@ def unit_costs(pruner: Pruner, ladder: list[float], inputs: Callable[[str], torc
     for name, unit in tqdm(pruner.units.items(), desc="search: costs", leave=False,
                            disable=not bars):
         points, seen = [], set()
-        c, g = inputs(unit.output).float(), grads[unit.output].float()  # read once per unit
+        device = pruner.device(name)  # the unit's layer: its error is computed there
+        c = inputs(unit.output).to(device, torch.float32)  # read once per unit
+        g = grads[unit.output].to(device, torch.float32)
         for keep in [1.0, *sorted(ladder, reverse=True)]:
             size = unit.size(keep, pruner.rank_multiple)
             if size in seen:
@@ -93,7 +95,7 @@ def unit_costs(pruner: Pruner, ladder: list[float], inputs: Callable[[str], torc
             if size is None:
                 points.append({"keep": keep, "params": unit.total, "cost": 0.0})
                 continue
-            delta = unit.error(size).float()
+            delta = unit.error(size, device)
             cost = 0.5 * float(((delta @ c) * (g @ delta)).sum())
             points.append({"keep": keep, "params": unit.params(size), "cost": cost})
         costs[name] = points
