@@ -50,11 +50,11 @@ class SieveLM(L.LightningModule):
         """The model where the whole-model stages run it: on ``device``, or — with placement
         split (or auto, when it does not fit one accelerator) — spread over the GPUs once;
         returns it."""
-        from .placement import choose, dispatch
+        from .placement import choose, dispatch, is_split
 
-        if self.split:
+        if self.split or is_split(self.net):
             return self.net
-        if device.type == "cuda" and choose(self.placement, self.net, device) == "split":
+        if choose(self.placement, self.net, device) == "split":
             dispatch(self.net, self.adapter)
             self.split = True
             return self.net

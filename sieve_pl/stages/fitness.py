@@ -105,7 +105,7 @@ class Fitness:
     def _correct(self, max_errors, until, prior, measure) -> list[float]:
         strategy = self.trainer.strategy
         world, rank, device = self.trainer.world_size, self.trainer.global_rank, strategy.root_device
-        net = self.lm.net.to(device).eval()
+        net = self.lm.place(device).eval()
         size = max(len(b["input_ids"]) for b in self.batches)
         scores: list[float] = list(prior or [])
         first, done = 0, 0

@@ -170,11 +170,12 @@ class LmEval(Stage):
         ctx = self.ctx
         if not self.config.tasks or not ctx.trainer.is_global_zero:
             return {}
-        net, device = ctx.lm.net, ctx.trainer.strategy.root_device
-        home = next(net.parameters()).device
+        device = ctx.trainer.strategy.root_device
+        home = next(ctx.lm.net.parameters()).device
         with self.pruner.at(1.0):
-            base = score(net.to(device), ctx.data.tokenizer, self.config)
-            net.to(home)
+            base = score(ctx.lm.place(device), ctx.data.tokenizer, self.config)
+            if not ctx.lm.split:  # room for the export on the accelerator
+                ctx.lm.net.to(home)
         folder = str(ctx.path / "export" / "model")
         exported, _ = load_model(folder, ctx.lm.dtype_name)
         return {"base": base,

@@ -13,33 +13,89 @@ instead of one bisection per kind of unit.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.factored import dense_shape
+from ..models.placement import is_split
 from ..models.pruning import Pruner
 from ..progress import quiet
 
 
+@contextmanager
+def for_gradients(net: nn.Module, checkpointing: bool):
+    """``net`` ready for activation gradients only: every weight frozen (no weight gradient is
+    computed or kept, nor the activations only weight gradients need), and with
+    ``checkpointing`` each decoder layer's activations recomputed in the backward pass (train
+    mode for transformers' checkpointing, every dropout left off). Restored afterwards."""
+    params = list(net.parameters())
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for m in net.modules()]
+    checkpointing = checkpointing and getattr(net, "supports_gradient_checkpointing", False)
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        if checkpointing:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            net.train()
+            for module in net.modules():
+                if isinstance(module, nn.Dropout) or "dropout" in type(module).__name__.lower():
+                    module.eval()
+        yield net
+    finally:
+        if checkpointing:
+            net.gradient_checkpointing_disable()
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        for module, training in modes:
+            module.train(training)
+
+
+def fisher_losses(task, net: nn.Module, batch: dict, fisher: str):
+    """Losses whose output gradients' outer products, summed, give the batch's Fisher.
+
+    ``model``: the model's own answer distribution (the true Fisher over the task's answers:
+    for each answer a, the gradient of ``Σ_b sqrt(p_ba) log p_ba`` with the weights held, so
+    the outer products add up to ``Σ_b Σ_a p_ba g_ba g_baᵀ``) — what a cut changes in the
+    model's answers, whatever the labels; tasks without a finite answer set (generation) use
+    the label loss. ``label``: the label loss (the empirical Fisher of the labelled answers).
+    """
+    logp = task.answer_logprobs(net, batch) if fisher == "model" else None
+    if logp is None:
+        yield task.loss(net, batch) * len(batch["input_ids"])  # a sum over examples
+        return
+    weights = logp.detach().exp().sqrt()
+    for a in range(logp.shape[1]):
+        present = weights[:, a] > 0  # (options a row lacks have log p = -inf)
+        yield -(weights[present, a] * logp[present, a]).sum()
+
+
 def gradient_moments(trainer, net: nn.Module, task, outputs: Iterable[str],
-                     batches: Iterable[dict]) -> dict[str, torch.Tensor]:
-    """``G = Σ g gᵀ / tokens`` at the output of each named Linear, over the task loss on
-    ``batches`` (the dense model's; summed over DDP ranks). Only activations get gradients:
-    the embedding output is the one leaf, so no weight gradient is computed or kept."""
+                     batches: Iterable[dict], fisher: str = "label",
+                     checkpointing: bool = False) -> dict[str, torch.Tensor]:
+    """``G = Σ g gᵀ / tokens`` at the output of each named Linear (float32, on the host),
+    over :func:`fisher_losses` on ``batches`` (the dense model's; summed over DDP ranks).
+    Only activations get gradients: the embedding output is the one leaf, every weight is
+    frozen. Each batch's products are added into host sums, so the accelerator holds one
+    batch's graph, not the sums (13 GB for Llama-3-8B in float64)."""
     strategy, device = trainer.strategy, trainer.strategy.root_device
-    net = net.to(device).eval()
-    sums: dict[str, torch.Tensor] = {}
+    if not is_split(net):
+        net = net.to(device)
+    net.eval()
+    sums = {n: torch.zeros((dense_shape(net.get_submodule(n))[0],) * 2, dtype=torch.float32)
+            for n in outputs}
     leaves: list[torch.Tensor] = []
 
     def capture(name: str):
         def hook(module, args, out):
             def add(grad):
                 g = grad.detach().flatten(0, -2).to(torch.float32)
-                product = (g.T @ g).double()
-                sums[name] = sums[name] + product if name in sums else product
-            out.register_hook(add)
+                sums[name] += (g.T @ g).cpu()
+            if out.requires_grad:
+                out.register_hook(add)
         return hook
 
     def leaf(module, args, out):
@@ -49,30 +105,27 @@ def gradient_moments(trainer, net: nn.Module, task, outputs: Iterable[str],
 
     handles = [net.get_submodule(n).register_forward_hook(capture(n)) for n in outputs]
     handles.append(net.get_input_embeddings().register_forward_hook(leaf))
-    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64)
     world, rank = trainer.world_size, trainer.global_rank
     try:
-        with torch.enable_grad(), torch.inference_mode(False):
+        with torch.enable_grad(), torch.inference_mode(False), for_gradients(net, checkpointing):
             for i, batch in enumerate(tqdm(list(batches), desc="search: sensitivity",
                                            disable=quiet(trainer))):
                 if i % world != rank:
                     continue
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 leaves.clear()
-                loss = task.loss(net, batch) * len(batch["input_ids"])  # a sum over examples
-                torch.autograd.grad(loss, leaves)
-                tokens += batch["attention_mask"].sum()
+                losses = list(fisher_losses(task, net, batch, fisher))
+                for j, loss in enumerate(losses):
+                    torch.autograd.grad(loss, leaves, retain_graph=j < len(losses) - 1)
+                tokens += float(batch["attention_mask"].sum())
     finally:
         for handle in handles:
             handle.remove()
-    for name in outputs:
-        if name not in sums:  # a rank without batches
-            width = dense_shape(net.get_submodule(name))[0]
-            sums[name] = torch.zeros(width, width, dtype=torch.float64, device=device)
     if world > 1:
-        sums = {n: strategy.reduce(s.to(device), reduce_op="sum") for n, s in sums.items()}
-        tokens = strategy.reduce(tokens, reduce_op="sum")
-    return {n: (s / tokens.clamp(min=1)).cpu() for n, s in sums.items()}
+        sums = {n: strategy.reduce(s.to(device), reduce_op="sum").cpu() for n, s in sums.items()}
+        tokens = strategy.reduce(tokens.to(device), reduce_op="sum").cpu()
+    return {n: s / float(tokens.clamp(min=1)) for n, s in sums.items()}
 
 
 def unit_costs(pruner: Pruner, ladder: list[float], inputs: Callable[[str], torch.Tensor],
@@ -138,13 +191,17 @@ def levels_at(path: list[tuple[str, float, int]], names: list[str], j: int) -> d
 
 
 def sensitivity_costs(trainer, lm, pruner: Pruner, loader, stats, groups: dict[str, list[str]],
-                      ladder: list[float]) -> dict[str, list[dict]]:
+                      ladder: list[float], fisher: str = "model") -> dict[str, list[dict]]:
     """:func:`unit_costs` of every unit, from calibration's statistics (``stats``, by input
-    group) and one backward pass of the dense model over ``loader``."""
+    group) and one backward pass of the dense model over ``loader`` (``fisher``: see
+    :func:`fisher_losses`); on an accelerator the layers' activations are recomputed."""
     group_of = {linear: key for key, linears in groups.items() for linear in linears}
     outputs = sorted({unit.output for unit in pruner.units.values()})
+    device = trainer.strategy.root_device
     with pruner.at(1.0):
-        grads = gradient_moments(trainer, lm.net, lm.task, outputs, loader)
+        net = lm.place(device)
+        grads = gradient_moments(trainer, net, lm.task, outputs, loader, fisher,
+                                 checkpointing=device.type != "cpu")
 
     def inputs(linear: str) -> torch.Tensor:
         key = group_of[linear]
