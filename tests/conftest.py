@@ -57,3 +57,21 @@ def tiny_data(tokenizer):
     data = TaskDataModule(sizes=SplitSizes(calibration=12, validation=8, test=8), batch_size=5)
     data.prepare(tokenizer)
     return data
+
+
+@pytest.fixture
+def fake_device():
+    """The fake accelerator (tests/fake_accelerator.py) for this test: tensors moved to the
+    device it yields fail on a mix with host tensors, as on CUDA."""
+    from fake_accelerator import fake_device as active
+
+    with active() as device:
+        yield device
+
+
+@pytest.fixture
+def fake_trainer(fake_device):
+    """Like ``trainer``, on the fake accelerator: ``strategy.root_device`` is ``fake_device``."""
+    from fake_accelerator import fake_trainer as make
+
+    return make()
