@@ -82,7 +82,7 @@ def evaluate(trainer: L.Trainer, lm: SieveLM, dataloader, name: str = "evaluate"
 def outputs(trainer: L.Trainer, net, loader, fn, fill=None) -> torch.Tensor:
     """``fn(net, batch)`` of every batch (per-example rows: the task's ``reference`` or
     ``teacher``, say), run on the trainer's device in eval mode and stacked on the CPU in loader
-    order; rows narrower than the widest are padded with ``fill`` (``stack_rows``). Every rank computes every
+    order; narrower rows are padded with ``fill`` (``stack_rows``). Every rank computes every
     batch, so the result is the same on each without communication (a pool's one pass)."""
     from ..tasks.base import stack_rows
 

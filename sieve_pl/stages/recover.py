@@ -39,13 +39,12 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from ..errors import SieveError
 from ..io import PeakMemory, crash_point
 from ..models.module import evaluate, outputs
-from ..tasks.datamodule import EpochShuffle
 from .stage import Context, Recovered, Stage, settings
 
 
@@ -144,44 +143,12 @@ def lora_targets(net: nn.Module, layers: str) -> list[str]:
             if name.startswith(layers + ".") and isinstance(module, (nn.Linear, Conv1D))]
 
 
-class Batches(Dataset):
-    """Whole training batches, each of one kind: pool prompts with the dense model's answers
-    (``teacher`` rows; distillation) or labelled train examples (the task loss). Sampled by
-    index, so an ``EpochShuffle`` (and DDP's sampler over it) orders batches, not examples."""
-
-    def __init__(self, data, parts: list[tuple[list[dict], torch.Tensor | None]]):
-        self.data, self.parts = data, parts
-
-    def __len__(self) -> int:
-        return len(self.parts)
-
-    def __getitem__(self, index: int) -> dict:
-        rows, teacher = self.parts[index]
-        if teacher is None:
-            return self.data.task.collate(rows, tokenizer=self.data.tokenizer,
-                                          max_length=self.data.max_length)
-        return {**self.data.pool_collate(rows), "teacher": teacher}
-
-
 def recovery_loader(data, config: RecoverConfig, teacher: torch.Tensor | None) -> DataLoader:
-    """The training batches: the pool in its (length-sorted) order with ``teacher``'s rows, in
-    chunks of the batch size, when distilling; the train split's labelled examples, sorted by
-    prompt length and chunked, when the task loss counts. Similar lengths pad little; the
-    batches' order is shuffled per epoch (``recover.seed``, the same after a resume)."""
-    size = config.batch_size or data.batch_size
-    parts: list[tuple[list[dict], torch.Tensor | None]] = []
-    if teacher is not None:
-        rows = data.pool()
-        parts += [(rows[i:i + size], teacher[i:i + size]) for i in range(0, len(rows), size)]
-    if config.uses_labels and len(data.splits["train"]):
-        train = list(data.splits["train"])
-        lengths = [len(ids) for ids in data.tokenizer(
-            [data.task.prompt_text(e) for e in train], truncation=True,
-            max_length=data.max_length)["input_ids"]]
-        train = [train[i] for i in sorted(range(len(train)), key=lengths.__getitem__)]
-        parts += [(train[i:i + size], None) for i in range(0, len(train), size)]
-    return DataLoader(Batches(data, parts), batch_size=None,
-                      sampler=EpochShuffle(len(parts), config.seed))
+    """The training batches (``TaskDataModule.training_loader``): the pool's prompts with the
+    dense model's ``teacher`` rows when distilling, the train split's labelled examples when
+    the task loss counts; their order shuffled per epoch with ``recover.seed``."""
+    return data.training_loader(teacher, config.batch_size or data.batch_size,
+                                config.uses_labels, config.seed)
 
 
 class Recovery(L.LightningModule):

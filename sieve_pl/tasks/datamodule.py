@@ -6,7 +6,7 @@ from functools import partial
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import SieveError
 from ..io import content_id
@@ -66,6 +66,25 @@ class EpochShuffle(Sampler):
 
     def __len__(self) -> int:
         return self.n
+
+
+class Batches(Dataset):
+    """Whole training batches, each of one kind: pool prompts with another model's outputs
+    (``teacher`` rows) or labelled examples. Sampled by index, so an ``EpochShuffle`` (and
+    DDP's sampler over it) orders batches, not examples."""
+
+    def __init__(self, data: "TaskDataModule", parts: list[tuple[list[dict], object]]):
+        self.data, self.parts = data, parts
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, index: int) -> dict:
+        rows, teacher = self.parts[index]
+        if teacher is None:
+            return self.data.task.collate(rows, tokenizer=self.data.tokenizer,
+                                          max_length=self.data.max_length)
+        return {**self.data.pool_collate(rows), "teacher": teacher}
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -288,6 +307,28 @@ class TaskDataModule(L.LightningDataModule):
             rows = [rows[i * len(rows) // limit] for i in range(limit)]
         return DataLoader(rows, batch_size=batch_size or self.batch_size,
                           collate_fn=self.pool_collate)
+
+    def training_loader(self, teacher=None, batch_size: int | None = None,
+                        labelled: bool = True, seed: int = 0) -> DataLoader:
+        """Training batches of one kind each: the pool in its (length-sorted) order, chunked,
+        each chunk with its rows of ``teacher`` (per pool prompt, e.g. ``task.teacher`` of the
+        dense model) when given; the train split's labelled examples, sorted by prompt length
+        and chunked, when ``labelled``. Similar lengths pad little; the batches' order is
+        shuffled per epoch (``seed``; the same after a resume)."""
+        size = batch_size or self.batch_size
+        parts = []
+        if teacher is not None:
+            rows = self.pool()
+            parts += [(rows[i:i + size], teacher[i:i + size]) for i in range(0, len(rows), size)]
+        if labelled and len(self.splits["train"]):
+            train = list(self.splits["train"])
+            lengths = [len(ids) for ids in self.tokenizer(
+                [self.task.prompt_text(e) for e in train], truncation=True,
+                max_length=self.max_length)["input_ids"]]
+            train = [train[i] for i in sorted(range(len(train)), key=lengths.__getitem__)]
+            parts += [(train[i:i + size], None) for i in range(0, len(train), size)]
+        return DataLoader(Batches(self, parts), batch_size=None,
+                          sampler=EpochShuffle(len(parts), seed))
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
