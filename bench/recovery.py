@@ -2,7 +2,8 @@
 
 The run's own calibration and projection are reused from its run directory (made by
 ``sieve-pl fit``), the same splits for every row; each level gets the run's ``recover`` settings
-(same LoRA budget, steps and seed). Rows: uniform keep levels (``--levels``; 1.0 is the dense
+(same objective, LoRA budget, steps and seed; with ``objective: distill`` the dense model's
+answers on the pool are computed once and every level is distilled towards them). Rows: uniform keep levels (``--levels``; 1.0 is the dense
 model, the fair baseline for every recovered row), the genetic search's levels if the run has
 them, and optionally QLoRA (``--qlora nf4``) at the search's levels. Usage:
 
@@ -22,8 +23,8 @@ from pathlib import Path
 
 from common import open_run, run_pruner, write_result
 from sieve_pl.io import read_json
-from sieve_pl.models.module import evaluate
-from sieve_pl.stages.recover import lora_targets, recover
+from sieve_pl.models.module import evaluate, outputs
+from sieve_pl.stages.recover import lora_targets, recover, recovery_loader
 
 
 def main() -> None:
@@ -50,12 +51,18 @@ def main() -> None:
         return {"validation": evaluate(trainer, lm, data.val_dataloader()),
                 "test": evaluate(trainer, lm, data.test_dataloader())}
 
+    teacher = None
+    if config.objective == "distill":
+        with pruner.at(1.0):
+            teacher = outputs(trainer, lm.net, data.pool_loader(), data.task.teacher)
+
     rows = []
     work = Path(args.out).parent / ".recovery.work"
 
     def save() -> None:  # after every row: a long sweep that is stopped keeps what it measured
         write_result(args.out, {
             "rows": rows, "sizes": vars(data.sizes), "model": lm.pretrained,
+            "pool": len(data.pool()),
             "recover": dataclasses.asdict(config)})
 
     for name, keep, fmt in variants:
@@ -69,8 +76,9 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
             start = time.perf_counter()
             result = recover(pipeline.make_trainer, lm.net, data.task,
-                             lora_targets(lm.net, lm.adapter.layers), data.train_dataloader(),
-                             data.val_dataloader(), dataclasses.replace(config, quantize=fmt), work)
+                             lora_targets(lm.net, lm.adapter.layers),
+                             recovery_loader(data, config, teacher), data.val_dataloader(),
+                             dataclasses.replace(config, quantize=fmt), work)
             seconds = time.perf_counter() - start
             with pruner.at(keep, result["weights"]):
                 rows.append({**row, "lora": "qlora-" + fmt if fmt != "none" else "lora",

@@ -105,6 +105,8 @@ class Pipeline:
         if fitting:  # only fit scores them; a bad source fails here, before any weights load
             for source, label_map in self.transfer.sources.items():
                 self.data.other_source(source, label_map, self.transfer.examples)
+            # the pool after them (it leaves their rows out): a bad sister fails here too
+            self.recover.check(sizes.train, len(self.data.pool()))
 
     def check_run_dir(self) -> None:
         """Refuse a run folder whose calibration came from another model or other data.
@@ -183,10 +185,9 @@ class Pipeline:
         distilled = run.run(Distill(ctx, pruner, levels, accuracy, self.distill))
         accuracy = self._use(pruner, distilled, accuracy)
         recovered = run.run(Recover(ctx, pruner, levels, self.recover))
-        # LoRA is exported only where it does not lower validation accuracy (selection on
-        # validation, like refit and distillation)
-        lora = (bool(recovered.weights) and recovered.best_val_acc is not None
-                and recovered.best_val_acc >= accuracy - 1e-6)
+        # LoRA is exported only where it does not lower confirmation accuracy (validation
+        # without a confirmation split)
+        lora = recovered.keeps(accuracy)
         final = "pruned+lora" if lora else "pruned"
         layout = run.run(Export(ctx, pruner, levels, recovered.weights if lora else {}))
         report = run.run(Evaluate(ctx, pruner, self.search, found,

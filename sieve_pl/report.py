@@ -12,28 +12,43 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def _size_row(name: str, row: dict, total: int) -> str:
-    """``| model | validation | test | parameters | decoder Linear weights kept |``"""
+def _confirmed(rows: dict) -> bool:
+    """Whether the run scored a confirmation split (then the tables show its column)."""
+    return any("confirmation" in row for row in rows.values())
+
+
+def _size_row(name: str, row: dict, total: int, confirmation: bool = False) -> str:
+    """``| model | validation | test | [confirmation |] parameters | decoder Linear weights
+    kept |``"""
     test = _pct(row["test"])
     if row.get("test_examples") and row.get("validation") is None:
         test += f" ({row['test_examples']} ex.)"  # a measured form scored on a subset
-    return (f"| {name} | {_pct(row['validation'])} | {test} "
-            f"| {row['params'] / 1e6:.2f}M | {_pct(row['target_params_kept'] / total)} |")
+    confirmed = f" {_pct(row.get('confirmation'))} |" if confirmation else ""
+    return (f"| {name} | {_pct(row['validation'])} | {test} |{confirmed}"
+            f" {row['params'] / 1e6:.2f}M | {_pct(row['target_params_kept'] / total)} |")
+
+
+def _head(accuracy: str, confirmation: bool) -> list[str]:
+    """The size table's header and rule (``accuracy``: what follows each split's name)."""
+    columns = ["model", f"validation{accuracy}", f"test{accuracy}",
+               *([f"confirmation{accuracy}"] if confirmation else []),
+               "parameters", "decoder Linear weights kept"]
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
 def format_summary(r: dict) -> str:
     """The short table printed at the end of ``sieve-pl fit``."""
     total = r["target_params"]
     measured = any("peak_memory_mb" in row for row in r["rows"].values())
-    head = "| model | validation acc | test acc | parameters | decoder Linear weights kept |"
-    rule = "|---|---|---|---|---|"
+    confirmation = _confirmed(r["rows"])
+    head, rule = _head(" acc", confirmation)
     if measured:
         head += " disk MB | weights MB | peak memory MB | ms / example |"
         rule += "---|---|---|---|"
     lines = ["", f"sieve-pl: {r['strategy']} search at epsilon {r['epsilon']} "
                  f"({r['pruned_units']} of {r['units']} units pruned)", head, rule]
     for name, row in r["rows"].items():
-        line = _size_row(name, row, total)
+        line = _size_row(name, row, total, confirmation)
         if measured:
             line += "".join(f" {row[k]:.1f} |" if row.get(k) is not None else " |" for k in
                             ("disk_mb", "weights_mb", "peak_memory_mb",
@@ -61,14 +76,7 @@ def format_summary(r: dict) -> str:
                      f"{_pct(f['accuracy_after'])} ({'kept' if f['used'] else 'discarded'})")
     rec = r.get("recover") or {}
     if rec.get("best_val_acc") is not None:
-        kind = "LoRA" if rec.get("quantize", "none") == "none" else f"QLoRA ({rec['quantize']})"
-        memory = rec.get("peak_memory_mb")
-        lines.append(f"recovery: {kind}, {rec['epochs']} epochs, validation accuracy by epoch "
-                     + ", ".join(_pct(a) for a in rec["val_acc"])
-                     + (f", peak memory {memory:.0f} MB" if memory else "")
-                     + ("" if rec.get("used", True) else
-                        f"; not exported (best {_pct(rec['best_val_acc'])} < "
-                        f"{_pct(rec['accuracy_before'])} without it)"))
+        lines.append(_recovery_line(rec))
     for task, metrics in next(iter((r.get("lm_eval") or {}).values()), {}).items():
         for metric in (m for m in metrics if m in ("acc", "acc_norm", "exact_match", "f1")):
             lines.append(f"lm-eval {task} {metric}: " + ", ".join(
@@ -81,6 +89,23 @@ def format_summary(r: dict) -> str:
         lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}"
                                                    for k, v in r["stage_seconds"].items()))
     return "\n".join(lines)
+
+
+def _recovery_line(rec: dict) -> str:
+    """What recovery did, and why the export does or does not use it."""
+    kind = "LoRA" if rec.get("quantize", "none") == "none" else f"QLoRA ({rec['quantize']})"
+    memory = rec.get("peak_memory_mb")
+    steps = f" ({rec['steps']} steps)" if rec.get("steps") is not None else ""
+    line = (f"recovery: {kind}, {rec['epochs']} epochs{steps}, validation accuracy by epoch "
+            + ", ".join(_pct(a) for a in rec["val_acc"])
+            + (f", peak memory {memory:.0f} MB" if memory else ""))
+    if rec.get("confirmation_after") is not None:  # the export decision was taken on it
+        before, after = rec["confirmation_before"], rec["confirmation_after"]
+        return line + (f"; confirmation accuracy {_pct(before)} -> {_pct(after)} ("
+                       + ("exported)" if rec.get("used", True) else "not exported)"))
+    return line + ("" if rec.get("used", True) else
+                   f"; not exported (best {_pct(rec['best_val_acc'])} < "
+                   f"{_pct(rec['accuracy_before'])} without it)")
 
 
 def model_card(r: dict, base_model: str, task: str, source: str, prompt: str | None,
@@ -104,11 +129,12 @@ def model_card(r: dict, base_model: str, task: str, source: str, prompt: str | N
     if prompt:
         lines += ["", "Prompt template (the model was calibrated and selected on it):", "",
                   "```text", prompt, "```"]
-    lines += ["", "| model | validation | test | parameters | decoder Linear weights kept |",
-              "|---|---|---|---|---|"]
-    lines += [_size_row(name, row, total) for name, row in r["rows"].items()]
-    lines += ["", "Validation selected the cut; test is held out. Accuracy can drop more on "
-              "other data than on this task's test split:"]
+    confirmation = _confirmed(r["rows"])
+    lines += ["", *_head("", confirmation)]
+    lines += [_size_row(name, row, total, confirmation) for name, row in r["rows"].items()]
+    lines += ["", "Validation selected the cut; test"
+              + (" and confirmation are" if confirmation else " is") + " held out. Accuracy "
+              "can drop more on other data than on this task's test split:"]
     for other, scores in (r.get("transfer") or {}).items():
         lines.append(f"- {other} ({scores['examples']} examples): " + ", ".join(
             f"{row} {_pct(v)}" for row, v in scores.items() if row != "examples"))

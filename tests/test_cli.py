@@ -125,6 +125,41 @@ def test_fit_rerun_skips_and_config_change_reruns_downstream(tmp_path, tiny_llam
     assert "base: test accuracy" in out and "pruned: test accuracy" in out and "(6 examples" in out
 
 
+def test_recovery_distils_on_the_pool_and_is_judged_on_confirmation(tmp_path, tiny_llama,
+                                                                     capsys):
+    args = ["fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
+            "--run.name", "tiny", "--data.sizes",
+            "{calibration: 12, validation: 10, test: 8, train: 10, confirmation: 12}",
+            "--data.batch_size", "5", "--data.pool.sisters", "{drug_reviews: 20}",
+            "--transfer.sources", "{drug_reviews: {positive: fresh, negative: rotten}}",
+            "--transfer.examples", "6", "--recover.enabled", "true", "--recover.epochs", "1",
+            "--recover.steps", "12", "--recover.batch_size", "4", "--recover.lr", "0.005",
+            "--search.population", "4", "--search.generations", "1", *QUIET]
+    assert run_cli(*args) == 0
+    run = tmp_path / "tiny"
+    summary = read_json(run / "summary.json")
+    rows, recovered = summary["rows"], summary["recover"]
+    for row in ("base", "pruned", "pruned+lora", "dense+lora"):
+        assert 0 <= rows[row]["confirmation"] <= 1, row
+    assert "confirmation" not in rows["uniform"]  # the search's reference points: test only
+    # recovery measured both sides of its export decision on confirmation
+    assert rows["pruned"]["confirmation"] == recovered["confirmation_before"]
+    assert rows["pruned+lora"]["confirmation"] == recovered["confirmation_after"]
+    exported = recovered["confirmation_after"] >= recovered["confirmation_before"] - 1e-6
+    assert recovered["used"] == exported
+    assert summary["final"] == ("pruned+lora" if exported else "pruned")
+    # 42 pool prompts (12 + 10 + 20 drug reviews) and 10 train examples, by 4: 14 steps
+    assert recovered["steps"] == 14 and recovered["epochs"] == 1
+    assert len(recovered["train_distill"]) == len(recovered["train_label"]) == 1
+    out = capsys.readouterr().out
+    assert "| confirmation acc |" in out and "confirmation accuracy" in out
+    card = (run / "export" / "model" / "README.md").read_text()
+    assert "| model | validation | test | confirmation |" in card
+    stage = read_json(run / "recover" / "stage.json")["config"]
+    assert stage["data"]["pool"]["held_out"] == {"drug_reviews": 6}
+    assert not list(run.glob(".*.work"))  # the dense answers went with the work folder
+
+
 @pytest.mark.slow
 def test_user_logger_gets_search_recovery_and_final_metrics(tmp_path, tiny_llama):
     import csv
@@ -133,7 +168,8 @@ def test_user_logger_gets_search_recovery_and_final_metrics(tmp_path, tiny_llama
     assert run_cli("fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
                    "--data.sizes", "{calibration: 12, validation: 10, test: 10, train: 10}",
                    "--data.batch_size", "5", "--recover.enabled", "true", "--recover.epochs", "1",
-                   "--search.population", "4", "--search.generations", "1", "--trainer.logger",
+                   "--recover.steps", "0", "--search.population", "4", "--search.generations",
+                   "1", "--trainer.logger",
                    f"{{class_path: lightning.pytorch.loggers.CSVLogger, init_args: "
                    f"{{save_dir: {logs}, name: mine}}}}", *QUIET) == 0
     (metrics,) = logs.glob("mine/version_*/metrics.csv")
@@ -199,8 +235,10 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
     args = ["--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml"),
             "--run.root", str(tmp_path), "--data.sizes.calibration", "32",
             "--data.sizes.validation", "48", "--data.sizes.test", "48",
-            "--data.sizes.train", "32", "--search.population", "6", "--search.generations", "2",
-            "--recover.epochs", "1", "--distill.epochs", "1", "--transfer.examples", "16",
+            "--data.sizes.train", "32", "--data.sizes.confirmation", "48",
+            "--data.pool.sisters", "{drug_reviews: 16}", "--search.population", "6",
+            "--search.generations", "2", "--recover.epochs", "1", "--recover.steps", "8",
+            "--distill.epochs", "1", "--transfer.examples", "16",
             # 48 validation examples: too few for the confidence bound to allow any cut
             "--search.confidence", "0", *QUIET]
     assert run_cli("fit", *args) == 0
@@ -218,14 +256,16 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
     assert summary["transfer"]["drug_reviews"]["examples"] == 16
     for plot in ("levels.png", "fitness.png", "logbook.csv", "levels.json"):
         assert (run / "search" / plot).exists()
-    # LoRA is exported only when it does not lower validation accuracy
-    lora_helped = rows["pruned+lora"]["validation"] >= pruned["validation"] - 1e-6
+    # LoRA is exported only when it does not lower confirmation accuracy
+    lora_helped = rows["pruned+lora"]["confirmation"] >= pruned["confirmation"] - 1e-6
     assert summary["final"] == ("pruned+lora" if lora_helped else "pruned")
     assert summary["recover"]["used"] == lora_helped and "dense+lora" in rows
+    assert summary["recover"]["steps"] >= 8
     final = summary["final"]
     card = (run / "export" / "model" / "README.md").read_text()  # the model card
     assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
-    assert f"| {final} | {100 * rows[final]['validation']:.1f}% | {100 * rows[final]['test']:.1f}%" in card
+    assert (f"| {final} | {100 * rows[final]['validation']:.1f}% | {100 * rows[final]['test']:.1f}%"
+            f" | {100 * rows[final]['confirmation']:.1f}% |") in card
     assert "trust_remote_code=True" in card and "drug_reviews (16 examples)" in card
     for form in (final, f"{final}+int8", f"{final}+nf4", "base"):
         assert {"disk_mb", "peak_memory_mb", "weights_mb", "latency_ms_per_example", "test"} <= rows[form].keys()

@@ -60,9 +60,11 @@ def test_two_processes_equal_one(tiny_llama, tmp_path):
 def test_recovery_trains_under_ddp_and_rank_zero_writes_once(tiny_llama, tmp_path):
     run = _fit(tiny_llama, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",
                "--recover.enabled", "true", "--data.sizes.train", "16", "--recover.epochs", "2",
-               "--recover.compare_dense", "false", "--recover.lr", "0.005")
+               "--recover.steps", "0", "--recover.compare_dense", "false",
+               "--recover.lr", "0.005")
     recovered = read_json(run / "recover" / "recover.json")
     assert len(recovered["val_acc"]) == 2 and len(recovered["train_loss"]) == 2
+    assert len(recovered["train_distill"]) == 2  # the default objective: the pool's KL too
     weights = load_file(str(run / "recover" / "weights.safetensors"))
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     rows = read_json(run / "summary.json")["rows"]

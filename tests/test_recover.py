@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 
+from sieve_pl.errors import SieveError
 from sieve_pl.models.hf import save_pruned
 from sieve_pl.models.module import SieveLM
 from sieve_pl.models.pruning import Pruner, with_weights
@@ -17,7 +18,8 @@ from sieve_pl.stages.recover import (RecoverConfig, Recovery, left_as_it_came, l
 from sieve_pl.tasks import SplitSizes, TaskDataModule
 from sieve_pl.models.forward import last_logits
 
-CONFIG = RecoverConfig(enabled=True, rank=4, alpha=8, lr=5e-3, epochs=3, patience=10)
+CONFIG = RecoverConfig(enabled=True, objective="label", rank=4, alpha=8, lr=5e-3, epochs=3,
+                       patience=10, steps=0)
 
 
 def prune(model: str, tokenizer, keep) -> tuple[SieveLM, TaskDataModule, Pruner]:
@@ -177,8 +179,8 @@ def test_qlora_trains_on_nf4_weights_and_merges_into_full_precision(tiny64, toke
     lm, data, pruner = prune(tiny64, tokenizer, lambda i, n: 0.5 if "mlp" in n else 1.0)
     before = _train_loss(lm, data)
     original = {k: v.clone() for k, v in lm.net.state_dict().items()}
-    config = RecoverConfig(enabled=True, rank=4, alpha=8, lr=5e-3, epochs=3, patience=10,
-                           quantize="nf4")
+    config = RecoverConfig(enabled=True, objective="label", rank=4, alpha=8, lr=5e-3, epochs=3,
+                           patience=10, steps=0, quantize="nf4")
     result = recover(make_trainer(), lm.net, data.task, lora_targets(lm.net, lm.adapter.layers),
                      data.train_dataloader(), data.val_dataloader(), config, tmp_path)
     assert result["quantize"] == "nf4"
@@ -206,3 +208,145 @@ def test_kbit_preparation_upcasts_only_the_norms(tiny64):
     assert dtypes["model.embed_tokens.weight"] == torch.bfloat16
     assert all(p.__class__.__name__ == "Params4bit" for n, p in net.named_parameters()
                if n.endswith("proj.weight"))
+
+
+# --- distillation from the dense model ---------------------------------------------------------
+
+DISTILL = RecoverConfig(enabled=True, rank=4, alpha=8, lr=5e-3, epochs=2, patience=10, steps=0,
+                        batch_size=5, label_weight=0.5)
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(make_tiny_llama):
+    """A tiny Llama with larger random weights: its answers are far from uniform, so pruning
+    moves them measurably."""
+    return make_tiny_llama("sharp", initializer_range=0.2)
+
+
+@pytest.fixture
+def distilling(sharp_llama, tokenizer):
+    """A pruned tiny Llama and the dense model's answer distributions on its pool."""
+    from sieve_pl.models.module import outputs
+
+    lm, data, pruner = prune(sharp_llama, tokenizer, lambda i, n: 0.3 if i % 2 else 1.0)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pruner.at(1.0):
+        teacher = outputs(trainer, lm.net, data.pool_loader(), data.task.teacher)
+    return lm, data, pruner, teacher
+
+
+def _pool_kl(lm, data, teacher) -> float:
+    with torch.no_grad():
+        losses = [float(lm.task.self_loss(lm.net, b, t)) for b, t in
+                  zip(data.pool_loader(batch_size=len(teacher)), [teacher])]
+    return losses[0]
+
+
+def test_recovery_loader_gives_pool_batches_with_the_teachers_rows_and_labelled_ones(distilling):
+    from sieve_pl.stages.recover import recovery_loader
+
+    lm, data, _, teacher = distilling
+    assert teacher.shape == (len(data.pool()), data.task.num_classes())  # 8 + 24 prompts
+    loader = recovery_loader(data, DISTILL, teacher)
+    batches = list(loader)
+    pool = [b for b in batches if "teacher" in b]
+    labelled = [b for b in batches if "teacher" not in b]
+    assert len(pool) == 7 and len(labelled) == 5  # 32 pool prompts, 24 train examples, by 5
+    assert all("labels" not in b for b in pool) and all("labels" in b for b in labelled)
+    # the teacher rows belong to their prompts: the pool order, chunked
+    rows = {tuple(b["input_ids"][0].tolist()): b["teacher"][0] for b in pool}
+    for batch, expected in zip(data.pool_loader(batch_size=5), teacher.split(5)):
+        assert torch.equal(rows[tuple(batch["input_ids"][0].tolist())], expected[0])
+    # the batches' order is shuffled per epoch, the same after a resume
+    order = [tuple(b["input_ids"][0].tolist()) for b in batches]
+    loader.sampler.set_epoch(1)
+    again = [tuple(b["input_ids"][0].tolist()) for b in loader]
+    assert sorted(again) == sorted(order) and again != order
+    assert recovery_loader(data, replace(DISTILL, label_weight=0), teacher).dataset.parts[-1][1] \
+        is not None  # distillation only: no labelled batches
+
+
+def test_distillation_brings_the_pruned_answers_towards_the_dense_ones(distilling, tmp_path):
+    from sieve_pl.stages.recover import recovery_loader
+
+    lm, data, _, teacher = distilling
+    before = _pool_kl(lm, data, teacher)
+    config = replace(DISTILL, label_weight=0)  # distillation only: nothing pulls elsewhere
+    result = recover(make_trainer(), lm.net, data.task, lora_targets(lm.net, lm.adapter.layers),
+                     recovery_loader(data, config, teacher), data.val_dataloader(), config,
+                     tmp_path)
+    with with_weights(lm.net, result["weights"]):
+        after = _pool_kl(lm, data, teacher)
+    assert before > 1e-3 and after < before / 2
+    assert len(result["train_distill"]) == DISTILL.epochs and "train_label" not in result
+    assert result["steps"] == DISTILL.epochs * 7
+
+
+def test_steps_raise_the_epochs_and_early_stopping_waits_for_them(pruned, tmp_path):
+    lm, data = pruned
+    config = replace(CONFIG, epochs=1, steps=10, patience=0)
+    result = recover(make_trainer(), lm.net, data.task, lora_targets(lm.net, lm.adapter.layers),
+                     data.train_dataloader(), data.val_dataloader(), config, tmp_path)
+    per_epoch = len(data.train_dataloader())  # 4 batches of 6
+    assert result["steps"] == 12 and len(result["val_acc"]) == 3 and per_epoch == 4
+
+
+def test_distillation_resumes_from_last_ckpt_exactly(distilling, tmp_path):
+    from sieve_pl.stages.recover import recovery_loader
+
+    lm, data, _, teacher = distilling
+    targets = lora_targets(lm.net, lm.adapter.layers)
+
+    def run(work, *callbacks):
+        return recover(make_trainer(*callbacks), lm.net, data.task, targets,
+                       recovery_loader(data, DISTILL, teacher), data.val_dataloader(), DISTILL,
+                       work)
+
+    full = run(tmp_path / "a")
+    assert len(full["train_distill"]) == len(full["train_label"]) == DISTILL.epochs
+    assert full["steps"] == DISTILL.epochs * 12
+    with pytest.raises(Killed):  # dies in the middle of the second epoch
+        run(tmp_path / "b", KillAt(12 + 3))
+    resumed = run(tmp_path / "b")
+    for key, value in full["weights"].items():
+        torch.testing.assert_close(resumed["weights"][key], value, rtol=0, atol=0)
+
+
+def test_dense_answers_are_computed_once_and_read_back(distilling, tmp_path, monkeypatch):
+    from sieve_pl.stages import recover as stage
+    from sieve_pl.stages.stage import Context
+
+    lm, data, pruner, teacher = distilling
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    ctx = Context(trainer, lm, data, make_trainer(), tmp_path)
+    first = stage.dense_answers(ctx, pruner, tmp_path)
+    assert torch.equal(first, teacher) and (tmp_path / "teacher.safetensors").exists()
+    monkeypatch.setattr(stage, "outputs", lambda *a, **k: pytest.fail("computed again"))
+    assert torch.equal(stage.dense_answers(ctx, pruner, tmp_path), teacher)
+
+
+def test_lora_is_exported_on_confirmation_when_there_is_one():
+    from sieve_pl.stages.stage import Recovered
+
+    weights = {"w": torch.zeros(1)}
+    confirmed = {"confirmation_before": 0.80, "confirmation_after": 0.79}
+    assert not Recovered(weights, 0.9, None, confirmed).keeps(0.7)  # validation rose: no
+    assert Recovered(weights, 0.6, None, {**confirmed, "confirmation_after": 0.8}).keeps(0.7)
+    assert Recovered(weights, 0.7, None, {}).keeps(0.7)  # no confirmation: validation decides
+    assert not Recovered(weights, 0.69, None, {}).keeps(0.7)
+    assert not Recovered({}, 0.9, None, {}).keeps(0.7)
+
+
+@pytest.mark.parametrize("kwargs,check,message", [
+    ({"steps": -1}, {}, "recover needs steps >= 0"),
+    ({"batch_size": -1}, {}, "batch_size >= 0"),
+    ({"label_weight": -0.5}, {}, "label_weight >= 0"),
+    ({"objective": "kl"}, {}, "recover.objective must be distill or label"),
+    ({"enabled": True}, {"train_examples": 0}, r"set data.sizes.train > 0 \(or recover.label"),
+    ({"enabled": True, "objective": "label"}, {"train_examples": 0}, "data.sizes.train > 0$"),
+    ({"enabled": True}, {"pool_prompts": 0}, "data.pool is empty"),
+])
+def test_config_errors(kwargs, check, message):
+    with pytest.raises(SieveError, match=message):
+        RecoverConfig(**kwargs).check(**check)
+    RecoverConfig(enabled=True, label_weight=0).check(train_examples=0, pool_prompts=5)

@@ -113,6 +113,28 @@ def evaluate(trainer: L.Trainer, lm: SieveLM, dataloader, name: str = "evaluate"
     return evaluate_metrics(trainer, lm, dataloader, name)[lm.task.metric]
 
 
+@torch.no_grad()
+def outputs(trainer: L.Trainer, net, loader, fn, fill=None) -> torch.Tensor:
+    """``fn(net, batch)`` of every batch (per-example rows: the task's ``reference`` or
+    ``teacher``, say), run on the trainer's device in eval mode and stacked on the CPU in loader
+    order; narrower rows are padded with ``fill`` (``stack_rows``). Every rank computes every
+    batch, so the result is the same on each without communication (a pool's one pass)."""
+    from ..tasks.base import stack_rows
+
+    device = trainer.strategy.root_device
+    home = next(net.parameters()).device
+    modes = [(m, m.training) for m in net.modules()]
+    net.to(device).eval()
+    try:
+        chunks = [fn(net, {k: v.to(device) if torch.is_tensor(v) else v
+                           for k, v in batch.items()}).cpu() for batch in loader]
+    finally:
+        for module, training in modes:
+            module.train(training)
+        net.to(home)
+    return stack_rows(chunks, fill)
+
+
 def measure(trainer: L.Trainer, lm: SieveLM, data, quantize: str = "none",
             examples: int = 0) -> dict:
     """Accuracy, latency per test example, peak memory, bytes on disk of one model.

@@ -103,49 +103,71 @@ class ExportConfig:
 
 def variant_list(found: Searched, pruned_accuracy: float, recovered: Recovered,
                  strategy: str) -> list[tuple]:
-    """The rows scored, as ``(row, keep, validation accuracy, weights)``: the base, the search's
-    reference points (uniform, each seed), the exported levels, with LoRA when recovery ran."""
-    variants = [("base", 1.0, found.base_accuracy, {})]
+    """The rows scored, as ``(row, keep, scores known already, weights)``: the base, the
+    search's reference points (uniform, each seed), the exported levels, with LoRA when recovery
+    ran. Known: validation accuracy, and the confirmation accuracy recovery measured."""
+    variants = [("base", 1.0, {"validation": found.base_accuracy}, {})]
     uniform = found.details["uniform"]
     if strategy != "uniform":
-        variants.append(("uniform", uniform["keep"], uniform["accuracy"], {}))
+        variants.append(("uniform", uniform["keep"], {"validation": uniform["accuracy"]}, {}))
     for name, seed in (found.details.get("seeds") or {}).items():
-        variants.append((f"seed_{name}", seed["levels"], seed["accuracy"], {}))
-    variants.append(("pruned", found.levels, pruned_accuracy, {}))
+        variants.append((f"seed_{name}", seed["levels"], {"validation": seed["accuracy"]}, {}))
+    confirmed = recovered.details.get("confirmation_before")
+    variants.append(("pruned", found.levels, {"validation": pruned_accuracy,
+                                              **({"confirmation": confirmed}
+                                                 if confirmed is not None else {})}, {}))
     if recovered.weights:
-        variants.append(("pruned+lora", found.levels, recovered.best_val_acc, recovered.weights))
+        confirmed = recovered.details.get("confirmation_after")
+        variants.append(("pruned+lora", found.levels,
+                         {"validation": recovered.best_val_acc,
+                          **({"confirmation": confirmed} if confirmed is not None else {})},
+                         recovered.weights))
     return variants
+
+
+def reference_point(row: str) -> bool:
+    """The search's reference rows (uniform, the seeds): scored on test only."""
+    return row == "uniform" or row.startswith("seed_")
 
 
 def evaluate_variants(trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, pruner: Pruner,
                       variants: list[tuple], transfer: TransferConfig, dense_params: int,
                       dense: dict | None) -> tuple[dict, dict, int]:
-    """Test accuracy and size of each variant, and each transfer source's accuracy of every
-    variant but the search's reference points (uniform, the seeds).
+    """Test accuracy and size of each variant, confirmation accuracy (when the split has
+    examples) of every variant but the search's reference points (uniform, the seeds), and
+    each transfer source's accuracy of those variants.
 
     Returns ``(rows, transfer scores, target params)``; ``dense`` (recovery's dense + LoRA
     comparison) adds a row without re-scoring. The model ends at the levels it had.
     """
     test = data.test_dataloader()
+    confirm = len(data.splits["confirmation"]) > 0
     rows = {}
-    for row, keep, val, weights in variants:
+    for row, keep, known, weights in variants:
         kept, total = pruner.params(keep)
         with pruner.at(keep, weights):
-            rows[row] = {"validation": val,
+            rows[row] = {"validation": known["validation"],
                          "test": evaluate(trainer, lm, test, f"evaluate {row}/test"),
                          "target_params_kept": kept,
                          "params": dense_params - (total - kept)}
+            if confirm and not reference_point(row):
+                rows[row]["confirmation"] = known.get("confirmation")
+                if rows[row]["confirmation"] is None:
+                    rows[row]["confirmation"] = evaluate(trainer, lm,
+                                                         data.confirmation_dataloader(),
+                                                         f"evaluate {row}/confirmation")
     scores = {}
     for source, label_map in transfer.sources.items():
         other = data.other_source(source, label_map, transfer.examples)
         scores[source] = {"examples": len(other.splits["test"])}
         for row, keep, _, weights in variants:
-            if row != "uniform" and not row.startswith("seed_"):
+            if not reference_point(row):
                 with pruner.at(keep, weights):
                     scores[source][row] = evaluate(trainer, lm, other.test_dataloader(),
                                                    f"evaluate {row}/{source}")
     if dense is not None:
-        rows["dense+lora"] = {**{k: dense[k] for k in ("validation", "test")},
+        rows["dense+lora"] = {**{k: dense[k] for k in ("validation", "test", "confirmation")
+                                 if k in dense},
                               "target_params_kept": total, "params": dense_params}
     return rows, scores, total
 
@@ -208,8 +230,8 @@ class Export(Stage):
 
 
 class Evaluate(Stage):
-    """The summary: every variant on the test split and the transfer sources, the measured
-    forms, and what each stage did."""
+    """The summary: every variant on the test split (and the confirmation split) and the
+    transfer sources, the measured forms, and what each stage did."""
 
     name = "evaluate"
 
@@ -223,7 +245,9 @@ class Evaluate(Stage):
         self.transfer, self.quantize, self.dense_params = transfer, quantize, dense_params
 
     def fingerprint(self) -> dict:
-        return {"data": self.ctx.data.fingerprint_config("test"),
+        data = self.ctx.data
+        return {"data": data.fingerprint_config("confirmation" if data.sizes.confirmation
+                                                else "test"),
                 "quantize": asdict(self.quantize), "transfer": asdict(self.transfer)}
 
     def run(self, work: Path) -> dict:

@@ -1,9 +1,23 @@
-"""Recovery: LoRA (peft) on the pruned model with the task loss, a normal Lightning ``fit``.
+"""Recovery: LoRA (peft) on the pruned model, a normal Lightning ``fit``.
+
+The objective (``objective: distill``, the default) is distillation from the dense model:
+KL(dense ‖ pruned) over the task's answers (the label words, the options; for generation the
+cross-entropy of the dense model's own greedy answer, sequence-level distillation) on every
+prompt of the unlabeled pool (``data.pool``: calibration and train prompts, sister datasets),
+plus ``label_weight`` × the task loss on the labelled train split. What the pruned model has to
+recover is the dense model's behaviour, which thousands of unlabeled prompts describe; the few
+labels alone pull it towards the train split. The dense model's answers are computed once,
+before training, and kept in the stage's work folder (no second model is held; a resumed run
+reads them back). Each training batch is either pool prompts with those answers or labelled
+train examples, the batches in a seeded order per epoch; ``steps`` sets the fewest optimizer
+steps (the epochs are raised to reach them, and early stopping waits for them).
 
 Every Linear of the decoder is a LoRA target: the untouched dense ones and the two children
 (``A``, ``B``) of each factored matrix. After training, the best epoch's adapters (by validation
-accuracy) are merged back, so the model keeps its structure and the export needs no peft.
-Checkpoints hold only the adapter weights; ``last.ckpt`` resumes a killed run.
+accuracy: model selection may read validation) are merged back, so the model keeps its structure
+and the export needs no peft. Checkpoints hold only the adapter weights; ``last.ckpt`` resumes a
+killed run. Whether the export uses them is decided on the confirmation split when there is one
+(``Recovered.keeps``): the pruned model with and without LoRA are both scored on it here.
 
 QLoRA (``quantize: nf4`` or ``int8``): the adapters train on a copy of the pruned model whose frozen
 weights bitsandbytes quantized at load time (factored children included), prepared by peft's
@@ -13,6 +27,7 @@ weights, like plain LoRA.
 from __future__ import annotations
 
 import gc
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,30 +37,47 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from ..errors import SieveError
 from ..io import PeakMemory, crash_point
-from ..models.module import evaluate
+from ..models.module import evaluate, outputs
 from .stage import Context, Recovered, Stage, settings
 
 
 @dataclass
 class RecoverConfig:
-    """LoRA recovery after pruning, trained on the train split (``data.sizes.train``).
+    """LoRA recovery after pruning: distillation from the dense model on the unlabeled pool
+    (``data.pool``) plus the task loss on the train split (``data.sizes.train``).
 
     Args:
-        enabled: train LoRA adapters on the pruned model and merge them before export.
+        enabled: train LoRA adapters on the pruned model and merge them before export (only if
+            they do not lower confirmation accuracy; validation accuracy without a
+            confirmation split).
+        objective: ``distill``: KL(dense ‖ pruned) over the task's answer distribution
+            (classification: the label words; multiple choice: the options; generation: the
+            cross-entropy of the dense model's own greedy answer tokens) on every data.pool
+            prompt, plus label_weight × the task loss on the train split; ``label``: the task
+            loss (cross-entropy of the answer tokens) on the train split only.
+        label_weight: weight of the task loss on the train split's labels in the ``distill``
+            objective (0: distillation only, and no train split is needed).
         rank: LoRA rank r.
         alpha: LoRA alpha (the adapter is scaled by alpha / r).
         dropout: LoRA dropout.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
-        epochs: most training epochs.
+        epochs: most training epochs (raised to reach ``steps``).
+        steps: fewest optimizer steps: enough to leave the first transient of training; the
+            epochs are raised to reach them and early stopping waits for them. 0 = epochs only.
+        batch_size: examples per optimizer step (0 = data.batch_size): smaller batches give
+            more steps for the same passes over the data.
         patience: stop after this many epochs without a better validation accuracy.
-        compare_dense: also train the dense model with the same LoRA budget and steps, the
-            baseline a recovered pruned model has to be measured against.
+        compare_dense: also train the dense model with the same recovery (objective, budget
+            and steps; distilled from itself, its KL starts at zero and anchors it to its own
+            answers), the baseline a recovered pruned model has to be measured against.
         seed: seed of the shuffling and of the dropout masks.
         quantize: QLoRA: train the adapters on the pruned model loaded through bitsandbytes
             (nf4 or int8 frozen weights) to cut training memory; none trains on the weights as
@@ -55,12 +87,16 @@ class RecoverConfig:
     """
 
     enabled: bool = False
+    objective: Literal["distill", "label"] = "distill"
+    label_weight: float = 1.0
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.0
     lr: float = 2e-4
     weight_decay: float = 0.0
     epochs: int = 2
+    steps: int = 100
+    batch_size: int = 0
     patience: int = 1
     compare_dense: bool = True
     seed: int = 0
@@ -70,12 +106,30 @@ class RecoverConfig:
     def __post_init__(self) -> None:
         self.check()  # a bad value fails where the config is built (parsing), not mid-run
 
-    def check(self, train_examples: int | None = None) -> None:
-        """Own values; with ``train_examples`` (known once the data is), that there are some."""
-        if self.enabled and train_examples is not None and train_examples < 1:
-            raise SieveError("recover.enabled needs training examples: set data.sizes.train > 0")
+    @property
+    def uses_labels(self) -> bool:
+        return self.objective == "label" or self.label_weight > 0
+
+    def check(self, train_examples: int | None = None, pool_prompts: int | None = None) -> None:
+        """Own values; with ``train_examples`` / ``pool_prompts`` (known once the data is),
+        that the objective has something to train on."""
+        if self.objective not in ("distill", "label"):
+            raise SieveError(f"recover.objective must be distill or label, got "
+                             f"{self.objective!r}")
         if self.rank < 1 or self.epochs < 1 or self.lr <= 0:
             raise SieveError("recover needs rank >= 1, epochs >= 1 and lr > 0")
+        if self.steps < 0 or self.batch_size < 0 or self.label_weight < 0:
+            raise SieveError(f"recover needs steps >= 0, batch_size >= 0 and label_weight >= 0, "
+                             f"got {self.steps}, {self.batch_size}, {self.label_weight}")
+        if not self.enabled:
+            return
+        if self.uses_labels and train_examples is not None and train_examples < 1:
+            raise SieveError("recover.enabled needs training examples: set data.sizes.train > 0"
+                             + (" (or recover.label_weight 0)" if self.objective == "distill"
+                                else ""))
+        if self.objective == "distill" and pool_prompts is not None and pool_prompts < 1:
+            raise SieveError("recover.objective distill needs unlabeled prompts: data.pool is "
+                             "empty")
 
 
 def lora_targets(net: nn.Module, layers: str) -> list[str]:
@@ -89,8 +143,18 @@ def lora_targets(net: nn.Module, layers: str) -> list[str]:
             if name.startswith(layers + ".") and isinstance(module, (nn.Linear, Conv1D))]
 
 
+def recovery_loader(data, config: RecoverConfig, teacher: torch.Tensor | None) -> DataLoader:
+    """The training batches (``TaskDataModule.training_loader``): the pool's prompts with the
+    dense model's ``teacher`` rows when distilling, the train split's labelled examples when
+    the task loss counts; their order shuffled per epoch with ``recover.seed``."""
+    return data.training_loader(teacher, config.batch_size or data.batch_size,
+                                config.uses_labels, config.seed)
+
+
 class Recovery(L.LightningModule):
-    """LoRA fine-tuning on the task loss; validation accuracy drives checkpoints and stopping."""
+    """LoRA fine-tuning: distillation on batches that carry the dense model's answers
+    (``teacher``), the task loss on labelled ones; validation accuracy drives checkpoints and
+    stopping."""
 
     def __init__(self, net: nn.Module, task, targets: list[str], config: RecoverConfig,
                  checkpoints: Path):
@@ -113,9 +177,17 @@ class Recovery(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the adapters only
 
     def training_step(self, batch, batch_idx):
-        loss = self.task.loss(self.net, batch)
+        size = len(batch["input_ids"])
+        if "teacher" in batch:
+            loss = self.task.self_loss(self.net, batch, batch["teacher"])
+            self.log("train_distill", loss, on_step=False, on_epoch=True, batch_size=size)
+        else:
+            loss = self.task.loss(self.net, batch)
+            self.log("train_label", loss, on_step=False, on_epoch=True, batch_size=size)
+            loss = loss * (self.config.label_weight if self.config.objective == "distill"
+                           else 1.0)
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True,
-                 batch_size=len(batch["input_ids"]))
+                 batch_size=size)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -247,8 +319,10 @@ def _recover(make_trainer, net: nn.Module, task, targets: list[str], train_loade
         net.to("cpu")
         trained = quantized_copy(net, config.quantize, work / f"base-{config.quantize}")
     module = Recovery(trained, task, targets, config, work)
-    trainer = make_trainer(max_epochs=config.epochs, enable_checkpointing=True,
-                           logger=CSVLogger(str(work), name="logs"))
+    trainer = make_trainer(max_epochs=config.epochs, min_steps=config.steps or None,
+                           enable_checkpointing=True, logger=CSVLogger(str(work), name="logs"))
+    per_epoch = math.ceil(len(train_loader) / trainer.world_size)  # each rank's share
+    trainer.fit_loop.max_epochs = max(config.epochs, math.ceil(config.steps / max(per_epoch, 1)))
     last = work / "last.ckpt"
     try:
         with PeakMemory(trainer.strategy.root_device) as peak:
@@ -260,8 +334,10 @@ def _recover(make_trainer, net: nn.Module, task, targets: list[str], train_loade
     history = logged(work, "val_acc")
     return {"weights": weights, "val_acc": history,
             "best_val_acc": max(history) if history else None, "epochs": trainer.current_epoch,
-            "train_loss": logged(work, "train_loss"), "quantize": config.quantize,
-            "peak_memory_mb": peak.mb}
+            "steps": trainer.global_step, "train_loss": logged(work, "train_loss"),
+            **{key: logged(work, key) for key in ("train_distill", "train_label")
+               if logged(work, key)},
+            "quantize": config.quantize, "peak_memory_mb": peak.mb}
 
 
 def logged(work: Path, key: str) -> list[float]:
@@ -275,9 +351,27 @@ def logged(work: Path, key: str) -> list[float]:
     return values
 
 
+def dense_answers(ctx: Context, pruner, work: Path) -> torch.Tensor:
+    """The dense model's ``task.teacher`` outputs on every pool prompt (pool order), computed
+    once and kept in ``work/teacher.safetensors`` (a resumed run, and the dense comparison,
+    read them back)."""
+    path = Path(work) / "teacher.safetensors"
+    if path.exists():
+        return load_file(str(path))["teacher"]
+    with pruner.at(1.0):
+        teacher = outputs(ctx.trainer, ctx.lm.net, ctx.data.pool_loader(), ctx.data.task.teacher)
+    if ctx.trainer.is_global_zero:  # (every rank computed the same rows)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"teacher": teacher.contiguous()}, str(tmp))
+        tmp.replace(path)
+    return teacher
+
+
 class Recover(Stage):
-    """LoRA on the pruned model and, with ``compare_dense``, the same budget on the dense one
-    (the fair baseline: what the pruning costs once both are fine-tuned)."""
+    """LoRA on the pruned model and, with ``compare_dense``, the same recovery on the dense one
+    (the fair baseline: what the pruning costs once both are fine-tuned). With a confirmation
+    split, both the pruned model and the pruned model + LoRA are scored on it: the export keeps
+    LoRA only if it does not lower that accuracy (``Recovered.keeps``)."""
 
     name = "recover"
 
@@ -285,30 +379,47 @@ class Recover(Stage):
         self.ctx, self.pruner, self.levels, self.config = ctx, pruner, levels, config
 
     def fingerprint(self) -> dict:
-        return settings(self.config, self.ctx.data.fingerprint_config("train"))
+        data = self.ctx.data
+        read = data.fingerprint_config("confirmation" if data.sizes.confirmation else "train")
+        if self.config.objective == "distill":
+            read = {**read, "pool": data.pool_fingerprint()}
+        return settings(self.config, read)
 
-    def _train(self, work: Path) -> dict:
+    def _train(self, work: Path, teacher: torch.Tensor | None) -> dict:
         lm, data = self.ctx.lm, self.ctx.data
         return recover(self.ctx.make_trainer, lm.net, data.task,
-                       lora_targets(lm.net, lm.adapter.layers), data.train_dataloader(),
-                       data.val_dataloader(), self.config, work)
+                       lora_targets(lm.net, lm.adapter.layers),
+                       recovery_loader(data, self.config, teacher), data.val_dataloader(),
+                       self.config, work)
+
+    def _scores(self, row: str, splits: tuple[str, ...]) -> dict[str, float]:
+        """The model as it is now, on these splits (the empty ones skipped)."""
+        data = self.ctx.data
+        return {split: evaluate(self.ctx.trainer, self.ctx.lm, data.loader(split),
+                                f"evaluate {row}/{split}")
+                for split in splits if len(data.splits[split])}
 
     def run(self, work: Path) -> Recovered:
         if not self.config.enabled:
             return Recovered()
-        ctx = self.ctx
+        teacher = (dense_answers(self.ctx, self.pruner, work)
+                   if self.config.objective == "distill" else None)
         with self.pruner.at(self.levels):
-            result = self._train(work / "pruned")
+            result = self._train(work / "pruned", teacher)
+            before = self._scores("pruned", ("confirmation",))
+        weights = result.pop("weights")
+        if before:  # the export decision's evidence: a split no selection has read
+            with self.pruner.at(self.levels, weights):
+                after = self._scores("pruned+lora", ("confirmation",))
+            result["confirmation_before"] = before["confirmation"]
+            result["confirmation_after"] = after["confirmation"]
         dense = None
         if self.config.compare_dense:
             with self.pruner.at(1.0):
-                dense = self._train(work / "dense")
+                dense = self._train(work / "dense", teacher)
             with self.pruner.at(1.0, dense.pop("weights")):
-                dense["validation"] = evaluate(ctx.trainer, ctx.lm, ctx.data.val_dataloader(),
-                                               "evaluate dense+lora/validation")
-                dense["test"] = evaluate(ctx.trainer, ctx.lm, ctx.data.test_dataloader(),
-                                         "evaluate dense+lora/test")
-        return Recovered(result.pop("weights"), result.pop("best_val_acc"), dense, result)
+                dense.update(self._scores("dense+lora", ("validation", "test", "confirmation")))
+        return Recovered(weights, result.pop("best_val_acc"), dense, result)
 
     def save(self, result: Recovered, folder: Path) -> None:
         result.save(folder)

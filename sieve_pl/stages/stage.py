@@ -161,12 +161,26 @@ class Compensated:
 @dataclass
 class Recovered:
     """LoRA's weights (empty when recovery is off), its best validation accuracy, and the
-    dense + LoRA comparison (``dense``: its validation and test accuracy)."""
+    dense + LoRA comparison (``dense``: its validation, test and confirmation accuracy).
+    ``details`` holds the histories, epochs, steps, peak memory and, with a confirmation
+    split, ``confirmation_before`` / ``confirmation_after``: the pruned model without and with
+    LoRA on it."""
 
     weights: dict = field(default_factory=dict)
     best_val_acc: float | None = None
     dense: dict | None = None
-    details: dict = field(default_factory=dict)  # histories, epochs, peak memory
+    details: dict = field(default_factory=dict)
+
+    def keeps(self, accuracy: float) -> bool:
+        """Whether the export uses LoRA: only where it does not lower accuracy on the
+        confirmation split (which no selection read); without one, on validation against
+        ``accuracy``, the pruned model's (selection's own figure, optimistic)."""
+        if not self.weights:
+            return False
+        # (1e-6: the same accuracy re-evaluated may differ in the last float32 bit)
+        if self.details.get("confirmation_after") is not None:
+            return self.details["confirmation_after"] >= self.details["confirmation_before"] - 1e-6
+        return self.best_val_acc is not None and self.best_val_acc >= accuracy - 1e-6
 
     def summary(self) -> dict:
         return {"best_val_acc": self.best_val_acc, **self.details,

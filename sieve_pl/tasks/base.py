@@ -8,13 +8,22 @@ The rest of the pipeline never asks which kind it holds:
   the reference answer for tasks whose answers are longer than one token);
 * the search, evaluation and recovery's validation read per-example scores in [0, 1] of the
   task's primary metric (``score``), averaged into one number (accuracy, exact match or F1);
-* recovery minimises ``loss`` (cross-entropy on the answer tokens only; the prompt is masked).
+* recovery minimises ``loss`` (cross-entropy on the answer tokens only; the prompt is masked)
+  and, distilling, ``self_loss`` towards the dense model's ``teacher`` outputs.
+
+Fidelity to the dense model needs no labels, so it works on unlabeled prompts too
+(``collate(..., labelled=False)``: the data pools of ``data.pool``): ``answer_logprobs`` is the
+model's log-distribution over the task's answers, ``reference`` its own answers in a storable
+form, ``agreement`` whether another model gives the same answers (1) or not (0; token F1 for
+generation), ``teacher`` / ``self_loss`` what recovery's distillation stores and minimises.
 """
 from __future__ import annotations
 
 import torch
 
 from ..errors import SieveError
+from ..models.forward import answer_logprobs as answer_token_logprobs
+from ..models.forward import choice_logprobs
 
 
 class Task:
@@ -46,9 +55,46 @@ class Task:
         """Names of the metrics ``scores`` returns, the primary one first."""
         return [self.metric]
 
-    def collate(self, examples: list[dict], tokenizer, max_length: int) -> dict:
+    def prompt_fields(self) -> list[str]:
+        """The fields the prompt reads (an unlabeled row needs only these)."""
+        raise NotImplementedError
+
+    def prompt_text(self, example: dict) -> str:
+        """The prompt the model sees for a row (its answer options included)."""
+        raise NotImplementedError
+
+    def has_prompt(self, example: dict) -> bool:
+        """Whether a row can be prompted: every prompt field present and not empty (unlabeled
+        pools skip the rows that cannot)."""
+        for field in self.prompt_fields():
+            try:
+                value = field_value(example, field)
+            except SieveError:
+                return False
+            if value is None or (isinstance(value, (list, tuple)) and not value) or \
+                    not str(value).strip():
+                return False
+        try:
+            self.prompt_text(example)
+        except SieveError:  # e.g. an options list with fewer than two options
+            return False
+        return True
+
+    def check_prompts(self, dataset, what: str) -> None:
+        """Fail with one line when an unlabeled source lacks a prompt column."""
+        missing = [c for c in dict.fromkeys(column_of(f, dataset.column_names)
+                                            for f in self.prompt_fields())
+                   if c not in dataset.column_names]
+        if missing:
+            raise SieveError(f"{what} has no column {', '.join(map(repr, missing))}; "
+                             f"columns: {', '.join(dataset.column_names)}")
+
+    def collate(self, examples: list[dict], tokenizer, max_length: int,
+                labelled: bool = True) -> dict:
         """A batch: ``input_ids`` / ``attention_mask`` / ``position_ids`` (left-padded) plus
-        whatever the task needs to score it."""
+        whatever the task needs to score it. ``labelled=False``: the prompts only (and the
+        answer options), without reading the label or answer column: enough for
+        ``answer_logprobs``, ``reference``, ``agreement``, ``teacher`` and ``self_loss``."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -69,6 +115,42 @@ class Task:
         The search scores the least safe examples first, where pruned candidates fail first.
         Default: the primary score."""
         return self.score(model, batch).float()
+
+    # --- fidelity to another model's answers (labels not needed) ----------------------------
+    # Defaults for kinds with a finite answer set (classification, multiple choice); generation
+    # overrides them with greedy answers.
+
+    def answer_logprobs(self, model, batch: dict) -> torch.Tensor | None:
+        """The model's log-distribution over the task's answers (batch × answers, each row a
+        log-softmax; ``-inf`` for options a row lacks), differentiable. None: no finite answer
+        set (generation)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reference(self, model, batch: dict) -> torch.Tensor:
+        """The model's own answers, storable (safetensors, or ``.tolist()`` for JSON): here the
+        index of the answer it picks (batch,)."""
+        return self.answer_logprobs(model, batch).argmax(-1)
+
+    @torch.no_grad()
+    def agreement(self, model, batch: dict, reference: torch.Tensor) -> torch.Tensor:
+        """Per example in [0, 1]: 1 where the model's answer is ``reference``'s (another
+        model's ``reference`` on the same batch)."""
+        ours = self.reference(model, batch)
+        return (ours == reference.to(ours.device)).float()
+
+    @torch.no_grad()
+    def teacher(self, model, batch: dict) -> torch.Tensor:
+        """What distilling towards this model needs of it, per example (``self_loss``'s
+        ``teacher``): here its answer log-distribution (batch × answers)."""
+        return self.answer_logprobs(model, batch)
+
+    def self_loss(self, model, batch: dict, teacher: torch.Tensor) -> torch.Tensor:
+        """Distillation loss towards ``teacher`` (another model's ``teacher`` outputs on these
+        prompts; wider rows are cut to this batch's answers): here the mean over examples of
+        KL(teacher ‖ model) over the answer set."""
+        student = self.answer_logprobs(model, batch)
+        return answer_kl(teacher[:, :student.shape[1]].to(student.device), student).mean()
 
 
 # --- fields ------------------------------------------------------------------------------------
@@ -142,12 +224,53 @@ def with_answers(prompts: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
 
 
 def prompt_part(batch: dict) -> dict:
-    """The prompt columns of a ``with_answers`` batch (what the model sees before answering)."""
-    width = batch["input_ids"].shape[1] - batch["answer_mask"].shape[1]
+    """The prompt columns of a ``with_answers`` batch (what the model sees before answering);
+    a batch without answers (``labelled=False``) is all prompt."""
+    width = batch["input_ids"].shape[1] - (batch["answer_mask"].shape[1]
+                                           if "answer_mask" in batch else 0)
     return {k: batch[k][:, :width] for k in ("input_ids", "attention_mask", "position_ids")}
 
 
 # --- scoring -----------------------------------------------------------------------------------
+
+def option_logliks(model, prompts: dict, choice_ids: torch.Tensor,
+                   choice_mask: torch.Tensor) -> torch.Tensor:
+    """``choice_logprobs`` (batch × choices), also where gradients flow: its shared prompt cache
+    cannot be copied inside an autograd graph, so with gradients on and choices longer than one
+    token each choice runs as its own prompt + choice sequence (one forward per choice)."""
+    if not torch.is_grad_enabled() or choice_ids.shape[2] == 1:
+        return choice_logprobs(model, prompts, choice_ids, choice_mask)
+    columns = []
+    for k in range(choice_ids.shape[1]):
+        logp = answer_token_logprobs(model, with_answers(prompts, choice_ids[:, k],
+                                                         choice_mask[:, k])).sum(1)
+        columns.append(logp.masked_fill(choice_mask[:, k, 0] == 0, float("-inf")))
+    return torch.stack(columns, 1)
+
+
+def answer_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Per row, KL(teacher ‖ student) of two answer log-distributions (batch × answers);
+    answers the teacher gives no mass (a row's missing options, ``-inf``) add nothing."""
+    teacher, student = teacher.float(), student.float()
+    mass = teacher.exp()
+    terms = torch.where(mass > 0, mass * (teacher - student), torch.zeros_like(mass))
+    return terms.sum(-1)
+
+
+def stack_rows(chunks: list[torch.Tensor], fill=None) -> torch.Tensor:
+    """Per-batch outputs (rows × columns) as one tensor; narrower ones padded with ``fill``
+    (a pool's batches list different numbers of options). None: ``-inf`` for floats (a missing
+    option's log-probability), -1 for integers (no token)."""
+    if not chunks:
+        return torch.empty(0)
+    if chunks[0].dim() < 2:
+        return torch.cat(chunks)
+    if fill is None:
+        fill = float("-inf") if chunks[0].is_floating_point() else -1
+    width = max(c.shape[1] for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=fill)
+                      for c in chunks])
+
 
 def margin(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Score of the right answer minus the best wrong one's, per row (< 0: answered wrong)."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import SieveError
-from ..models.forward import answer_loss, choice_logprobs, last_logits
-from .base import Task, encode_prompts, field_text, margin, pad_id, pad_tokens, with_answers
+from ..models.forward import answer_loss, last_logits
+from .base import (Task, encode_prompts, field_text, margin, option_logliks, pad_id, pad_tokens,
+                   with_answers)
 
 
 class Classification(Task):
@@ -51,6 +52,12 @@ class Classification(Task):
     def columns(self) -> list[str]:
         return [self.text_field, self.label_field]
 
+    def prompt_fields(self) -> list[str]:
+        return [self.text_field]
+
+    def prompt_text(self, example: dict) -> str:
+        return self.prompt.format(text=field_text(example, self.text_field))
+
     def num_classes(self) -> int:
         return len(self.labels)
 
@@ -72,12 +79,13 @@ class Classification(Task):
     def single_token(self) -> bool:
         return all(len(t) == 1 for t in self.label_tokens)
 
-    def collate(self, examples: list[dict], tokenizer, max_length: int) -> dict:
+    def collate(self, examples: list[dict], tokenizer, max_length: int,
+                labelled: bool = True) -> dict:
         tokens = self._tokenize(tokenizer)
-        batch = encode_prompts(tokenizer, [self.prompt.format(text=field_text(e, self.text_field))
-                                           for e in examples], max_length)
-        batch["labels"] = torch.tensor([self.labels.index(str(e[self.label_field]))
-                                        for e in examples])
+        batch = encode_prompts(tokenizer, [self.prompt_text(e) for e in examples], max_length)
+        if labelled:
+            batch["labels"] = torch.tensor([self.labels.index(str(e[self.label_field]))
+                                            for e in examples])
         if not self.single_token:  # every class's tokens, for scoring and the loss
             ids, mask = pad_tokens(tokens, pad_id(tokenizer))
             batch["choice_ids"] = ids.expand(len(examples), -1, -1).contiguous()
@@ -87,10 +95,18 @@ class Classification(Task):
     @torch.no_grad()
     def class_scores(self, model, batch: dict) -> torch.Tensor:
         """Log-likelihood of each class's label word given the prompt (batch × classes)."""
+        return self._class_scores(model, batch)
+
+    def _class_scores(self, model, batch: dict) -> torch.Tensor:
         if "choice_ids" not in batch:  # every word one token: last-position logits only
             ids = torch.tensor([t[0] for t in self.label_tokens], device=batch["input_ids"].device)
             return last_logits(model, batch).float().log_softmax(-1)[:, ids]
-        return choice_logprobs(model, batch, batch["choice_ids"], batch["choice_mask"])
+        return option_logliks(model, batch, batch["choice_ids"], batch["choice_mask"])
+
+    def answer_logprobs(self, model, batch: dict) -> torch.Tensor:
+        """The label words' log-likelihoods renormalised over the classes (log-softmax):
+        the model's distribution over the answers the metric compares."""
+        return self._class_scores(model, batch).log_softmax(-1)
 
     @torch.no_grad()
     def predict(self, model, batch: dict) -> torch.Tensor:

@@ -25,6 +25,11 @@ class Generation(Task):
     Calibration sees the prompt followed by the first reference answer, and recovery's loss is
     the cross-entropy of those answer tokens (the prompt is not a target).
 
+    There is no finite answer set (``answer_logprobs`` is None): fidelity compares greedy
+    answers (``reference``: the generated token ids; ``agreement``: the primary metric of the
+    model's answer against the reference's), and distillation is sequence-level: the
+    cross-entropy of the dense model's own greedy answer tokens (``self_loss``).
+
     Args:
         question_field: column holding the question.
         answer_field: column holding the reference answer: a string, or a list of acceptable
@@ -95,9 +100,18 @@ class Generation(Task):
             fields["context"] = field_text(example, self.context_field)
         return self.prompt.format(**fields)
 
-    def collate(self, examples: list[dict], tokenizer, max_length: int) -> dict:
+    def prompt_fields(self) -> list[str]:
+        return [self.question_field, *([self.context_field] if self.context_field else [])]
+
+    def prompt_text(self, example: dict) -> str:
+        return self.render(example)
+
+    def collate(self, examples: list[dict], tokenizer, max_length: int,
+                labelled: bool = True) -> dict:
         self.tokenizer = tokenizer
         prompts = encode_prompts(tokenizer, [self.render(e) for e in examples], max_length)
+        if not labelled:
+            return prompts
         references = [self.references(e) for e in examples]
         sep = "" if self.prompt[-1:].isspace() else " "
         targets = []
@@ -119,18 +133,71 @@ class Generation(Task):
             text = text.split(s, 1)[0]
         return text.strip()
 
-    @torch.no_grad()
-    def generate(self, model, batch: dict) -> list[str]:
-        """The greedy answer of every example (stop strings and end-of-sequence removed)."""
+    def _stop_ids(self) -> set[int]:
         tok = self.tokenizer
         if tok is None:
             raise RuntimeError("generation needs its tokenizer: call check() or collate() first")
-        stop_ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        tokens = greedy_decode(
-            model, prompt_part(batch), self.max_new_tokens, stop_ids,
+        return {tok.eos_token_id} if tok.eos_token_id is not None else set()
+
+    @torch.no_grad()
+    def greedy_tokens(self, model, batch: dict) -> list[list[int]]:
+        """The greedy continuation of every prompt, up to and including the token that ends it
+        (end-of-sequence, or the one that completes a stop string)."""
+        tok = self.tokenizer
+        return greedy_decode(
+            model, prompt_part(batch), self.max_new_tokens, self._stop_ids(),
             (lambda i, ids: self._stopped(tok.decode(ids))) if self.stop else None)
-        return [self._cut(tok.decode([t for t in ids if t not in stop_ids],
-                                     skip_special_tokens=True)) for ids in tokens]
+
+    def answer_text(self, ids) -> str:
+        """The answer in generated tokens (``-1``: padding): stop strings and end removed."""
+        stop_ids = self._stop_ids()
+        return self._cut(self.tokenizer.decode([t for t in ids if t >= 0 and t not in stop_ids],
+                                               skip_special_tokens=True))
+
+    @torch.no_grad()
+    def generate(self, model, batch: dict) -> list[str]:
+        """The greedy answer of every example (stop strings and end-of-sequence removed)."""
+        return [self.answer_text(ids) for ids in self.greedy_tokens(model, batch)]
+
+    def answer_logprobs(self, model, batch: dict) -> None:
+        """None: a free-text answer has no finite answer set (see ``reference``)."""
+        return None
+
+    @torch.no_grad()
+    def reference(self, model, batch: dict) -> torch.Tensor:
+        """The greedy answer tokens (batch × ``max_new_tokens``, right-padded with -1), up to
+        and including the token that ends each answer: what sequence-level distillation
+        teaches, and what ``agreement`` decodes."""
+        tokens = self.greedy_tokens(model, batch)
+        ids = torch.full((len(tokens), self.max_new_tokens), -1, dtype=torch.long)
+        for i, row in enumerate(tokens):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return ids
+
+    @torch.no_grad()
+    def agreement(self, model, batch: dict, reference: torch.Tensor) -> torch.Tensor:
+        """The primary metric (token F1 or exact match) of the model's greedy answer against
+        the reference tokens' answer."""
+        measure = token_f1 if self.metric == "f1" else exact_match
+        ours = self.generate(model, batch)
+        values = [measure(a, self.answer_text(r)) for a, r in zip(ours, reference.tolist())]
+        return torch.tensor(values, dtype=torch.float, device=batch["input_ids"].device)
+
+    @torch.no_grad()
+    def teacher(self, model, batch: dict) -> torch.Tensor:
+        """The greedy answer tokens (``reference``)."""
+        return self.reference(model, batch)
+
+    def self_loss(self, model, batch: dict, teacher: torch.Tensor) -> torch.Tensor:
+        """Sequence-level distillation: cross-entropy of the teacher's greedy answer tokens
+        after the prompt (its stopping token included, so the model learns where to stop)."""
+        width = max(1, int((teacher >= 0).sum(1).max()))  # no all-padding columns
+        teacher = teacher[:, :width]
+        mask = (teacher >= 0).long()
+        ids = teacher.masked_fill(mask == 0, pad_id(self.tokenizer))
+        device = batch["input_ids"].device
+        return answer_loss(model, with_answers(prompt_part(batch), ids.to(device),
+                                               mask.to(device)))
 
     @torch.no_grad()
     def scores(self, model, batch: dict) -> dict[str, torch.Tensor]:

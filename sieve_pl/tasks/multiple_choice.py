@@ -6,9 +6,9 @@ from typing import Literal
 import torch
 
 from ..errors import SieveError
-from ..models.forward import answer_loss, choice_logprobs
-from .base import (Task, encode_prompts, field_text, field_value, margin, pad_id, pad_tokens,
-                   prompt_part, with_answers)
+from ..models.forward import answer_loss
+from .base import (Task, encode_prompts, field_text, field_value, margin, option_logliks, pad_id,
+                   pad_tokens, prompt_part, with_answers)
 from .classification import label_word_tokens
 
 
@@ -31,7 +31,8 @@ class MultipleChoice(Task):
     ``loglik`` scores every option's own text by its summed log-likelihood after the prompt
     (the prompt runs once; the options need not be listed in it). Calibration sees the prompt
     followed by the right answer (its letter or text), and recovery's loss is the cross-entropy
-    of those answer tokens (the prompt is not a target).
+    of those answer tokens (the prompt is not a target). Fidelity and distillation read the
+    options' scores renormalised over the options (``answer_logprobs``).
 
     Args:
         question_field: column holding the question.
@@ -96,11 +97,17 @@ class MultipleChoice(Task):
         self.letter_tokens: list[list[int]] | None = None
 
     def columns(self) -> list[str]:
+        return [*self.prompt_fields(), self.answer_field]
+
+    def prompt_fields(self) -> list[str]:
         options = ([] if self.fixed_options is not None else
                    self.options_field if isinstance(self.options_field, list)
                    else [self.options_field])
-        return [self.question_field, *options, self.answer_field,
+        return [self.question_field, *options,
                 *([self.context_field] if self.context_field else [])]
+
+    def prompt_text(self, example: dict) -> str:
+        return self.render(example, self.options(example))
 
     def _max_options(self) -> int | None:
         if self.fixed_options is not None:
@@ -170,12 +177,12 @@ class MultipleChoice(Task):
             fields["context"] = field_text(example, self.context_field)
         return self.prompt.format(**fields)
 
-    def collate(self, examples: list[dict], tokenizer, max_length: int) -> dict:
+    def collate(self, examples: list[dict], tokenizer, max_length: int,
+                labelled: bool = True) -> dict:
         if self.letter_tokens is None:
             self.letter_tokens = label_word_tokens(
                 tokenizer, {c: self._sep() + c for c in self.letters})
         options = [self.options(e) for e in examples]
-        labels = [self.answer_index(e, o) for e, o in zip(examples, options)]
         prompts = encode_prompts(tokenizer, [self.render(e, o) for e, o in zip(examples, options)],
                                  max_length)
         if self.scoring == "letter":
@@ -184,8 +191,12 @@ class MultipleChoice(Task):
             choices = [[tokenizer(self._sep() + o, add_special_tokens=False)["input_ids"]
                         for o in opts] for opts in options]
         pad = pad_id(tokenizer)
-        answer_ids, answer_mask = pad_tokens([c[i] for c, i in zip(choices, labels)], pad)
-        batch = with_answers(prompts, answer_ids, answer_mask)
+        batch = prompts
+        if labelled:  # the right answer follows the prompt (calibration sees it, loss reads it)
+            labels = [self.answer_index(e, o) for e, o in zip(examples, options)]
+            answer_ids, answer_mask = pad_tokens([c[i] for c, i in zip(choices, labels)], pad)
+            batch = with_answers(prompts, answer_ids, answer_mask)
+            batch["labels"] = torch.tensor(labels)
         width = max(len(t) for c in choices for t in c)
         most = max(len(c) for c in choices)
         batch["choice_ids"] = torch.full((len(examples), most, width), pad, dtype=torch.long)
@@ -194,17 +205,24 @@ class MultipleChoice(Task):
             ids, mask = pad_tokens(c, pad)
             batch["choice_ids"][i, :len(c), :ids.shape[1]] = ids
             batch["choice_mask"][i, :len(c), :ids.shape[1]] = mask
-        batch["labels"] = torch.tensor(labels)
         return batch
 
     @torch.no_grad()
     def option_scores(self, model, batch: dict) -> torch.Tensor:
         """Log-likelihood of each option (batch × options; ``-inf`` where a row has fewer)."""
-        scores = choice_logprobs(model, prompt_part(batch), batch["choice_ids"],
-                                 batch["choice_mask"])
+        return self._option_scores(model, batch)
+
+    def _option_scores(self, model, batch: dict) -> torch.Tensor:
+        scores = option_logliks(model, prompt_part(batch), batch["choice_ids"],
+                                batch["choice_mask"])
         if self.length_normalize and self.scoring == "loglik":
             scores = scores / batch["choice_mask"].sum(-1).clamp(min=1)
         return scores
+
+    def answer_logprobs(self, model, batch: dict) -> torch.Tensor:
+        """The options' scores (letters or texts, as ``scoring`` says) renormalised over the
+        options: log-softmax, ``-inf`` where a row has fewer options."""
+        return self._option_scores(model, batch).log_softmax(-1)
 
     @torch.no_grad()
     def predict(self, model, batch: dict) -> torch.Tensor:
