@@ -38,7 +38,7 @@ Limits:
 - ``torch.cuda.is_available()`` stays False, so code that branches on CUDA (memory stats) takes
   its CPU branch;
 - ``param.data = t`` across devices raises "incompatible tensor type", where CUDA would move the
-  parameter;
+  parameter (``nn.Module.to`` swaps tensors instead inside :func:`fake_device`);
 - ``.numpy()`` raises (as on CUDA), but ``data_ptr()`` is 0 and the storage is a data-less meta
   one; libraries that treat ``meta`` as "not loaded" take that branch (safetensors skips its
   shared-memory check, transformers' ``save_pretrained`` ties weights by parameter identity);
@@ -109,6 +109,10 @@ class FakeTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten._has_compatible_shallow_copy_type.default:
+            # nn.Module.to asks before replacing a parameter's data: a host and a device
+            # tensor are not compatible (CUDA answers False, and a new Parameter is made)
+            return all(isinstance(t, FakeTensor) for t in args)
         if func not in _COPY_OPS:
             index = _INDEX_OPS.get(func)
             for i, arg in enumerate(args):
@@ -220,9 +224,17 @@ def _kernels_on_cpu():
 
 @contextlib.contextmanager
 def fake_device():
-    """The fake accelerator works inside the block; yields :data:`DEVICE`."""
-    with _kernels_on_cpu(), FakeFactoryMode(), FakeDeviceMode():
-        yield DEVICE
+    """The fake accelerator works inside the block; yields :data:`DEVICE`.
+
+    ``nn.Module.to`` swaps each parameter's contents in place (``swap_tensors``), as CUDA's
+    ``param.data = moved`` keeps the Parameter objects: tied weights stay tied both ways."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with _kernels_on_cpu(), FakeFactoryMode(), FakeDeviceMode():
+            yield DEVICE
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
 @contextlib.contextmanager

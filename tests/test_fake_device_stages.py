@@ -4,9 +4,9 @@ the pipeline calls it, on a tiny random Llama.
 The model waits on the host and Lightning's loops move it to the device and back (calibrate,
 refit, distill, recover, evaluate), or it is on the device already (projection of a layer on
 the device, the search's fitness, which moves it there, sensitivity and the cuts after it).
-A stage that mixes host and device tensors raises here as it would on CUDA; those that do
-today are marked ``xfail(strict=True)`` with the place and the two devices, so they fail once
-fixed: then remove the mark.
+A stage that mixes host and device tensors raises here as it would on CUDA. (Before the unit
+kinds became device-aware, the sensitivity costs, every head-unit cut on the device and so the
+default search failed here: bases and statistics on the host, weights on the device.)
 """
 from __future__ import annotations
 
@@ -26,25 +26,7 @@ CONFIGS = {"factored": ProjectionConfig(),  # q/k/v/o factored, MLP neurons (the
            "heads": ProjectionConfig(attention="heads")}  # v/o as head units
 
 
-def mixes(where: str):
-    """xfail(strict) for a stage that mixes devices today: the first place it raises."""
-    return pytest.mark.xfail(strict=True, raises=fake.DeviceMismatch,
-                             reason=f"device mix at {where}")
-
-
-HEAD_REFIT = ("sieve_pl/models/pruning.py:232 HeadUnit._refit: einsum of o's weight w_o "
-              "(line 227, on the model's device meta:0) with cp, made from the bases e, c, "
-              "ridge (lines 226-231, on cpu)")
-NEURON_ERROR = ("sieve_pl/models/pruning.py:178 NeuronUnit.error: delta, a copy of down's "
-                "weight (meta:0), -= g @ l_inv of the bases (cpu)")
-MATRIX_ERROR = ("sieve_pl/models/pruning.py:134 MatrixUnit.error: w (meta:0) - b @ a of the "
-                "bases (cpu)")
-COSTS = ("sieve_pl/stages/sensitivity.py:97 unit_costs: delta (from unit.error, on the "
-         "weight's device meta:0) @ c, the calibration statistics (cpu), and g @ delta, g from "
-         "gradient_moments (.cpu())")
-# with projection.attention heads, every cut of a head unit while the model is on the device
-# stops there first: the search (its fitness puts the model there) and whatever follows it
-WITH_HEADS = pytest.param("heads", marks=mixes(HEAD_REFIT))
+WITH_HEADS = "heads"
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +86,33 @@ def test_calibrate_gives_the_cpu_statistics(lm, data, fake_trainer, trainer):
     groups = lm.adapter.input_groups(lm.net)
     expected = calibrate(trainer, lm.net, groups, data.calibration_dataloader(),
                          CalibrationConfig())
-    for config in (CalibrationConfig(), CalibrationConfig(device="cpu", layers_per_pass=1)):
+    for config in (CalibrationConfig(), CalibrationConfig(device="cpu")):
         got = calibrate(fake_trainer, lm.net, groups, data.calibration_dataloader(), config)
         assert got.keys() == expected.keys()
         for key, value in got.items():
             assert type(value) is torch.Tensor  # host tensors, as saved
-            torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-6)
-    assert not _on_device(lm.net)  # Lightning's teardown put it back on the host
+            # (attention on the fake device takes another kernel path: float32 rounding)
+            torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-5)
+    assert not _on_device(lm.net)  # the model waited on the host
+
+
+def test_calibration_holds_one_layer_on_the_device_at_a_time(lm, data, fake_trainer,
+                                                            monkeypatch):
+    from sieve_pl.models import sequential
+
+    seen = []
+    original = sequential.run_layer
+
+    def run_layer(layer, index, batch, device):
+        seen.append([_on_device(block) for block in lm.net.model.layers])
+        assert not any(isinstance(p, FakeTensor) for p in lm.net.model.embed_tokens.parameters())
+        return original(layer, index, batch, device)
+    monkeypatch.setattr(sequential, "run_layer", run_layer)
+    calibrate(fake_trainer, lm.net, lm.adapter.input_groups(lm.net),
+              data.calibration_dataloader(), CalibrationConfig())
+    layers = len(lm.net.model.layers)
+    assert seen and all(sum(flags) == 1 for flags in seen)
+    assert {flags.index(True) for flags in seen} == set(range(layers))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -120,13 +122,11 @@ def test_project_on_the_device_gives_the_cpu_bases(lm, calibrated, name):
     lm.net.to(DEVICE)
     got = _project(lm, groups, stats, CONFIGS[name])
     assert got.keys() == expected.keys()
-    for unit, basis in got.items():
-        fields = basis._asdict() if isinstance(basis, tuple) else vars(basis)
-        for field, value in fields.items():
-            if isinstance(value, torch.Tensor):
-                assert type(value) is torch.Tensor, (unit, field)  # bases live on the host
-                torch.testing.assert_close(value, getattr(expected[unit], field),
-                                           rtol=1e-5, atol=1e-6)
+    for unit in got:
+        for field, value in got[unit].tensors().items():
+            assert type(value) is torch.Tensor, (unit, field)  # bases live on the host
+            torch.testing.assert_close(value, expected[unit].tensors()[field],
+                                       rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["factored", WITH_HEADS])
@@ -156,10 +156,7 @@ def test_fitness_scores_levels(name, lm, calibrated, data, fake_trainer):
     assert fitness.judge(0.7, fitness.budget(0.5))["seen"] > 0
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("factored", marks=mixes(f"{NEURON_ERROR}; behind it {MATRIX_ERROR} and {COSTS}")),
-    pytest.param("heads", marks=mixes(f"{HEAD_REFIT}; behind it {NEURON_ERROR}, {MATRIX_ERROR} "
-                                      f"and {COSTS}"))])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_sensitivity_costs(name, lm, calibrated, data, fake_trainer):
     """As the search calls it: after the fitness scored the dense model (on the device)."""
     from sieve_pl.stages.sensitivity import sensitivity_costs
@@ -171,11 +168,7 @@ def test_sensitivity_costs(name, lm, calibrated, data, fake_trainer):
     assert set(costs) == set(pruner.names)
 
 
-@pytest.mark.parametrize("seeds", [
-    pytest.param(["sensitivity"], marks=mixes(f"the sensitivity seed (the default): "
-                                              f"{NEURON_ERROR}; behind it {MATRIX_ERROR} and "
-                                              f"{COSTS}")),
-    ["kind"]])
+@pytest.mark.parametrize("seeds", [["sensitivity"], ["kind"]])
 def test_search(seeds, lm, calibrated, data, fake_trainer):
     """The Search stage's calls: uniform bisection, the seed, a short GA."""
     from functools import partial

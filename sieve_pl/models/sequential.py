@@ -70,28 +70,20 @@ def layer_list(net: nn.Module, layers: str) -> nn.ModuleList:
 @contextmanager
 def skeleton_on(net: nn.Module, layers: str, device: torch.device):
     """Everything but the decoder layers on ``device`` inside the block (embeddings, rotary,
-    final norm), the layers where they were; all back where they were afterwards."""
+    final norm), the layers where they were; the rest back where it was afterwards."""
     blocks = layer_list(net, layers)
-    held = list(blocks)
-    placeholder = nn.ModuleList(nn.Identity() for _ in held)
-    where = {name: p.device for name, p in net.named_parameters()}
-    where_buffers = {name: b.device for name, b in net.named_buffers()}
+    placeholder = nn.ModuleList(nn.Identity() for _ in blocks)
     parent, _, child = layers.rpartition(".")
     owner = net.get_submodule(parent) if parent else net
     setattr(owner, child, placeholder)
+    homes = {t.device for t in (*net.parameters(), *net.buffers())}
     try:
         net.to(device)
         yield placeholder
     finally:
+        if len(homes) == 1:  # (a model on several devices is never calibrated: it is split
+            net.to(homes.pop())  # for the whole-model stages only, after calibration)
         setattr(owner, child, blocks)
-        for name, p in net.named_parameters():
-            if p.device != where[name]:
-                p.data = p.data.to(where[name])
-        for name, b in net.named_buffers():
-            if b.device != where_buffers[name]:
-                parent_name, _, buffer = name.rpartition(".")
-                module = net.get_submodule(parent_name) if parent_name else net
-                setattr(module, buffer, b.to(where_buffers[name]))
 
 
 @torch.no_grad()

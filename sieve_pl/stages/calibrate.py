@@ -67,19 +67,17 @@ class CalibrationConfig:
                              f"{self.examples}, {self.read_weight}")
 
 
-class Capture(L.LightningModule):
-    """A predict loop that records each batch's layer-0 input and layer arguments (on the
-    host). The model is not a submodule: Lightning moves the batches, not the model."""
+class Batches(L.LightningModule):
+    """A predict loop that only collects this rank's calibration batches (Lightning launches
+    the DDP processes and shares the batches out, none repeated); they are run layer by layer
+    afterwards, outside its inference mode, so modules can move."""
 
-    def __init__(self, net: torch.nn.Module, layers: str):
+    def __init__(self):
         super().__init__()
-        self._net = [net]  # (a list: not registered, so not moved to the device as a whole)
-        self.layers = layers
         self.batches = []
 
     def predict_step(self, batch, batch_idx):
-        self.batches += capture(self._net[0], self.layers, [batch], self.device)
-        crash_point("calibrate:batch")
+        self.batches.append({k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()})
 
 
 class Sums:
@@ -161,9 +159,10 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
     for key in groups:
         keys_of.setdefault(int(layer_of(key).rpartition(".")[2]), []).append(key)
     device = trainer.strategy.root_device
-    grabber = Capture(net, layers)
-    with named(trainer, "calibrate: inputs"):
-        trainer.predict(grabber, dataloaders=dataloader, return_predictions=False)
+    mine = Batches()
+    with named(trainer, "calibrate: batches"):
+        trainer.predict(mine, dataloaders=dataloader, return_predictions=False)
+    batches = capture(net, layers, mine.batches, device)
     stats: dict[str, torch.Tensor] = {}
 
     @contextmanager
@@ -181,8 +180,9 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
             stats.update(shard)
         elif trainer.is_global_zero:
             save_file(shard, str(Path(out) / f"stats-{index:05d}.safetensors"))
+        crash_point("calibrate:layer")
 
-    layer_by_layer(net, layers, grabber.batches, device, statistics, desc="calibrate",
+    layer_by_layer(net, layers, batches, device, statistics, desc="calibrate",
                    bars=not quiet(trainer))
     return stats if out is None else None
 

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SieveError
+from ..io import crash_point
 from ..models.factored import dense_shape
 from ..progress import quiet
 from ..units import Bases, Factors, HeadSpec, NeuronSpec, Spec, save_layer, unit_for
@@ -169,6 +170,7 @@ def project(net: torch.nn.Module, groups: dict[str, list[str]], stats, config: P
             found.update(layer)
         else:
             save_layer(layer, path)
+            crash_point("project:layer")
     return Bases.memory(found) if work is None else Bases.folder(work)
 
 
