@@ -44,8 +44,10 @@ COMMANDS = {
     "test": "score the base model and, once exported, the pruned one on the test split",
     "measure": "one model's accuracy, latency per example, peak memory, weights in memory and "
                "bytes on disk, as JSON (--out); run it in a fresh process per model",
+    "plan": "accelerator memory, host memory, disk and time of every stage, from the model's "
+            "config and the data alone (no weights are read)",
 }
-USAGE = ("usage: sieve-pl {fit,validate,test,measure} [--config CONFIG] [options]\n\n"
+USAGE = ("usage: sieve-pl {fit,validate,test,measure,plan} [--config CONFIG] [options]\n\n"
          + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
          + "\n\nsieve-pl <command> --help lists every option.")
 
@@ -70,6 +72,18 @@ class SieveCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for name, cls in STAGE_CONFIGS.items():
             parser.add_class_arguments(cls, name, help=cls.__doc__)
+        if self.command == "plan":
+            parser.add_argument("--gpus", type=Optional[int], default=None,
+                                help="accelerators to plan for (default: the visible GPUs; 0 = "
+                                     "everything on the host)")
+            parser.add_argument("--gpu_memory", type=Optional[float], default=None,
+                                help="GiB per GPU (default: the visible GPU's, else 80)")
+            parser.add_argument("--tflops", type=Optional[float], default=None,
+                                help="sustained TFLOP/s for the time estimates (default: 200 "
+                                     "on GPUs, 0.15 on the host: 2 cores measured)")
+            parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                                help="not used")
+            return
         if self.command != "fit":
             which = ("base", "pruned") if self.command == "measure" else ("auto", "base", "pruned")
             parser.add_argument(
@@ -132,6 +146,7 @@ def fit(cli: SieveCLI) -> None:
     pipeline = cli.pipeline()
     pipeline.prepare()
     pipeline.check_run_dir()
+    planned(cli, pipeline)
 
     def save_config() -> None:  # the run's own config, reusable with --config
         if cli.trainer.is_global_zero:
@@ -168,6 +183,70 @@ def score(cli: SieveCLI, split: str) -> None:
         say(f"{name:>6}: {split} {data.task.metric} {100 * acc:.2f}% "
             f"({len(data.splits[split])} examples, {params / 1e6:.2f}M parameters"
             f"{'' if lm.quantize == 'none' else ', ' + lm.quantize})")
+
+
+def planned(cli: SieveCLI, pipeline: Pipeline, gpus: int | None = None,
+            gpu_gib: float | None = None, tflops: float | None = None):
+    """The plan of this run: (rows, model shapes, gpus, GiB per GPU, split), for ``gpus``
+    accelerators (default: those this process would use). Without arguments (``fit``) it
+    refuses, in one line before any weight loads, a run a stage of which cannot fit."""
+    import torch
+
+    from .plan import check, estimate, shapes
+
+    refuse = gpus is None and gpu_gib is None
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus is None:
+        accelerator = str(cli.config.trainer.accelerator)
+        gpus = 0 if accelerator == "cpu" or not visible else (
+            visible if cli.model.placement == "split" else 1)
+    gpu_gib = gpu_gib or (torch.cuda.get_device_properties(0).total_memory / 2**30
+                          if visible else 80.0)
+    found = shapes(cli.model, cli.datamodule, pipeline.projection)
+    split = bool(gpus) and (cli.model.placement == "split" or (
+        cli.model.placement == "auto" and found.model_bytes > 0.7 * gpu_gib * 2**30))
+    rows = estimate(found, pipeline.calibration, pipeline.search, pipeline.recover, gpus,
+                    tflops or (200.0 if gpus else 0.15), split, cli.datamodule.batch_size)
+    if refuse:
+        host = _host_gib()
+        check(rows, gpus, gpu_gib * 1024, host * 1024 if host else None)
+    return rows, found, gpus, gpu_gib, split
+
+
+def plan(cli: SieveCLI) -> None:
+    """``plan``: the per-stage estimates for ``--gpus`` accelerators, and whether they fit."""
+    import torch
+
+    from .plan import table
+
+    cfg = cli.config_init
+    pipeline = cli.pipeline()
+    pipeline.prepare()
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    rows, found, gpus, gpu_gib, split = planned(
+        cli, pipeline, visible if cfg["gpus"] is None else cfg["gpus"], cfg["gpu_memory"],
+        cfg["tflops"])
+    say(f"{cli.model.pretrained}: {found.layers} layers, {found.model_bytes / 2**30:.1f} GiB of "
+        f"{cli.model.dtype_name} weights; whole-model stages "
+        f"{'split over the GPUs' if split else 'on each process' + chr(39) + 's device'}")
+    say(table(rows, gpus))
+    host = _host_gib()
+    for row in rows:
+        if gpus and row.accelerator_mb > gpu_gib * 1024:
+            say(f"does not fit: {row.stage} needs {row.accelerator_mb / 1024:.1f} GiB per GPU "
+                f"of {gpu_gib:.0f}")
+        if host and row.host_mb > host * 1024:
+            say(f"does not fit here: {row.stage} needs {row.host_mb / 1024:.1f} GiB of host "
+                f"memory of this machine's {host:.0f}")
+
+
+def _host_gib() -> float | None:
+    try:
+        line = next(l for l in Path("/proc/meminfo").read_text().splitlines()
+                    if l.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 2**20
 
 
 def measure_one(cli: SieveCLI) -> None:
@@ -210,6 +289,8 @@ def main(args=None) -> None:
             fit(cli)
         elif command == "measure":
             measure_one(cli)
+        elif command == "plan":
+            plan(cli)
         else:
             score(cli, "validation" if command == "validate" else "test")
     except SieveError as err:

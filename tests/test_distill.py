@@ -41,7 +41,7 @@ def make_trainer(*callbacks):
 
 def _distill(pruned, work, *callbacks):
     net, pruner, levels, data = pruned
-    pruner.apply(levels)  # fresh modules from the bases; the model stays at them, trained
+    pruner.apply(levels, rebuild=True)  # fresh modules from the bases; they stay, trained
     return distill(make_trainer(*callbacks), net, pruner, levels,
                    distill_loader(data, CONFIG.splits), data.val_dataloader(), CONFIG, work)
 

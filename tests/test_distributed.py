@@ -40,12 +40,12 @@ def test_two_processes_equal_one(tiny_llama, tmp_path):
             # batches differ in composition (and so in padding) across ranks: fp32 forward noise
             assert float((s2[key] - s1[key]).norm() / s1[key].norm()) < 1e-6, key
     # the same units (neuron orders and refits of every MLP, factors of every matrix), though
-    # each rank projected a share of them
-    b1 = load_file(str(one / "project" / "bases.safetensors"))
-    b2 = load_file(str(two / "project" / "bases.safetensors"))
+    # each rank projected a share of the layers (one file each)
+    b1 = dict(SafetensorsFolder(one / "project"))
+    b2 = dict(SafetensorsFolder(two / "project"))
     assert b1.keys() == b2.keys() and any(k.endswith(".mlp.order") for k in b1)
-    for key in b1:
-        torch.testing.assert_close(b2[key], b1[key], rtol=1e-4, atol=1e-5)
+    for key in b1:  # (float32 decompositions of statistics equal to ~1e-7)
+        torch.testing.assert_close(b2[key], b1[key], rtol=1e-3, atol=1e-4)
     r1, r2 = read_json(one / "search" / "search.json"), read_json(two / "search" / "search.json")
     for key in ("levels", "genome", "value", "accuracy", "logbook", "uniform"):
         assert r1[key] == r2[key], key

@@ -10,6 +10,7 @@ from sieve_pl.models.module import SieveLM
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.learned import LearnedConfig, nested_error
 from sieve_pl.stages.project import ProjectionConfig, project
+from sieve_pl.units import max_rank
 
 
 def test_nested_error_is_the_sum_of_every_prefix_rank_error():
@@ -60,10 +61,11 @@ def _errors(calibrated, bases) -> dict[str, list[float]]:
         c = stats[key].double()
         for name in names:
             w = dense_weight(net.get_submodule(name)).detach().double()
-            a, b = (t.double() for t in bases[name])
+            basis = bases[name]
             errors[name] = []
-            for r in range(1, a.shape[0] + 1):
-                d = w - b[:, :r] @ a[:r]
+            for r in range(1, max_rank(*w.shape) + 1):  # every basis reaches that rank
+                a, b = basis.pair(r, w)
+                d = w - b @ a
                 errors[name].append(float(((d @ c) * d).sum()))
     return errors
 
@@ -74,7 +76,7 @@ def test_learned_from_random_approaches_the_closed_form_and_never_beats_it(calib
     learned = _learn(calibrated, tmp_path, epochs=60, lr=0.3)
     got = _errors(calibrated, learned)
     for name, optimum in best.items():
-        assert learned[name][0].shape == (len(optimum), net.get_submodule(name).in_features)
+        assert learned[name].a.shape == (len(optimum), net.get_submodule(name).in_features)
         # the closed form is optimal at every rank on these tokens: no learned rank is better
         assert all(g >= o * (1 - 1e-6) - 1e-9 for g, o in zip(got[name], optimum))
     # close to the optimum at the middle rank (summed over matrices: a few nearly-degenerate
@@ -124,9 +126,9 @@ def test_resume_from_last_ckpt_equals_uninterrupted(calibrated, tmp_path):
     assert state and all(k.startswith(("A.", "B.")) for k in state)  # factors only
     resumed = _learn(calibrated, tmp_path / "b", **options)
     assert resumed.keys() == full.keys()
-    for name, (a, b) in full.items():
-        torch.testing.assert_close(resumed[name][0], a, rtol=0, atol=0)
-        torch.testing.assert_close(resumed[name][1], b, rtol=0, atol=0)
+    for name in full:
+        torch.testing.assert_close(resumed[name].a, full[name].a, rtol=0, atol=0)
+        torch.testing.assert_close(resumed[name].b, full[name].b, rtol=0, atol=0)
 
 
 def test_learned_needs_a_trainer(calibrated):

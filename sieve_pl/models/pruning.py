@@ -50,8 +50,12 @@ class Pruner:
     the bases at that size.
     """
 
-    def __init__(self, model: nn.Module, bases: Bases, rank_multiple: int = 1):
+    def __init__(self, model: nn.Module, bases: Bases | dict, rank_multiple: int = 1):
         self.model, self.rank_multiple = model, rank_multiple
+        if not isinstance(bases, Bases):  # (no units: a model scored as it is)
+            if bases:
+                raise TypeError("Pruner takes sieve_pl.units.Bases (what projection returns)")
+            bases = Bases({}, {}.__getitem__)
         self.units: dict[str, Unit] = {
             name: unit_for(spec)(model, spec, lambda name=name: bases[name])
             for name, spec in bases.specs.items()}
@@ -127,16 +131,16 @@ class Pruner:
         """The model at these levels (and these weights by parameter name, e.g. merged LoRA)
         inside the block, and back at the levels it had before afterwards: a stage scoring
         several variants never leaves the model where the next stage does not expect it.
-        Levels the model is already at are not rebuilt (apply after changing ``refitted``)."""
+        Units are built afresh on the way in and out (a stage may train them in place);
+        levels the model is already at are left as they are (apply after changing
+        ``refitted``). The search moves from candidate to candidate with :meth:`apply`."""
         before = self.keep
         moved = self.levels(keep) != self.levels(before)
         if moved:
-            self.apply(keep)
+            self.apply(keep, rebuild=True)
         try:
             with with_weights(self.model, weights or {}):
                 yield self.model
         finally:
             if moved:
-                self.apply(before)
-
-
+                self.apply(before, rebuild=True)

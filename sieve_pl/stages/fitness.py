@@ -99,8 +99,10 @@ class Fitness:
         or once ``until`` examples are scored; ``prior`` holds the scores of a first part
         already scored at these levels, which is continued rather than redone.
         """
-        with self.pruner.at(keep):  # back to the levels it had (dense) after scoring
-            return self._correct(max_errors, until, prior, measure or self.lm.task.score)
+        # the model stays at these levels: the next candidate rebuilds only the units it
+        # changes (the search puts the model back at dense when it ends)
+        self.pruner.apply(keep)
+        return self._correct(max_errors, until, prior, measure or self.lm.task.score)
 
     def _correct(self, max_errors, until, prior, measure) -> list[float]:
         strategy = self.trainer.strategy

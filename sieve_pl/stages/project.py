@@ -193,8 +193,7 @@ def _learned(net, groups, specs, stats, config, make_trainer, loader, work, bars
             unit = unit_for(closed.specs[name])(net, closed.specs[name], lambda n=name: closed[n])
             start[name] = unit.factors(unit.shape[0] * unit.shape[1] // sum(unit.shape), None,
                                        "cpu")
-    fitted = learn(make_trainer, net, mine, stats, loader, config.learned, Path(work) / "learned",
-                   start)
+    fitted = learn(make_trainer, net, mine, stats, loader, config.learned, Path(work), start)
     return {name: Factors(b.float().contiguous(), a.float().contiguous())
             for name, (a, b) in fitted.items()}
 

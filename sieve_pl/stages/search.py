@@ -162,7 +162,16 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
            is_writer: bool = True,
            costs: Callable[[], dict[str, list[dict]]] | None = None) -> dict:
     """Uniform bisection, then (strategy genetic) the seed allocations and the GA seeded with
-    them; ``costs`` gives the sensitivity seed's per-unit cost estimates."""
+    them; ``costs`` gives the sensitivity seed's per-unit cost estimates. The model moves from
+    candidate to candidate and ends back at dense."""
+    try:
+        return _search(fitness, names, config, work, is_writer, costs)
+    finally:
+        fitness.pruner.apply(1.0)
+
+
+def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
+            is_writer: bool, costs) -> dict:
     uniform_path = work / "uniform.json" if work else None
     saved = read_json(uniform_path) if uniform_path and uniform_path.exists() else None
     if saved is not None and saved.get("format") == STATE_FORMAT:

@@ -29,9 +29,13 @@ Moment = Callable[[str], torch.Tensor]  # Linear name -> mean second moment of i
 
 
 def eigh_desc(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues and eigenvectors of a symmetric matrix, largest first."""
+    """Eigenvalues and eigenvectors of a symmetric matrix, largest first; each vector's sign
+    set so that its largest entry is positive (eigh's signs are arbitrary: nearly equal inputs,
+    on two ranks say, would otherwise give bases that differ by signs)."""
     values, vectors = torch.linalg.eigh((m + m.T) / 2)
-    return values.flip(0), vectors.flip(1)
+    vectors = vectors.flip(1)
+    peak = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))
+    return values.flip(0), vectors * torch.where(peak < 0, -1.0, 1.0).to(vectors.dtype)
 
 
 def damping(c: torch.Tensor, ridge: float) -> torch.Tensor:
