@@ -76,7 +76,8 @@ def run(layers: int, root: Path) -> dict:
     command = [sys.executable, "-m", "sieve_pl.cli", "fit", "--config", "configs/demo.yaml",
                "--model.pretrained", str(model), "--run.root", str(root),
                "--run.name", f"run-{layers}",
-               "--data.sizes", "{calibration: 32, validation: 16, test: 16, train: 16}",
+               "--data.sizes", "{calibration: 32, validation: 16, test: 16, train: 16, "
+               "confirmation: 0}",
                "--search.strategy", "uniform", "--recover.enabled", "false",
                "--quantize.formats", "[]", "--quantize.measure", "false",
                "--transfer.sources", "{}", "--trainer.enable_progress_bar", "false"]
@@ -84,7 +85,7 @@ def run(layers: int, root: Path) -> dict:
     samples: list[tuple[float, float]] = []
     start = time.time()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, cwd=Path(__file__).resolve().parents[1])
     done = threading.Event()
 
     def sample():

@@ -25,7 +25,7 @@ def run_pruner(pipeline, run) -> Pruner:
     net = pipeline.lm.net
     groups = pipeline.lm.adapter.input_groups(net)
     bases = pipeline.project(run, groups, pipeline.calibrate(run, groups))
-    return Pruner(net, bases, pipeline.search.rank_multiple)
+    return pipeline.pruner(bases)
 
 
 def cpu_name() -> str:

@@ -44,7 +44,7 @@ def main() -> None:
               for s, m in pipeline.transfer.sources.items()}
     rows = []
     for name, keep, factors, weights in variants:
-        pruner = Pruner(lm.net, bases, pipeline.search.rank_multiple)  # its own factors only
+        pruner = pipeline.pruner(bases)  # its own factors only
         pruner.use(factors)
         with pruner.at(keep, weights):
             row = {"variant": name, "test": evaluate(trainer, lm, data.test_dataloader())}

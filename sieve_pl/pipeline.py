@@ -159,6 +159,11 @@ class Pipeline:
     def project(self, run: RunDir, groups: dict[str, list[str]], stats) -> dict:
         return run.run(Project(self.context(), groups, stats, self.projection))
 
+    def pruner(self, bases) -> Pruner:
+        """The Pruner of this run: ranks in multiples of ``search.rank_multiple``, no unit
+        below the ladder's smallest rung."""
+        return Pruner(self.lm.net, bases, self.search.rank_multiple, min(self.search.ladder))
+
     def fit(self, on_start: Callable[[], None] | None = None) -> dict:
         """Every stage, holding ``<run>/.lock`` throughout: two runs writing one folder would
         corrupt each other's stages. ``on_start`` runs first under the lock (the CLI writes
@@ -176,7 +181,7 @@ class Pipeline:
         dense_params = sum(p.numel() for p in net.parameters())
         stats = self.calibrate(run, groups)
         bases = self.project(run, groups, stats)
-        pruner = Pruner(net, bases, self.search.rank_multiple)  # owns the model's levels
+        pruner = self.pruner(bases)  # owns the model's levels
         found = run.run(Search(ctx, pruner, stats, groups, self.search))
         self._log_search(found.record())
         levels, accuracy = found.levels, found.accuracy

@@ -66,6 +66,11 @@ def format_summary(r: dict) -> str:
             line += (f" = {_pct(tokens / c['naive_tokens'])} of a naive GA "
                      "(population x generations x validation set)")
         lines.append(line)
+    if r.get("confirmation"):
+        c = r["confirmation"]
+        lines.append(f"confirmation ({c['examples']} examples no selection read): the search's "
+                     f"levels {'pass' if c['passed'] else 'failed, stepped back toward dense'}"
+                     f" — accuracy {_pct(c['accuracy'])} vs base {_pct(c['base_accuracy'])}")
     if r.get("refit", {}).get("accuracy_after") is not None:
         f = r["refit"]
         lines.append(f"refit: validation accuracy {_pct(f['accuracy_before'])} -> "

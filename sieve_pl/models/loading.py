@@ -243,9 +243,12 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     adapter = adapter_for(config)
     kwargs = {}
     if quantize != "none":
+        # each process on its own GPU (LOCAL_RANK: set by Lightning's and torchrun's launchers)
+        device = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
+                  else "cpu")
         kwargs = {"quantization_config": quantization_config(quantize, config,
                                                              getattr(torch, dtype)),
-                  "device_map": "cuda:0" if torch.cuda.is_available() else "cpu"}
+                  "device_map": {"": device}}
     model = AutoModelForCausalLM.from_pretrained(
         resolve(name_or_path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
         **kwargs)

@@ -121,17 +121,23 @@ def outputs(trainer: L.Trainer, net, loader, fn, fill=None) -> torch.Tensor:
     batch, so the result is the same on each without communication (a pool's one pass)."""
     from ..tasks.base import stack_rows
 
+    from .placement import is_split
+
     device = trainer.strategy.root_device
     home = next(net.parameters()).device
     modes = [(m, m.training) for m in net.modules()]
-    net.to(device).eval()
+    moves = not is_split(net)  # (a model split over GPUs stays where its layers are)
+    if moves:
+        net.to(device)
+    net.eval()
     try:
         chunks = [fn(net, {k: v.to(device) if torch.is_tensor(v) else v
                            for k, v in batch.items()}).cpu() for batch in loader]
     finally:
         for module, training in modes:
             module.train(training)
-        net.to(home)
+        if moves:
+            net.to(home)
     return stack_rows(chunks, fill)
 
 

@@ -43,6 +43,10 @@ def with_weights(net: nn.Module, weights: dict[str, torch.Tensor]):
 class Pruner:
     """Owns a model's pruned state: puts it at any levels, and back to dense, from stored bases.
 
+    ``floor``: no unit keeps less than this share of its weights, whatever its level (sizes
+    round up to it: with ranks in multiples of 32, a level of 0.4 would leave a small k or v
+    matrix at 22%).
+
     ``bases`` (:class:`~sieve_pl.units.Bases`) gives every unit's spec and, when it is pruned,
     its basis. The dense modules are kept aside so any level can be applied again without
     refitting. ``refitted`` holds weights refitted for one size of a unit (``(A, B)`` of a
@@ -50,8 +54,9 @@ class Pruner:
     the bases at that size.
     """
 
-    def __init__(self, model: nn.Module, bases: Bases | dict, rank_multiple: int = 1):
-        self.model, self.rank_multiple = model, rank_multiple
+    def __init__(self, model: nn.Module, bases: Bases | dict, rank_multiple: int = 1,
+                 floor: float = 0.0):
+        self.model, self.rank_multiple, self.floor = model, rank_multiple, floor
         if not isinstance(bases, Bases):  # (no units: a model scored as it is)
             if bases:
                 raise TypeError("Pruner takes sieve_pl.units.Bases (what projection returns)")
@@ -78,8 +83,15 @@ class Pruner:
 
     def sizes(self, keep: float | dict[str, float]) -> dict[str, int]:
         """Size (rank, or neurons kept) of every unit that is not dense at these levels."""
-        sizes = {n: self.units[n].size(p, self.rank_multiple) for n, p in self.levels(keep).items()}
-        return {n: s for n, s in sizes.items() if s is not None}
+        sizes = {}
+        for name, p in self.levels(keep).items():
+            unit = self.units[name]
+            size = unit.size(p, self.rank_multiple)
+            if size is not None and self.floor > 0 and unit.params(size) < self.floor * unit.total:
+                size = unit.at_least(self.floor, self.rank_multiple)
+            if size is not None:
+                sizes[name] = size
+        return sizes
 
     def params(self, keep: float | dict[str, float]) -> tuple[int, int]:
         """(target weights kept, target weights in the dense model)."""

@@ -105,7 +105,8 @@ class Sums:
                 last, extra = args[0][:, -1].to(self.product_dtype), self.read_weight - 1
                 xtx = xtx + extra * (last.T @ last)
                 n += extra * last.shape[0]
-            self.sums[key] += xtx.to(self.sums[key].device, self.sum_dtype)
+            # (add_ casts as it adds: no float64 copy of an I × I product)
+            self.sums[key].add_(xtx.to(self.sums[key].device))
             self.counts[key] += n
         return hook
 

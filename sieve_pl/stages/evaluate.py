@@ -150,7 +150,7 @@ def evaluate_variants(trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, pru
                          "test": evaluate(trainer, lm, test, f"evaluate {row}/test"),
                          "target_params_kept": kept,
                          "params": dense_params - (total - kept)}
-            if confirm and not reference_point(row):
+            if confirm and row != "uniform":  # (a seed: does the GA beat it out of sample?)
                 rows[row]["confirmation"] = known.get("confirmation")
                 if rows[row]["confirmation"] is None:
                     rows[row]["confirmation"] = evaluate(trainer, lm,
@@ -264,6 +264,7 @@ class Evaluate(Stage):
                 "pruned_units": len(self.pruner.sizes(found.levels)),
                 "units": len(self.pruner.names),
                 "bottlenecks": found.details.get("bottlenecks", []),
+                "confirmation": found.details.get("confirmation"),
                 "cost": found.details.get("cost"),
                 **{name: step.summary() for name, step in self.compensated.items()},
                 "recover": {**recovered.summary(), "used": self.final == "pruned+lora",

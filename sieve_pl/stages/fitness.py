@@ -3,6 +3,9 @@
 One class, :class:`Fitness`: it cuts the model from the stored bases at the given levels, scores
 it example by example (hardest first, gathered across DDP ranks), stops early once the error
 budget is spent, and memoises each candidate, so the bisections and the GA share one scorer.
+The same class scores the unlabeled pool (:func:`pool_fitness`: agreement with the dense
+model's answers) and the confirmation split; a Fitness with a ``pool`` holds a candidate
+feasible only when both its labelled split and the pool allow it.
 """
 from __future__ import annotations
 
@@ -27,9 +30,13 @@ class Fitness:
     """
 
     def __init__(self, trainer, lm, pruner, dataloader, early_reject: bool = True,
-                 confidence: float = 0.0):
+                 confidence: float = 0.0, measure=None, safety=None):
         self.trainer, self.lm, self.pruner, self.early_reject = trainer, lm, pruner, early_reject
         self.confidence = confidence
+        # per-example score and the base model's safety margin (default: the task's)
+        self.measure, self.safety = measure, safety
+        self.pool: Fitness | None = None  # the unlabeled pool a feasible candidate must pass
+        self.pool_budget = 0.0
         self.base: list[float] | None = None  # the base model's scores, in scoring order
         self.loader = dataloader
         self.batches = list(dataloader)
@@ -65,7 +72,7 @@ class Fitness:
         smallest margin, first: pruned candidates fail there first, so early rejection and
         screening decide after fewer examples. Returns the base model's scores (split order)."""
         scores = self.correct(1.0)
-        safety = self.correct(1.0, measure=self.lm.task.confidence)
+        safety = self.correct(1.0, measure=self.safety or self.lm.task.confidence)
         self.reorder(sorted(range(self.n), key=lambda i: (scores[i], safety[i])))
         self.base = [scores[i] for i in self.order]
         return scores
@@ -102,7 +109,8 @@ class Fitness:
         # the model stays at these levels: the next candidate rebuilds only the units it
         # changes (the search puts the model back at dense when it ends)
         self.pruner.apply(keep)
-        return self._correct(max_errors, until, prior, measure or self.lm.task.score)
+        return self._correct(max_errors, until, prior,
+                             measure or self.measure or self.lm.task.score)
 
     def _correct(self, max_errors, until, prior, measure) -> list[float]:
         strategy = self.trainer.strategy
@@ -177,12 +185,33 @@ class Fitness:
         else:
             scores = self.correct(keep, budget, prior=part["scores"] if part else None)
         self.memo.pop(key + "~", None)
-        self.memo[key] = self._verdict(scores, budget)
-        return self.memo[key]
+        verdict = self._verdict(scores, budget)
+        if verdict["feasible"] and self.pool is not None:
+            verdict = self._with_pool(keep, verdict)
+        self.memo[key] = verdict
+        return verdict
+
+    def _with_pool(self, keep, verdict: dict) -> dict:
+        """A candidate that holds the labelled split must also agree with the dense model on
+        the pool. One that does not is infeasible, ranked above every labelled failure: its
+        ``over_at`` is past the split's end by the share of the pool it got through."""
+        pool = self.pool.judge(keep, self.pool_budget)
+        verdict = {**verdict, "pool": {k: pool[k] for k in ("feasible", "over_at", "seen",
+                                                             "accuracy")}}
+        if not pool["feasible"]:
+            verdict.update(feasible=False,
+                           over_at=self.n - 1 + pool["over_at"] / max(self.pool.n, 1))
+        return verdict
+
+    @property
+    def tokens(self) -> int:
+        """Forward tokens spent, the pool's included."""
+        return self.tokens_spent + (self.pool.tokens_spent if self.pool else 0)
 
     def state(self) -> dict:
         return {"tokens_spent": self.tokens_spent, "evaluations": self.evaluations,
-                "memo": self.memo, "order": self.order, "base": self.base}
+                "memo": self.memo, "order": self.order, "base": self.base,
+                **({"pool": self.pool.state()} if self.pool is not None else {})}
 
     def restore(self, state: dict) -> None:
         self.tokens_spent, self.evaluations = state["tokens_spent"], state["evaluations"]
@@ -190,3 +219,63 @@ class Fitness:
         self.base = state.get("base")
         if state["order"] is not None and state["order"] != self.order:
             self.reorder(state["order"])
+        if self.pool is not None and "pool" in state:
+            self.pool.restore(state["pool"])
+
+
+class _WithReference(torch.utils.data.Dataset):
+    """Pool rows, each with the dense model's answer (``reference``) for its batch."""
+
+    def __init__(self, rows: list, references: torch.Tensor, collate):
+        self.rows, self.references, self.prompts = rows, references, collate
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i], self.references[i]
+
+    def collate(self, items) -> dict:
+        from ..tasks.base import stack_rows
+
+        batch = self.prompts([row for row, _ in items])
+        batch["reference"] = stack_rows([ref[None] for _, ref in items])
+        return batch
+
+
+def pool_fitness(trainer, lm, pruner, data, examples: int = 0, early_reject: bool = True,
+                 confidence: float = 0.0) -> Fitness:
+    """The unlabeled pool (``data.pool_loader``, ``examples`` prompts spread over it; 0: all)
+    as a Fitness whose score is agreement with the dense model's answer (the task's
+    ``agreement``: the same class or option; token F1 of the decoded answers for generation),
+    scored hardest first: the prompts whose dense answer wins by the smallest margin."""
+    from torch.utils.data import DataLoader
+
+    from ..models.module import outputs
+
+    task = lm.task
+    loader = data.pool_loader(limit=examples or None)
+    pruner.apply(1.0)
+    finite = task.answer_logprobs is not None and next(iter(loader), None) is not None and (
+        task.answer_logprobs(lm.net.eval(), next(iter(loader))) is not None)
+
+    def dense(net, batch):  # the dense answer and its margin over the runner-up
+        logp = task.answer_logprobs(net, batch)
+        top = logp.topk(min(2, logp.shape[1]), -1).values
+        margin = top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)
+        return torch.stack([logp.argmax(-1).float(), margin.float()], 1)
+
+    if finite:
+        found = outputs(trainer, lm.net, loader, dense)
+        references, margins = found[:, 0].long(), found[:, 1].tolist()
+    else:
+        references = outputs(trainer, lm.net, loader, task.reference)
+        margins = [0.0] * len(references)
+    rows = _WithReference(list(loader.dataset), references, loader.collate_fn)
+    fitness = Fitness(trainer, lm, pruner,
+                      DataLoader(rows, batch_size=loader.batch_size, collate_fn=rows.collate),
+                      early_reject, confidence,
+                      measure=lambda net, batch: task.agreement(net, batch, batch["reference"]))
+    fitness.reorder(sorted(range(fitness.n), key=margins.__getitem__))
+    fitness.base = [1.0] * fitness.n  # the dense model agrees with itself
+    return fitness

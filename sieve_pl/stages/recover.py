@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from ..errors import SieveError
+from ..models.placement import is_split
 from ..io import PeakMemory, crash_point
 from ..models.module import evaluate, outputs
 from .stage import Context, Recovered, Stage, settings
@@ -295,7 +296,8 @@ def left_as_it_came(net: nn.Module):
             p.requires_grad_(flag)
         for module, training in modes:  # (parents first: a child's own mode is set last)
             module.train(training)
-        if device is not None and next(net.parameters()).device != device:
+        if (device is not None and not is_split(net)
+                and next(net.parameters()).device != device):
             gc.collect()  # free a QLoRA copy and the trainer's cycles before moving back
             net.to(device)
 

@@ -20,7 +20,8 @@ from ..errors import SieveError
 from ..io import read_json, write_json
 from ..models.pruning import Pruner, layer_and_kind
 from ..report import save_search
-from .fitness import Fitness
+from .confirm import confirm
+from .fitness import Fitness, pool_fitness
 from .genetic import GeneticSearch
 from .sensitivity import levels_at, price_path, sensitivity_costs
 from .stage import Context, Searched, Stage
@@ -75,6 +76,21 @@ class SearchConfig:
             root of the examples it answers differently from the base model), so a candidate
             that breaks many examples and is rescued by lucky fixes — one that holds epsilon on
             this split only — is refused. 0 = the plain accuracy constraint.
+        fidelity: most share of the unlabeled pool's prompts (``data.pool``: calibration and
+            train prompts, sister datasets; no labels) whose answer may differ from the dense
+            model's, under the same bound (changed answers plus ``confidence·sqrt(changed)``).
+            A candidate must hold both this and the validation constraint: the pool is far
+            larger than the labelled split and spans the sister datasets, so a cut that only
+            holds on the validation examples is refused. 0 = no pool check.
+        pool_examples: pool prompts the fidelity check scores, spread over the pool (0: all).
+        confirm: z of the confirmation check (``data.sizes.confirmation`` examples, read by
+            nothing else): the final levels must keep their lost score plus
+            ``confirm·sqrt(changed answers)`` within epsilon of the base model on that split,
+            else they step back toward dense along the price path until they do (z >= 2:
+            bench/selection_bias.py simulates why the validation bound alone is optimistic).
+        fisher: the sensitivity seed's gradients: model (the Fisher of the model's own answer
+            distribution: what a cut changes in its answers, whatever the labels) or label
+            (the label loss's, the empirical Fisher).
     """
 
     strategy: Literal["genetic", "uniform"] = "genetic"
@@ -97,6 +113,10 @@ class SearchConfig:
     rank_multiple: int = 1
     seeds: list[Literal["sensitivity", "kind"]] = field(default_factory=lambda: ["sensitivity"])
     confidence: float = 1.0
+    fidelity: float = 0.0
+    pool_examples: int = 0
+    confirm: float = 2.0
+    fisher: Literal["model", "label"] = "model"
 
     def __post_init__(self) -> None:
         self.check()  # a bad value fails where the config is built (parsing), not mid-run
@@ -112,8 +132,12 @@ class SearchConfig:
             raise SieveError(f"search.resolution must be in (0, 1), got {self.resolution}")
         if not self.ladder or any(not 0 < p <= 1 for p in self.ladder):
             raise SieveError(f"search.ladder values must be in (0, 1], got {self.ladder}")
-        if self.confidence < 0:
-            raise SieveError(f"search.confidence must be >= 0, got {self.confidence}")
+        if self.confidence < 0 or self.confirm < 0:
+            raise SieveError(f"search.confidence and search.confirm must be >= 0, got "
+                             f"{self.confidence}, {self.confirm}")
+        if not 0 <= self.fidelity < 1 or self.pool_examples < 0:
+            raise SieveError(f"search.fidelity must be in [0, 1) and pool_examples >= 0, got "
+                             f"{self.fidelity}, {self.pool_examples}")
         if self.rank_multiple < 1:
             raise SieveError(f"search.rank_multiple must be >= 1, got {self.rank_multiple}")
         if self.population < 2 or self.generations < 0 or not 0 <= self.elite < self.population:
@@ -125,7 +149,7 @@ class SearchConfig:
                 else base_accuracy - self.epsilon)
 
 
-STATE_FORMAT = 2  # of the resumable state in uniform.json; raise it when its content changes
+STATE_FORMAT = 3  # of the resumable state in uniform.json; raise it when its content changes
 
 
 class Search(Stage):
@@ -139,17 +163,32 @@ class Search(Stage):
                                                                         groups, config)
 
     def fingerprint(self) -> dict:
-        return {"data": self.ctx.data.fingerprint_config("validation"), **asdict(self.config)}
+        data = self.ctx.data
+        return {"data": data.fingerprint_config("validation"), **asdict(self.config),
+                **({"pool": data.pool_fingerprint()} if self.config.fidelity else {}),
+                **({"confirmation": data.fingerprint_config("confirmation")}
+                   if self._confirms() else {})}
+
+    def _confirms(self) -> bool:
+        return bool(len(self.ctx.data.splits.get("confirmation", ()))) and self.config.confirm > 0
 
     def run(self, work: Path) -> Searched:
         ctx, config = self.ctx, self.config
         fitness = Fitness(ctx.trainer, ctx.lm, self.pruner, ctx.data.val_dataloader(),
                           config.early_reject, config.confidence)
+        if config.fidelity:
+            fitness.pool = pool_fitness(ctx.trainer, ctx.lm, self.pruner, ctx.data,
+                                        config.pool_examples, config.early_reject,
+                                        config.confidence)
+            fitness.pool_budget = config.fidelity * fitness.pool.n
+        confirmation = (Fitness(ctx.trainer, ctx.lm, self.pruner,
+                                ctx.data.confirmation_dataloader(), config.early_reject,
+                                config.confirm) if self._confirms() else None)
         costs = partial(sensitivity_costs, ctx.trainer, ctx.lm, self.pruner,
                         ctx.calibration_loader(), self.stats, self.groups,
-                        config.ladder)
+                        config.ladder, config.fisher)
         return Searched.from_record(search(fitness, self.pruner.names, config, work,
-                                           ctx.trainer.is_global_zero, costs))
+                                           ctx.trainer.is_global_zero, costs, confirmation))
 
     def save(self, found: Searched, folder: Path) -> None:
         save_search(found.record(), folder)
@@ -160,12 +199,23 @@ class Search(Stage):
 
 def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
            is_writer: bool = True,
-           costs: Callable[[], dict[str, list[dict]]] | None = None) -> dict:
+           costs: Callable[[], dict[str, list[dict]]] | None = None,
+           confirmation: Fitness | None = None) -> dict:
     """Uniform bisection, then (strategy genetic) the seed allocations and the GA seeded with
-    them; ``costs`` gives the sensitivity seed's per-unit cost estimates. The model moves from
-    candidate to candidate and ends back at dense."""
+    them; ``costs`` gives the sensitivity seed's per-unit cost estimates. With a
+    ``confirmation`` scorer the result is confirmed (``confirm.py``) and, if it fails, stepped
+    back. The model moves from candidate to candidate and ends back at dense."""
     try:
-        return _search(fitness, names, config, work, is_writer, costs)
+        found = _search(fitness, names, config, work, is_writer, costs)
+        if confirmation is None:
+            return found
+        checked = confirm(confirmation, found["levels"], names, config, found.get("path"))
+        if not checked["passed"]:  # the validation figures of the levels it stepped back to
+            fitness.label = "search: confirmed levels"
+            found = {**found, "searched_levels": found["levels"],
+                     "levels": checked["levels"], "accuracy": fitness.accuracy(checked["levels"]),
+                     "kept": fitness.pruner.params(checked["levels"])[0]}
+        return {**found, "confirmation": {k: v for k, v in checked.items() if k != "levels"}}
     finally:
         fitness.pruner.apply(1.0)
 
@@ -192,7 +242,7 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
         uniform["seeds"] = {}
         if config.strategy == "genetic":
             if "sensitivity" in config.seeds and costs is not None:
-                path = price_path(costs())
+                path = uniform["path"] = price_path(costs())
                 uniform["seeds"]["sensitivity"] = path_search(
                     _judge(fitness, budget, "sensitivity seed"), path, names,
                     fitness.pruner.params(1.0)[1], base_accuracy, config)
@@ -208,7 +258,8 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
                                            uniform["fitness"]["evaluations"])
     result = {"base_accuracy": uniform["base_accuracy"], "target": uniform["target"],
               "uniform": {k: v for k, v in uniform.items()
-                          if k not in ("fitness", "seeds", "format")},
+                          if k not in ("fitness", "seeds", "format", "path")},
+              "path": [list(step) for step in uniform.get("path", [])],
               "seeds": {name: {**seed, "kept": fitness.pruner.params(seed["levels"])[0]}
                         for name, seed in uniform["seeds"].items()},
               "validation_examples": fitness.n, "validation_tokens": fitness.tokens_total}
@@ -226,6 +277,7 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
     naive = config.population * (config.generations + 1) * fitness.tokens_total
     return {**result, **found, "ladder": ladder,
             "cost": {"search_tokens": fitness.tokens_spent, "evaluations": fitness.evaluations,
+                     "pool_tokens": fitness.pool.tokens_spent if fitness.pool else 0,
                      "ga_tokens": fitness.tokens_spent - uniform_tokens,
                      "ga_evaluations": fitness.evaluations - uniform_evaluations,
                      "uniform_tokens": uniform_tokens, "naive_tokens": naive}}

@@ -103,6 +103,11 @@ class Unit:
     def params(self, size: int | None) -> int:
         raise NotImplementedError
 
+    def at_least(self, fraction: float, multiple: int) -> int | None:
+        """The smallest size (in steps of ``multiple``) that keeps at least ``fraction`` of
+        the unit's weights; None: only the dense unit does."""
+        raise NotImplementedError
+
     def error(self, size: int, device=None) -> torch.Tensor:
         """``W − W'`` of ``output``'s weight (out × in, float32) at this size, on ``device``
         (default: where the dense weights are)."""

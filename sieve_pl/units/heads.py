@@ -12,6 +12,7 @@ reading the first r dimensions of each head.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,11 @@ class HeadUnit(Unit):
 
     def params(self, r: int | None) -> int:
         return self.total if r is None else self.total * r // self.head_dim
+
+    def at_least(self, fraction: float, multiple: int) -> int | None:
+        step = max(1, min(multiple, self.head_dim // 8))
+        r = -(-math.ceil(fraction * self.head_dim) // step) * step
+        return None if r >= self.head_dim else max(r, step)
 
     def _refit(self, r: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``P`` per kv head (kv × r × d) and o's refitted columns per query head (heads × r ×

@@ -12,6 +12,7 @@ is one matrix product when the unit is built, on its device): half the bytes of 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,11 @@ class MatrixUnit(Unit):
 
     def params(self, rank: int | None) -> int:
         return matrix_params(*self.shape, rank)
+
+    def at_least(self, fraction: float, multiple: int) -> int | None:
+        h, d = self.shape
+        rank = -(-math.ceil(fraction * h * d / (h + d)) // multiple) * multiple
+        return None if rank > max_rank(h, d) else max(rank, multiple)
 
     def factors(self, rank: int, refitted=None, device=None
                 ) -> tuple[torch.Tensor, torch.Tensor]:

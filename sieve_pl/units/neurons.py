@@ -14,6 +14,7 @@ stored packed by block rows (half the bytes of the square, and a prefix is conti
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -180,6 +181,11 @@ class NeuronUnit(Unit):
 
     def params(self, k: int | None) -> int:
         return self.total if k is None else self.total * k // self.inner
+
+    def at_least(self, fraction: float, multiple: int) -> int | None:
+        step = min(multiple, self.inner)
+        k = -(-math.ceil(fraction * self.inner) // step) * step
+        return None if k >= self.inner else max(k, step)
 
     def error(self, k: int, device=None) -> torch.Tensor:
         """``W_down − W_down'`` over all I columns (dropped neurons' columns whole): the change

@@ -1,0 +1,144 @@
+"""Selection that holds out of sample: the pool's agreement with the dense model, the
+confirmation split and its step back, the floor no unit goes below, the model's own Fisher."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from sieve_pl.models.module import SieveLM
+from sieve_pl.models.pruning import Pruner
+from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
+from sieve_pl.stages.confirm import confirm
+from sieve_pl.stages.fitness import Fitness, pool_fitness
+from sieve_pl.stages.project import ProjectionConfig, project
+from sieve_pl.stages.search import SearchConfig, search
+from sieve_pl.tasks import SplitSizes, TaskDataModule
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama, tokenizer):
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    data = TaskDataModule(sizes=SplitSizes(calibration=16, validation=30, test=6, train=10,
+                                           confirmation=30), batch_size=6)
+    data.prepare(tokenizer)
+    lm = SieveLM(tiny_llama)
+    lm.load()
+    lm.set_task(data.task)
+    groups = lm.adapter.input_groups(lm.net)
+    stats = calibrate(trainer, lm.net, groups, data.calibration_dataloader(), CalibrationConfig())
+    bases = project(lm.net, groups, stats, ProjectionConfig(), mlps=lm.adapter.mlps(lm.net))
+    return trainer, lm, bases, data
+
+
+def test_the_pool_scores_agreement_with_the_dense_answers_hardest_first(setup):
+    trainer, lm, bases, data = setup
+    pruner = Pruner(lm.net, bases)
+    pool = pool_fitness(trainer, lm, pruner, data)
+    assert pool.n == len(data.pool()) == 26  # calibration and train prompts
+    assert pool.correct(1.0) == [1.0] * pool.n  # the dense model agrees with itself
+    cut = pool.correct(0.2)
+    assert 0 < sum(cut) < pool.n
+    # the prompts whose dense answer wins by the least come first: cuts flip them first
+    flips = [1 - s for s in cut]
+    half = pool.n // 2
+    assert sum(flips[:half]) >= sum(flips[half:])
+    assert pool.judge(0.2, 0.0)["feasible"] is False and pool.judge(1.0, 0.0)["feasible"]
+
+
+def test_a_candidate_must_also_hold_the_pool(setup):
+    trainer, lm, bases, data = setup
+    pruner = Pruner(lm.net, bases)
+    fitness = Fitness(trainer, lm, pruner, data.val_dataloader())
+    fitness.hardest_first()
+    loose = fitness.budget(0.0)  # any validation accuracy passes
+    assert fitness.judge(0.3, loose)["feasible"]
+    fitness.memo.clear()
+    fitness.pool = pool_fitness(trainer, lm, pruner, data)
+    fitness.pool_budget = 0.0  # no dense answer may change
+    verdict = fitness.judge(0.3, loose)
+    assert not verdict["feasible"] and verdict["pool"]["feasible"] is False
+    # ranked above any validation failure, below any feasible candidate
+    assert fitness.n - 1 <= verdict["over_at"] < fitness.n
+    assert fitness.judge(1.0, loose)["feasible"]
+    state = fitness.state()
+    assert "pool" in state and state["pool"]["memo"]
+
+
+def test_confirmation_keeps_levels_that_pass_and_steps_back_from_those_that_fail(setup):
+    trainer, lm, bases, data = setup
+    pruner = Pruner(lm.net, bases)
+    names = pruner.names
+    check = Fitness(trainer, lm, pruner, data.confirmation_dataloader(), confidence=2.0)
+    light = dict.fromkeys(names, 0.95)
+    passed = confirm(check, light, names, SearchConfig(epsilon=0.9))
+    assert passed["passed"] and passed["levels"] == light and passed["examples"] == 30
+    deep = dict.fromkeys(names, 0.1)
+    # along a price path: the path's steps undone from its expensive end
+    path = [[n, 0.1, 1] for n in names]
+    stepped = confirm(check, deep, names, SearchConfig(epsilon=0.05), path)
+    assert not stepped["passed"] and len(stepped["history"]) > 1
+    assert all(stepped["levels"][n] >= deep[n] for n in names)
+    assert pruner.params(stepped["levels"])[0] > pruner.params(deep)[0]
+    assert check.judge(stepped["levels"], check.budget(SearchConfig(epsilon=0.05).target(
+        stepped["base_accuracy"])))["feasible"]
+    # without a path: every cut scaled towards none
+    scaled = confirm(check, deep, names, SearchConfig(epsilon=0.05))
+    assert not scaled["passed"]
+    assert all(deep[n] <= scaled["levels"][n] <= 1 for n in names)
+
+
+def test_search_confirms_its_levels_and_records_it(setup):
+    trainer, lm, bases, data = setup
+    pruner = Pruner(lm.net, bases)
+    config = SearchConfig(epsilon=0.3, population=4, generations=1, seeds=[], confirm=2.0)
+    fitness = Fitness(trainer, lm, pruner, data.val_dataloader(), True, config.confidence)
+    check = Fitness(trainer, lm, pruner, data.confirmation_dataloader(), True, config.confirm)
+    found = search(fitness, pruner.names, config, None, True, None, check)
+    record = found["confirmation"]
+    assert record["examples"] == 30 and isinstance(record["passed"], bool)
+    if not record["passed"]:
+        assert found["searched_levels"] != found["levels"]
+    assert pruner.keep == 1.0  # the model back at dense
+
+
+def test_the_floor_keeps_every_unit_above_the_smallest_rung_after_rounding(setup):
+    _, lm, bases, _ = setup
+    floored = Pruner(lm.net, bases, rank_multiple=8, floor=0.4)
+    plain = Pruner(lm.net, bases, rank_multiple=8)
+    for name, unit in floored.units.items():
+        size = floored.sizes({name: 0.4}).get(name)
+        assert size is None or unit.params(size) >= 0.4 * unit.total, name
+        low = plain.sizes({name: 0.4}).get(name)
+        assert low is None or size is None or size >= low
+    kept, total = floored.params(0.05)
+    assert kept >= 0.4 * total
+
+
+def test_units_sizes_at_least_a_share(setup):
+    _, lm, bases, _ = setup
+    pruner = Pruner(lm.net, bases, rank_multiple=4)
+    for unit in pruner.units.values():
+        for share in (0.1, 0.4, 0.75):
+            size = unit.at_least(share, 4)
+            if size is not None:
+                assert unit.params(size) >= share * unit.total
+                assert size <= (unit.size(min(1.0, share + 0.25), 4) or size)
+
+
+def test_model_fisher_costs_are_label_free(setup, monkeypatch):
+    """The model's own Fisher never reads a label: the costs are the same with labels
+    shuffled."""
+    from sieve_pl.stages.sensitivity import gradient_moments
+
+    trainer, lm, _, data = setup
+    outputs = ["model.layers.1.mlp.down_proj"]
+    batches = list(data.calibration_dataloader())
+    first = gradient_moments(trainer, lm.net, lm.task, outputs, batches, fisher="model")
+    for batch in batches:
+        batch["labels"] = 1 - batch["labels"]
+    again = gradient_moments(trainer, lm.net, lm.task, outputs, batches, fisher="model")
+    torch.testing.assert_close(first[outputs[0]], again[outputs[0]])
+    label = gradient_moments(trainer, lm.net, lm.task, outputs, batches, fisher="label")
+    assert not torch.allclose(first[outputs[0]], label[outputs[0]])
