@@ -73,6 +73,9 @@ class Fitness:
         screening decide after fewer examples. Returns the base model's scores (split order)."""
         scores = self.correct(1.0)
         safety = self.correct(1.0, measure=self.safety or self.lm.task.confidence)
+        if self.order is not None:  # scored in an earlier order: back to the split's order
+            scores, safety = ([x for _, x in sorted(zip(self.order, xs))]
+                              for xs in (scores, safety))
         self.reorder(sorted(range(self.n), key=lambda i: (scores[i], safety[i])))
         self.base = [scores[i] for i in self.order]
         return scores
