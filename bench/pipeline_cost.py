@@ -30,7 +30,7 @@ import torch
 
 from common import open_run, run_pruner, write_result
 from sieve_pl.io import read_json
-from sieve_pl.stages.calibrate import Calibration
+from sieve_pl.stages.calibrate import calibrate
 from sieve_pl.stages.project import project
 from sieve_pl.stages.recover import lora_targets
 from sieve_pl.stages.search import Fitness, search
@@ -103,16 +103,16 @@ def main() -> None:
         loader = data.loader("calibration", limit=args.batches * data.batch_size)
         tokens = sum(int(b["attention_mask"].sum()) for b in loader)
         config = pipeline.calibration
-        variants = {"plain": lambda: Forward(lm.net),
-                    "calibration": lambda: Calibration(lm.net, groups, config.dtype, "auto",
-                                                       config.product_dtype),
-                    "float64 products": lambda: Calibration(lm.net, groups, config.dtype, "auto",
-                                                            "float64")}
+        variants = {"plain": lambda: trainer.predict(Forward(lm.net), loader,
+                                                     return_predictions=False),
+                    "calibration": lambda: calibrate(trainer, lm.net, groups, loader, config),
+                    "float64 products": lambda: calibrate(
+                        trainer, lm.net, groups, loader,
+                        dataclasses.replace(config, product_dtype="float64"))}
         times = {k: [] for k in variants}
         for _ in range(2):  # alternated: machine noise hits all alike; the fastest round counts
-            for name, make in variants.items():
-                times[name].append(seconds(lambda: trainer.predict(make(), loader,
-                                                                   return_predictions=False)))
+            for name, work in variants.items():
+                times[name].append(seconds(work))
         best = {k: min(v) for k, v in times.items()}
         result["calibration"] = {
             "tokens": tokens, "dtype": config.dtype, "product_dtype": config.product_dtype,

@@ -141,7 +141,7 @@ class Pipeline:
 
     def context(self) -> Context:
         return Context(self.trainer, self.lm, self.data, self.make_trainer, self.run.path,
-                       self.calibration.examples)
+                       self.calibration.examples, self.calibration.pool)
 
     def load(self) -> RunDir:
         """Checks, then weights; returns the run directory."""

@@ -169,35 +169,33 @@ def model_card(r: dict, base_model: str, task: str, source: str, prompt: str | N
 
 
 def save_search(result: dict, folder: Path) -> None:
-    """search.json, levels.json, logbook.csv and PNG plots of the search."""
-    folder = Path(folder)
-    write_json(folder / "search.json", result)
-    write_json(folder / "levels.json", result["levels"])
-    logbook = result.get("logbook") or []
-    if not logbook:
-        return
-    with open(folder / "logbook.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(logbook[0]))
-        writer.writeheader()
-        writer.writerows(logbook)
-
+    """search.json, levels.json and levels.png; the GA's logbook.csv and fitness.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    gens = [r["generation"] for r in logbook]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(gens, [r["best"] for r in logbook], marker="o", label="best")
-    ax.plot(gens, [r["mean"] for r in logbook], marker=".", label="mean")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("generation")
-    ax.set_ylabel("fitness (fraction removed; < 0 infeasible)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "fitness.png", dpi=120)
-    plt.close(fig)
+    folder = Path(folder)
+    write_json(folder / "search.json", result)
+    write_json(folder / "levels.json", result["levels"])
+    logbook = result.get("logbook") or []
+    if logbook:
+        with open(folder / "logbook.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(logbook[0]))
+            writer.writeheader()
+            writer.writerows(logbook)
+        gens = [r["generation"] for r in logbook]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(gens, [r["best"] for r in logbook], marker="o", label="best")
+        ax.plot(gens, [r["mean"] for r in logbook], marker=".", label="mean")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("generation")
+        ax.set_ylabel("fitness (fraction removed; < 0 infeasible)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "fitness.png", dpi=120)
+        plt.close(fig)
 
     cells = {layer_and_kind(n): keep for n, keep in result["levels"].items()}
     layers = sorted({layer for layer, _ in cells})

@@ -236,7 +236,8 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
             "--run.root", str(tmp_path), "--data.sizes.calibration", "32",
             "--data.sizes.validation", "48", "--data.sizes.test", "48",
             "--data.sizes.train", "32", "--data.sizes.confirmation", "48",
-            "--data.pool.sisters", "{drug_reviews: 16}", "--search.population", "6",
+            "--data.pool.sisters", "{drug_reviews: 16}", "--calibration.pool", "16",
+            "--search.strategy", "genetic", "--search.population", "6",
             "--search.generations", "2", "--recover.epochs", "1", "--recover.steps", "8",
             "--distill.epochs", "1", "--transfer.examples", "16",
             # 48 validation examples: too few for the confidence bound to allow any cut

@@ -62,7 +62,7 @@ def test_a_candidate_must_also_hold_the_pool(setup):
     assert fitness.judge(0.3, loose)["feasible"]
     fitness.memo.clear()
     fitness.pool = pool_fitness(trainer, lm, pruner, data)
-    fitness.pool_budget = 0.0  # no dense answer may change
+    fitness.pool_share = 0.0  # no expected loss on the pool
     verdict = fitness.judge(0.3, loose)
     assert not verdict["feasible"] and verdict["pool"]["feasible"] is False
     # ranked above any validation failure, below any feasible candidate

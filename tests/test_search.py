@@ -167,7 +167,7 @@ def test_resume_after_interruption_equals_uninterrupted(setup, tmp_path):
     work.mkdir()
     fitness = _fitness(setup)
     calls = {"n": 0}
-    correct = fitness.correct
+    correct = fitness._correct  # (every scoring pass, one evaluation each)
 
     def dying(*args, **kwargs):  # dies mid-generation 2
         calls["n"] += 1
@@ -177,7 +177,7 @@ def test_resume_after_interruption_equals_uninterrupted(setup, tmp_path):
 
     cost = uninterrupted["cost"]
     kill_after = cost["evaluations"] - cost["ga_evaluations"] // 3
-    fitness.correct = dying
+    fitness._correct = dying
     with pytest.raises(Killed):
         search(fitness, names, CONFIG, work)
     assert (work / "state.json").exists()

@@ -51,6 +51,11 @@ class CalibrationConfig:
         read_weight: each sequence's last position (left padding: the token whose next-token
             logits a classification task reads) counts as this many tokens in the sums; 1 = all
             tokens alike. Most calibration tokens are the review text and the prompt template.
+        pool: prompts from outside the task's own data (``data.pool``'s sister datasets and
+            unlabeled text; never a row the validation, confirmation, test or cross-dataset
+            splits hold) added to the calibration examples, spread over them: statistics (and
+            the sensitivity seed's model Fisher, which needs no labels) that see the sister
+            datasets too, so projections keep what they need. 0: the calibration split only.
     """
 
     dtype: str = "float64"
@@ -58,13 +63,14 @@ class CalibrationConfig:
     product_dtype: Literal["float32", "float64"] = "float32"
     examples: int = 0
     read_weight: int = 1
+    pool: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float64"):
             raise SieveError(f"calibration.dtype must be float32 or float64, got {self.dtype!r}")
-        if self.examples < 0 or self.read_weight < 1:
-            raise SieveError("calibration needs examples >= 0 and read_weight >= 1, got "
-                             f"{self.examples}, {self.read_weight}")
+        if self.examples < 0 or self.read_weight < 1 or self.pool < 0:
+            raise SieveError("calibration needs examples >= 0, read_weight >= 1 and pool >= 0, "
+                             f"got {self.examples}, {self.read_weight}, {self.pool}")
 
 
 class Batches(L.LightningModule):
@@ -203,6 +209,9 @@ class Calibrate(Stage):
         config = asdict(self.config)
         for setting in ("device", "product_dtype"):
             config.pop(setting)
+        if config.pop("pool"):  # (0 adds nothing: runs made before the option still match)
+            config["pool"] = {"prompts": self.config.pool,
+                              "data": self.ctx.data.pool_fingerprint()}
         return {**self.identity, **config}
 
     def run(self, work: Path) -> Path:

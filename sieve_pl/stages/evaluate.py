@@ -108,7 +108,7 @@ def variant_list(found: Searched, pruned_accuracy: float, recovered: Recovered,
     ran. Known: validation accuracy, and the confirmation accuracy recovery measured."""
     variants = [("base", 1.0, {"validation": found.base_accuracy}, {})]
     uniform = found.details["uniform"]
-    if strategy != "uniform":
+    if strategy == "genetic":
         variants.append(("uniform", uniform["keep"], {"validation": uniform["accuracy"]}, {}))
     for name, seed in (found.details.get("seeds") or {}).items():
         variants.append((f"seed_{name}", seed["levels"], {"validation": seed["accuracy"]}, {}))

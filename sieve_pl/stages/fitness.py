@@ -36,7 +36,7 @@ class Fitness:
         # per-example score and the base model's safety margin (default: the task's)
         self.measure, self.safety = measure, safety
         self.pool: Fitness | None = None  # the unlabeled pool a feasible candidate must pass
-        self.pool_budget = 0.0
+        self.pool_share = 1.0  # of the labelled split's allowed loss, per pool prompt
         self.base: list[float] | None = None  # the base model's scores, in scoring order
         self.loader = dataloader
         self.batches = list(dataloader)
@@ -71,8 +71,13 @@ class Fitness:
         """Score the examples the base model gets wrong, then those it gets right by the
         smallest margin, first: pruned candidates fail there first, so early rejection and
         screening decide after fewer examples. Returns the base model's scores (split order)."""
-        scores = self.correct(1.0)
-        safety = self.correct(1.0, measure=self.safety or self.lm.task.confidence)
+        if self.measure is None and self.safety is None:  # the task's: one forward for both
+            self.pruner.apply(1.0)
+            graded = self._correct(None, None, None, self.lm.task.graded, columns=2)
+            scores, safety = [g[0] for g in graded], [g[1] for g in graded]
+        else:
+            scores = self.correct(1.0)
+            safety = self.correct(1.0, measure=self.safety or self.lm.task.confidence)
         if self.order is not None:  # scored in an earlier order: back to the split's order
             scores, safety = ([x for _, x in sorted(zip(self.order, xs))]
                               for xs in (scores, safety))
@@ -115,12 +120,14 @@ class Fitness:
         return self._correct(max_errors, until, prior,
                              measure or self.measure or self.lm.task.score)
 
-    def _correct(self, max_errors, until, prior, measure) -> list[float]:
+    def _correct(self, max_errors, until, prior, measure, columns: int = 1) -> list:
+        """Per-example values in scoring order, gathered over ranks (``columns`` > 1: rows of
+        that many values each, as lists)."""
         strategy = self.trainer.strategy
         world, rank, device = self.trainer.world_size, self.trainer.global_rank, strategy.root_device
         net = self.lm.place(device).eval()
         size = max(len(b["input_ids"]) for b in self.batches)
-        scores: list[float] = list(prior or [])
+        scores: list = list(prior or [])
         first, done = 0, 0
         while done < len(scores):  # the rounds ``prior`` covers
             done += sum(len(b["input_ids"]) for b in self.batches[first:first + world])
@@ -131,18 +138,21 @@ class Fitness:
         bar = tqdm(total=self.n, initial=len(scores), desc=self.label, unit="example",
                    leave=False, disable=quiet(self.trainer))
         for start in range(first, len(self.batches), world):
-            # NaN: no example; the last slot carries the tokens this rank spent
-            local = torch.full((size + 1,), float("nan"), dtype=torch.float64, device=device)
+            # NaN: no example; the last row carries the tokens this rank spent
+            local = torch.full((size + 1, columns), float("nan"), dtype=torch.float64,
+                               device=device)
             local[-1] = 0
             if start + rank < len(self.batches):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v
                          for k, v in self.batches[start + rank].items()}
-                hits = measure(net, batch).double()
+                hits = measure(net, batch).double().reshape(-1, columns)
                 local[:len(hits)] = hits
-                local[-1] = batch["attention_mask"].sum()
-            gathered = strategy.all_gather(local).reshape(-1, size + 1) if world > 1 else local[None]
-            self.tokens_spent += int(gathered[:, -1].sum())
-            new = [x for x in gathered[:, :-1].flatten().tolist() if x == x]
+                local[-1, 0] = batch["attention_mask"].sum()
+            gathered = (strategy.all_gather(local).reshape(-1, size + 1, columns) if world > 1
+                        else local[None])
+            self.tokens_spent += int(gathered[:, -1, 0].sum())
+            rows = [r for r in gathered[:, :-1].flatten(0, 1).tolist() if r[0] == r[0]]
+            new = [r[0] for r in rows] if columns == 1 else rows
             scores += new
             bar.update(len(new))
             if (max_errors is not None and self.early_reject and scores
@@ -190,15 +200,18 @@ class Fitness:
         self.memo.pop(key + "~", None)
         verdict = self._verdict(scores, budget)
         if verdict["feasible"] and self.pool is not None:
-            verdict = self._with_pool(keep, verdict)
+            verdict = self._with_pool(keep, verdict, budget)
         self.memo[key] = verdict
         return verdict
 
-    def _with_pool(self, keep, verdict: dict) -> dict:
-        """A candidate that holds the labelled split must also agree with the dense model on
-        the pool. One that does not is infeasible, ranked above every labelled failure: its
-        ``over_at`` is past the split's end by the share of the pool it got through."""
-        pool = self.pool.judge(keep, self.pool_budget)
+    def _with_pool(self, keep, verdict: dict, budget: float) -> dict:
+        """A candidate that holds the labelled split must also hold the pool, whose allowed
+        loss per prompt is ``pool_share`` of the split's (``budget`` less the base model's lost
+        score, per example). One that does not is infeasible, ranked above every labelled
+        failure: its ``over_at`` is past the split's end by the share of the pool it got
+        through."""
+        allowed = (budget - Fitness.lost(self.base or [])) / self.n  # (base − target)
+        pool = self.pool.judge(keep, self.pool_share * allowed * self.pool.n)
         verdict = {**verdict, "pool": {k: pool[k] for k in ("feasible", "over_at", "seen",
                                                              "accuracy")}}
         if not pool["feasible"]:
@@ -248,10 +261,15 @@ class _WithReference(torch.utils.data.Dataset):
 
 def pool_fitness(trainer, lm, pruner, data, examples: int = 0, early_reject: bool = True,
                  confidence: float = 0.0) -> Fitness:
-    """The unlabeled pool (``data.pool_loader``, ``examples`` prompts spread over it; 0: all)
-    as a Fitness whose score is agreement with the dense model's answer (the task's
-    ``agreement``: the same class or option; token F1 of the decoded answers for generation),
-    scored hardest first: the prompts whose dense answer wins by the smallest margin."""
+    """The unlabeled pool (``data.pool_loader``, ``examples`` prompts spread over it; 0: all) as
+    a Fitness whose score estimates, without labels, how right the pruned answer is where the
+    dense one is right: 1 where it gives the dense answer, else ``1 − (p(a_dense) − p(a))``
+    with ``p`` the dense model's own answer probabilities — a changed answer costs what the
+    dense model itself would bet on it (a near tie, nothing; a confident answer, one whole
+    example), so the lost score is the expected accuracy loss if the dense model's
+    probabilities are calibrated. Tasks without a finite answer set (generation) score the
+    agreement of the answers (token F1 with the dense model's). Scored hardest first: the
+    prompts whose dense answer wins by the smallest margin."""
     from torch.utils.data import DataLoader
 
     from ..models.module import outputs
@@ -259,26 +277,28 @@ def pool_fitness(trainer, lm, pruner, data, examples: int = 0, early_reject: boo
     task = lm.task
     loader = data.pool_loader(limit=examples or None)
     pruner.apply(1.0)
-    finite = task.answer_logprobs is not None and next(iter(loader), None) is not None and (
-        task.answer_logprobs(lm.net.eval(), next(iter(loader))) is not None)
-
-    def dense(net, batch):  # the dense answer and its margin over the runner-up
-        logp = task.answer_logprobs(net, batch)
-        top = logp.topk(min(2, logp.shape[1]), -1).values
-        margin = top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)
-        return torch.stack([logp.argmax(-1).float(), margin.float()], 1)
-
+    first = next(iter(loader))
+    with torch.no_grad():
+        finite = task.answer_logprobs(lm.net.eval(), first) is not None
     if finite:
-        found = outputs(trainer, lm.net, loader, dense)
-        references, margins = found[:, 0].long(), found[:, 1].tolist()
+        references = outputs(trainer, lm.net, loader, task.answer_logprobs)  # dense log p
+        top = references.topk(min(2, references.shape[1]), -1).values
+        margins = (top[:, 0] - top[:, -1]).tolist()
+
+        def measure(net, batch):
+            dense = batch["reference"].to(batch["input_ids"].device).float().exp()
+            ours = task.answer_logprobs(net, batch).argmax(-1)
+            return 1 - (dense.max(-1).values - dense.gather(1, ours[:, None])[:, 0])
     else:
         references = outputs(trainer, lm.net, loader, task.reference)
         margins = [0.0] * len(references)
+
+        def measure(net, batch):
+            return task.agreement(net, batch, batch["reference"])
     rows = _WithReference(list(loader.dataset), references, loader.collate_fn)
     fitness = Fitness(trainer, lm, pruner,
                       DataLoader(rows, batch_size=loader.batch_size, collate_fn=rows.collate),
-                      early_reject, confidence,
-                      measure=lambda net, batch: task.agreement(net, batch, batch["reference"]))
+                      early_reject, confidence, measure=measure)
     fitness.reorder(sorted(range(fitness.n), key=margins.__getitem__))
     fitness.base = [1.0] * fitness.n  # the dense model agrees with itself
     return fitness

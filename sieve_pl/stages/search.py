@@ -35,7 +35,10 @@ class SearchConfig:
     """How much accuracy may be lost, and how the keep levels are searched.
 
     Args:
-        strategy: genetic (one level per unit, seeded by the uniform level) or uniform only.
+        strategy: genetic (one level per unit, a GA seeded by the uniform level and the seeds),
+            sensitivity (the sensitivity price path alone: the longest prefix within epsilon;
+            no uniform bisection, no GA: cheaper, and on the demo the GA's levels removed
+            little more than the path's) or uniform only.
         epsilon: allowed accuracy loss, in (0, 1).
         relative: true: target is (1 - epsilon) * base accuracy; false: base accuracy - epsilon.
         ladder: keep fractions (of its weights) a unit may take, each in (0, 1]; 1 keeps it
@@ -76,12 +79,16 @@ class SearchConfig:
             root of the examples it answers differently from the base model), so a candidate
             that breaks many examples and is rescued by lucky fixes — one that holds epsilon on
             this split only — is refused. 0 = the plain accuracy constraint.
-        fidelity: most share of the unlabeled pool's prompts (``data.pool``: calibration and
-            train prompts, sister datasets; no labels) whose answer may differ from the dense
-            model's, under the same bound (changed answers plus ``confidence·sqrt(changed)``).
-            A candidate must hold both this and the validation constraint: the pool is far
+        fidelity: the share of epsilon's allowed loss that the unlabeled pool's estimated
+            loss may take (``data.pool``: calibration and train prompts, sister datasets; no
+            labels; 0 = no pool check). Each pool prompt whose answer changes costs the dense
+            model's own probability of its answer minus that of the new one (a near tie
+            nothing, a confident answer one example): the expected accuracy loss if the dense
+            model's probabilities are calibrated. It is bounded like validation's lost score
+            (plus ``confidence·sqrt(Σ cost²)``), within ``fidelity·(base − target)`` per
+            prompt, base and target from validation. A candidate must hold both: the pool is
             larger than the labelled split and spans the sister datasets, so a cut that only
-            holds on the validation examples is refused. 0 = no pool check.
+            holds on the validation examples is refused.
         pool_examples: pool prompts the fidelity check scores, spread over the pool (0: all).
         confirm: z of the confirmation check (``data.sizes.confirmation`` examples, read by
             nothing else): the final levels must keep their lost score plus
@@ -93,7 +100,7 @@ class SearchConfig:
             (the label loss's, the empirical Fisher).
     """
 
-    strategy: Literal["genetic", "uniform"] = "genetic"
+    strategy: Literal["genetic", "sensitivity", "uniform"] = "genetic"
     epsilon: float = 0.05
     relative: bool = True
     ladder: list[float] = field(
@@ -135,8 +142,8 @@ class SearchConfig:
         if self.confidence < 0 or self.confirm < 0:
             raise SieveError(f"search.confidence and search.confirm must be >= 0, got "
                              f"{self.confidence}, {self.confirm}")
-        if not 0 <= self.fidelity < 1 or self.pool_examples < 0:
-            raise SieveError(f"search.fidelity must be in [0, 1) and pool_examples >= 0, got "
+        if self.fidelity < 0 or self.pool_examples < 0:
+            raise SieveError(f"search.fidelity and search.pool_examples must be >= 0, got "
                              f"{self.fidelity}, {self.pool_examples}")
         if self.rank_multiple < 1:
             raise SieveError(f"search.rank_multiple must be >= 1, got {self.rank_multiple}")
@@ -180,13 +187,13 @@ class Search(Stage):
             fitness.pool = pool_fitness(ctx.trainer, ctx.lm, self.pruner, ctx.data,
                                         config.pool_examples, config.early_reject,
                                         config.confidence)
-            fitness.pool_budget = config.fidelity * fitness.pool.n
+            fitness.pool_share = config.fidelity  # of (base − target) per prompt
         confirmation = (Fitness(ctx.trainer, ctx.lm, self.pruner,
                                 ctx.data.confirmation_dataloader(), config.early_reject,
                                 config.confirm) if self._confirms() else None)
         costs = partial(sensitivity_costs, ctx.trainer, ctx.lm, self.pruner,
-                        ctx.calibration_loader(), self.stats, self.groups,
-                        config.ladder, config.fisher)
+                        ctx.calibration_loader(labelled=config.fisher == "label"), self.stats,
+                        self.groups, config.ladder, config.fisher)
         return Searched.from_record(search(fitness, self.pruner.names, config, work,
                                            ctx.trainer.is_global_zero, costs, confirmation))
 
@@ -238,15 +245,21 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
                 f"search: epsilon {config.epsilon} allows {slack:.1f} more lost score than the "
                 f"base model's on {fitness.n} validation examples; levels chosen on so few errors "
                 "fit this split's noise (use more validation examples or a larger epsilon)")
-        uniform = uniform_search(_judge(fitness, budget, "uniform"), base_accuracy, config)
+        if config.strategy == "sensitivity":  # the price path alone
+            if costs is None:
+                raise ValueError("search.strategy sensitivity needs the sensitivity costs")
+            uniform = {"base_accuracy": base_accuracy, "target": config.target(base_accuracy),
+                       "history": []}
+        else:
+            uniform = uniform_search(_judge(fitness, budget, "uniform"), base_accuracy, config)
         uniform["seeds"] = {}
-        if config.strategy == "genetic":
-            if "sensitivity" in config.seeds and costs is not None:
+        if config.strategy != "uniform":
+            if ("sensitivity" in config.seeds or config.strategy == "sensitivity") and costs:
                 path = uniform["path"] = price_path(costs())
                 uniform["seeds"]["sensitivity"] = path_search(
                     _judge(fitness, budget, "sensitivity seed"), path, names,
                     fitness.pruner.params(1.0)[1], base_accuracy, config)
-            if "kind" in config.seeds:
+            if "kind" in config.seeds and config.strategy == "genetic":
                 uniform["seeds"]["kind"] = kind_search(_judge(fitness, budget, "kind seed"),
                                                        kinds_of(fitness, names),
                                                        uniform["keep"], uniform["accuracy"],
@@ -263,11 +276,17 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
               "seeds": {name: {**seed, "kept": fitness.pruner.params(seed["levels"])[0]}
                         for name, seed in uniform["seeds"].items()},
               "validation_examples": fitness.n, "validation_tokens": fitness.tokens_total}
+    cost = {"search_tokens": uniform_tokens, "evaluations": uniform_evaluations,
+            "pool_tokens": fitness.pool.tokens_spent if fitness.pool else 0}
     if config.strategy == "uniform":
         kept, total = fitness.pruner.params(uniform["keep"])
         return {**result, "levels": dict.fromkeys(names, uniform["keep"]),
-                "accuracy": uniform["accuracy"], "kept": kept, "feasible": True,
-                "cost": {"search_tokens": uniform_tokens, "evaluations": uniform_evaluations}}
+                "accuracy": uniform["accuracy"], "kept": kept, "feasible": True, "cost": cost}
+    if config.strategy == "sensitivity":  # the path's point is the result, not a seed
+        path = result["seeds"].pop("sensitivity")
+        return {**result, "levels": path["levels"], "accuracy": path["accuracy"],
+                "kept": path["kept"], "feasible": True, "cost": cost,
+                "steps": path["steps"], "history": path["history"]}
     seeds = [seed["levels"] for seed in uniform["seeds"].values()]
     ladder = ladder_with(config.ladder, uniform["keep"],
                          *(keep for levels in seeds for keep in levels.values()))

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from ..artifacts import load_factors, save_factors, save_tensors
 from ..io import read_json, write_json
 
+PROMPT_KEYS = ("input_ids", "attention_mask", "position_ids", "choice_ids", "choice_mask")
+
 if TYPE_CHECKING:
     import lightning as L
 
@@ -36,11 +38,21 @@ class Context:
     make_trainer: Callable[..., L.Trainer]
     path: Path
     calibration_examples: int = 0
+    calibration_pool: int = 0
 
-    def calibration_loader(self):
+    def calibration_loader(self, labelled: bool = False):
         """The calibration examples that statistics, gradients and learned projections use
-        (``calibration.examples`` of the split, spread over it; 0: all)."""
-        return self.data.loader("calibration", limit=self.calibration_examples or None)
+        (``calibration.examples`` of the split, spread over it; 0: all), plus
+        ``calibration.pool`` prompts from outside the task's splits (its sister datasets,
+        unlabeled text), unless ``labelled`` batches are needed."""
+        split = self.data.loader("calibration", limit=self.calibration_examples or None)
+        if labelled or not self.calibration_pool:
+            return split
+        from torch.utils.data import DataLoader
+
+        extra = self.data.pool_loader(limit=self.calibration_pool, outside=True)
+        batches = [{k: v for k, v in b.items() if k in PROMPT_KEYS} for b in [*split, *extra]]
+        return DataLoader(batches, batch_size=None)  # (ranks share the batches out)
 
 
 class Stage:

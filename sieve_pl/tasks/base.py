@@ -44,12 +44,7 @@ class Task:
     def check(self, dataset, tokenizer) -> None:
         """Fail with one clear line on a missing column or unusable setting; keep the tokenizer."""
         self.tokenizer = tokenizer
-        missing = [c for c in dict.fromkeys(column_of(f, dataset.column_names)
-                                            for f in self.columns())
-                   if c not in dataset.column_names]
-        if missing:
-            raise SieveError(f"dataset has no column {', '.join(map(repr, missing))}; "
-                             f"columns: {', '.join(dataset.column_names)}")
+        require_columns(dataset, self.columns(), "dataset")
 
     def metrics(self) -> list[str]:
         """Names of the metrics ``scores`` returns, the primary one first."""
@@ -82,12 +77,7 @@ class Task:
 
     def check_prompts(self, dataset, what: str) -> None:
         """Fail with one line when an unlabeled source lacks a prompt column."""
-        missing = [c for c in dict.fromkeys(column_of(f, dataset.column_names)
-                                            for f in self.prompt_fields())
-                   if c not in dataset.column_names]
-        if missing:
-            raise SieveError(f"{what} has no column {', '.join(map(repr, missing))}; "
-                             f"columns: {', '.join(dataset.column_names)}")
+        require_columns(dataset, self.prompt_fields(), what)
 
     def collate(self, examples: list[dict], tokenizer, max_length: int,
                 labelled: bool = True) -> dict:
@@ -115,6 +105,13 @@ class Task:
         The search scores the least safe examples first, where pruned candidates fail first.
         Default: the primary score."""
         return self.score(model, batch).float()
+
+    @torch.no_grad()
+    def graded(self, model, batch: dict) -> torch.Tensor:
+        """``score`` and ``confidence`` per example (batch × 2); kinds that read both off one
+        forward (the answer scores) override it."""
+        return torch.stack([self.score(model, batch).float(),
+                            self.confidence(model, batch).float()], 1)
 
     # --- fidelity to another model's answers (labels not needed) ----------------------------
     # Defaults for kinds with a finite answer set (classification, multiple choice); generation
@@ -154,6 +151,15 @@ class Task:
 
 
 # --- fields ------------------------------------------------------------------------------------
+
+def require_columns(dataset, fields: list[str], what: str) -> None:
+    """One line naming the columns ``fields`` read that ``dataset`` lacks, and those it has."""
+    missing = [c for c in dict.fromkeys(column_of(f, dataset.column_names) for f in fields)
+               if c not in dataset.column_names]
+    if missing:
+        raise SieveError(f"{what} has no column {', '.join(map(repr, missing))}; "
+                         f"columns: {', '.join(dataset.column_names)}")
+
 
 def column_of(field: str, columns) -> str:
     """The dataset column a field path reads: ``answers.text`` reads column ``answers``."""
@@ -270,6 +276,13 @@ def stack_rows(chunks: list[torch.Tensor], fill=None) -> torch.Tensor:
     width = max(c.shape[1] for c in chunks)
     return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=fill)
                       for c in chunks])
+
+
+def graded(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy (the answer picked is the right one) and ``margin`` per row (batch × 2) from
+    one set of answer scores."""
+    right = (scores.argmax(-1) == labels).float()
+    return torch.stack([right, margin(scores, labels)], 1)
 
 
 def margin(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ import torch
 
 from ..errors import SieveError
 from ..models.forward import answer_loss, last_logits
-from .base import (Task, encode_prompts, field_text, margin, option_logliks, pad_id, pad_tokens,
-                   with_answers)
+from .base import (Task, encode_prompts, field_text, graded, margin, option_logliks, pad_id,
+                   pad_tokens, with_answers)
 
 
 class Classification(Task):
@@ -121,6 +121,10 @@ class Classification(Task):
     def confidence(self, model, batch: dict) -> torch.Tensor:
         """Log-likelihood margin of the right label word over the best wrong one."""
         return margin(self.class_scores(model, batch), batch["labels"])
+
+    @torch.no_grad()
+    def graded(self, model, batch: dict) -> torch.Tensor:
+        return graded(self.class_scores(model, batch), batch["labels"])
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         """Cross-entropy of the label word's tokens after the prompt (not a target itself)."""

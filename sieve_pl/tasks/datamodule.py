@@ -298,11 +298,14 @@ class TaskDataModule(L.LightningDataModule):
         return self.task.collate(examples, tokenizer=self.tokenizer,
                                  max_length=self.pool_max_length, labelled=False)
 
-    def pool_loader(self, limit: int | None = None, batch_size: int | None = None
-                    ) -> DataLoader:
+    def pool_loader(self, limit: int | None = None, batch_size: int | None = None,
+                    outside: bool = False) -> DataLoader:
         """Batches of pool prompts without labels, in ``pool()`` order (by length, so batches
-        pad little; ``limit`` prompts spread evenly over it, if given)."""
+        pad little; ``limit`` prompts spread evenly over it, if given). ``outside``: only the
+        prompts from outside the task's own splits (unlabeled, sisters)."""
         rows = self.pool()
+        if outside:
+            rows = [r for r, o in zip(rows, self.pool_origins()) if o not in SPLITS]
         if limit is not None and limit < len(rows):
             rows = [rows[i * len(rows) // limit] for i in range(limit)]
         return DataLoader(rows, batch_size=batch_size or self.batch_size,

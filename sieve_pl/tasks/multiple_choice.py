@@ -7,8 +7,8 @@ import torch
 
 from ..errors import SieveError
 from ..models.forward import answer_loss
-from .base import (Task, encode_prompts, field_text, field_value, margin, option_logliks, pad_id,
-                   pad_tokens, prompt_part, with_answers)
+from .base import (Task, encode_prompts, field_text, field_value, graded, margin,
+                   option_logliks, pad_id, pad_tokens, prompt_part, with_answers)
 from .classification import label_word_tokens
 
 
@@ -237,6 +237,10 @@ class MultipleChoice(Task):
     def confidence(self, model, batch: dict) -> torch.Tensor:
         """Log-likelihood margin of the right option over the best wrong one."""
         return margin(self.option_scores(model, batch), batch["labels"])
+
+    @torch.no_grad()
+    def graded(self, model, batch: dict) -> torch.Tensor:
+        return graded(self.option_scores(model, batch), batch["labels"])
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         """Cross-entropy of the right answer's tokens (letter or text) after the prompt."""

@@ -118,9 +118,11 @@ class Neurons:
         return len(self.order)
 
     def refit(self, k: int, device=None) -> torch.Tensor:
-        """Down's weight on the first k neurons (out × k), float32 on ``device``."""
-        l_k = unpack_lower(self.l_packed, self.size, k, device=device)
-        return torch.linalg.solve_triangular(l_k, self.g[:, :k].to(device, torch.float32),
+        """Down's weight on the first k neurons (out × k), float32 (or the basis' float64)
+        on ``device``."""
+        dtype = torch.promote_types(self.g.dtype, torch.float32)  # (float64 bases stay so)
+        l_k = unpack_lower(self.l_packed, self.size, k, device=device).to(dtype)
+        return torch.linalg.solve_triangular(l_k, self.g[:, :k].to(device, dtype),
                                              upper=False, left=False)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -134,14 +136,14 @@ class Neurons:
         return cls(tensors["order"], tensors["g"], tensors["l"])
 
 
-def neuron_basis(w_down: torch.Tensor, c: torch.Tensor, ridge: float, how: str = "greedy"
-                 ) -> Neurons:
+def neuron_basis(w_down: torch.Tensor, c: torch.Tensor, ridge: float, how: str = "greedy",
+                 **blocking) -> Neurons:
     """The basis of one MLP from down's weight and input second moment (see the module
     docstring); ``how``: greedy (:func:`greedy_order`) or magnitude (``‖W[:, j]‖²·C[j, j]``,
     the cheap baseline). Computed on their device in their dtype."""
     c_lam = damped(c, ridge)
     if how == "greedy":
-        order, chol = greedy_order(w_down, c_lam)
+        order, chol = greedy_order(w_down, c_lam, **blocking)  # (block, pool)
         del c_lam  # (the largest layers hold a few I × I matrices: free each one early)
         g = w_down @ chol  # = W C_λ[:, P] L⁻ᵀ, since C_λ = chol cholᵀ and C_λ[:, P] = chol Lᵀ
         l = chol[order].tril_()  # (above the diagonal: rounding residue of zeros)
