@@ -251,8 +251,14 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
     eps = read_json(run / "search" / "stage.json")["config"]["epsilon"]
     for row in (uniform, pruned):
         assert row["validation"] >= (1 - eps) * base["validation"] - 1e-9
-    # the GA starts from the uniform level, so it never removes less
-    assert pruned["target_params_kept"] <= uniform["target_params_kept"] < summary["target_params"]
+    # the GA starts from the uniform level, so it never removes less — unless confirmation
+    # stepped its levels back toward dense
+    found = read_json(run / "search" / "search.json")
+    if summary["confirmation"]["passed"]:
+        assert pruned["target_params_kept"] <= uniform["target_params_kept"]
+    else:
+        assert found["levels"] != found["searched_levels"]
+    assert uniform["target_params_kept"] < summary["target_params"]
     assert summary["pruned_units"] > 0
     assert summary["transfer"]["drug_reviews"]["examples"] == 16
     for plot in ("levels.png", "fitness.png", "logbook.csv", "levels.json"):
@@ -288,14 +294,12 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
 def _quantized_logits_stay_close(folder: Path) -> None:
     """int8 / nf4 reloads run and stay near the float32 logits.
 
-    Tolerance: relative L2 error of the last-position logits below 0.35 for int8, 1 for nf4.
-    LLM.int8 on CPU casts activations to fp16 and rounds weights row-wise to 8 bits, nf4 to 4
-    bits per 64-weight block; errors of about 1% (int8) to several % (nf4) per matrix compound
-    over 30 layers and both factors of each factored matrix (measured on this model: 0.14-0.16
-    for int8 and 0.41-0.54 for nf4 on the demo's 41.9% cut; 0.77-0.92 for nf4 on this test's
-    cut, chosen on 48 validation examples without the confidence bound, which varies with the
-    search). A broken load (random or mis-scaled weights) is off by more than the logits' own
-    norm (> 1).
+    Compared up to softmax's free constant: the cosine of the centred last-position logits
+    must exceed 0.95 for int8 and 0.8 for nf4; a broken load (random or mis-scaled weights)
+    is near 0. Measured on this machine (CPU kernels): 0.97-0.99 (int8) and 0.89-0.94 (nf4)
+    on the base SmolLM2, 0.84-0.95 (nf4) on the demo's exports. The raw L2 error is not used:
+    nf4 shifts the logits by a per-row constant (1.1 relative on an export whose centred
+    cosine is 0.94), which no probability sees.
     """
     from sieve_pl.models.loading import load_model, load_tokenizer
     from sieve_pl.models.forward import last_logits
@@ -312,8 +316,9 @@ def _quantized_logits_stay_close(folder: Path) -> None:
             assert any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
         with torch.no_grad():
             logits = last_logits(model, batch)
-        error = float((logits - reference).norm() / reference.norm())
-        assert error < {"int8": 0.35, "nf4": 1.0}[fmt] and error > 0, (fmt, error)
+        centred = [x - x.mean(-1, keepdim=True) for x in (logits, reference)]
+        cosine = torch.nn.functional.cosine_similarity(*centred, dim=-1)
+        assert (cosine > {"int8": 0.95, "nf4": 0.8}[fmt]).all() and (cosine < 1).all(), (fmt, cosine)
 
 
 def test_fit_with_learned_projection_refit_and_distillation(tmp_path, tiny_llama, capsys):

@@ -139,9 +139,10 @@ class SearchConfig:
             raise SieveError(f"search.resolution must be in (0, 1), got {self.resolution}")
         if not self.ladder or any(not 0 < p <= 1 for p in self.ladder):
             raise SieveError(f"search.ladder values must be in (0, 1], got {self.ladder}")
-        if self.confidence < 0 or self.confirm < 0:
-            raise SieveError(f"search.confidence and search.confirm must be >= 0, got "
-                             f"{self.confidence}, {self.confirm}")
+        if self.confidence < 0:
+            raise SieveError(f"search.confidence must be >= 0, got {self.confidence}")
+        if self.confirm < 0:
+            raise SieveError(f"search.confirm must be >= 0, got {self.confirm}")
         if self.fidelity < 0 or self.pool_examples < 0:
             raise SieveError(f"search.fidelity and search.pool_examples must be >= 0, got "
                              f"{self.fidelity}, {self.pool_examples}")
