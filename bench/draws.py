@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from common import write_result
@@ -32,11 +33,13 @@ def run(config: str, seed: int, root: str, extra: list[str]) -> dict:
     command = [sys.executable, "-m", "sieve_pl.cli", "fit", "--config", config,
                "--data.seed", str(seed), "--run.root", root, "--run.name", name,
                "--trainer.enable_progress_bar", "false", *extra]
+    start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                           capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
-    return json.loads((ROOT / root / name / "summary.json").read_text())
+    summary = json.loads((ROOT / root / name / "summary.json").read_text())
+    return {**summary, "wall_seconds": time.perf_counter() - start}
 
 
 def figures(summary: dict) -> dict:
@@ -54,7 +57,7 @@ def figures(summary: dict) -> dict:
            "final": summary["final"], "recovery_exported": summary["final"] == "pruned+lora",
            "confirmation_passed": (summary.get("confirmation") or {}).get("passed"),
            "stage_seconds": summary.get("stage_seconds"),
-           "seconds": sum((summary.get("stage_seconds") or {}).values())}
+           "seconds": summary["wall_seconds"]}
     for split in ("validation", "confirmation", "test"):
         out[split] = {"base": base.get(split), "pruned": pruned.get(split),
                       "final": final.get(split)}
@@ -85,11 +88,15 @@ def main() -> None:
     parser.add_argument("--root", default="checkpoints/draws")
     parser.add_argument("--out", default="bench/results/draws.json")
     args, extra = parser.parse_known_args()
-    summaries = {seed: run(args.config, seed, args.root, extra) for seed in args.seeds}
+    summaries = {}
+    for seed in args.seeds:  # one after another; the JSON is rewritten after each draw
+        summaries[seed] = run(args.config, seed, args.root, extra)
+        write_result(args.out, {"args": vars(args), "extra": extra, "summaries": summaries})
     rows = {seed: figures(s) for seed, s in summaries.items()}
     print("| draw | removed (no recovery) | export | confirmation: base → final | test: base → "
-          "final | drug reviews: base → final | holds ε (test, drugs) | minutes |")
-    print("|---|---|---|---|---|---|---|---|")
+          "final | drug reviews: base → final | holds ε (test, drugs) | search passed "
+          "confirmation | recovery lowered confirmation | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for seed, r in rows.items():
         print(f"| {seed} | {pct(r['removed'])} ({pct(r['removed_without_recovery'])}) | "
@@ -97,9 +104,10 @@ def main() -> None:
               f"{pct(r['confirmation']['final'])} | {pct(r['test']['base'])} → "
               f"{pct(r['test']['final'])} | {pct(r['transfer']['base'])} → "
               f"{pct(r['transfer']['final'])} | {r['test_holds']}, {r['transfer_holds']} | "
+              f"{r['confirmation_passed']} | {r['recovery_lowered_confirmation']} | "
               f"{r['seconds'] / 60:.1f} |")
     print(f"| mean ± sd | {mean_sd([r['removed'] for r in rows.values()])} "
-          f"({mean_sd([r['removed_without_recovery'] for r in rows.values()])}) | | | | | | |")
+          f"({mean_sd([r['removed_without_recovery'] for r in rows.values()])}) | | | | | | | | |")
     write_result(args.out, {"args": vars(args), "extra": extra, "draws": rows,
                             "summaries": summaries})
 
