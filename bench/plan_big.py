@@ -71,6 +71,8 @@ def gib(cell: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/plan_big.json")
+    parser.add_argument("--measured", default="bench/results/big_layers.json",
+                        help="bench/big_layers.py's JSON to compare the plan with")
     args = parser.parse_args()
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +85,7 @@ def main() -> None:
                         "--calibration.dtype", "float32", "--recover.enabled", "true")
             print(f"## {name} on {gpus} x 80 GB\n\n{text}")
             result[name] = {"gpus": gpus, "plan": text, "rows": rows(text)}
-        measured = ROOT / "bench" / "results" / "big_layers.json"
+        measured = ROOT / args.measured
         if measured.exists():
             runs = json.loads(measured.read_text())["runs"]
             for run in runs:

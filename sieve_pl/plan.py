@@ -107,9 +107,9 @@ def shapes(lm, data, projection) -> Shapes:
 def _unit_workspace(spec, shapes: dict, element: int) -> tuple[float, float, float]:
     """One unit's fit: (bytes of its working set, bytes of its stored basis, flops)."""
     out_features, in_features = shapes[spec.output]
-    if isinstance(spec, NeuronSpec):  # W, W R, g, C, C_λ, the Cholesky columns
+    if isinstance(spec, NeuronSpec):  # W, W R; C, C_λ and the Cholesky columns (I × I each)
         i, h = in_features, out_features
-        return (3 * h * i + 4 * i * i) * element, (h * i + i * i / 2 + 64 * i) * 4 + 8 * i, \
+        return (2 * h * i + 3 * i * i) * element, (h * i + i * i / 2 + 64 * i) * 4 + 8 * i, \
             4.0 * h * i * i + i ** 3
     if isinstance(spec, HeadSpec):
         d = spec.head_dim
@@ -147,16 +147,21 @@ def estimate(s: Shapes, calibration, search, recover, gpus: int, tflops: float,
     model_here = s.model_bytes / (gpus if split and gpus else 1)
     skeleton = s.model_bytes - s.layers * s.layer_bytes
     cache = tokens * h * s.element  # every calibration example's hidden states, one layer deep
-    # calibrate: one layer and its sums on the device, the model and the cache on the host
-    row("calibrate", (skeleton + s.layer_bytes if gpus else 0) + layer_stats + acts,
+    # calibrate: one layer and its sums on the device (and one product Xᵀ X before it is
+    # added), the model and the cache on the host
+    largest_stat = max(d * d for d in s.stats) * stat_bytes
+    row("calibrate", (skeleton + s.layer_bytes if gpus else 0) + layer_stats + largest_stat + acts,
         s.model_bytes + cache, s.layers * layer_stats,
         2 * tokens * (params + s.layers * sum(d * d for d in s.stats)), "one layer at a time")
     # project: one unit's decomposition at a time; a statistic read in full from disk
+    # (on the host the float64 read is freed once its float32 copy is in the workspace)
     fits = [_unit_workspace(u, s.shapes, 4) for u in s.units]
-    largest_stat = max(d * d for d in s.stats) * stat_bytes
     layer_bases = sum(f[1] for f in fits)
-    row("project", (s.layer_bytes if gpus else 0) + max(f[0] for f in fits),
-        s.model_bytes + largest_stat + layer_bases, s.layers * layer_bases,
+    workspace = max(f[0] for f in fits)
+    row("project", s.layer_bytes + workspace if gpus else 0,
+        s.model_bytes + layer_bases + (largest_stat if gpus else
+                                       max(largest_stat * (1 + 4 / stat_bytes), workspace)),
+        s.layers * layer_bases,
         s.layers * sum(f[2] for f in fits), "one layer at a time", slow=10)
     # sensitivity: frozen weights; each layer's input kept (activations recomputed on an
     # accelerator), the Fisher sums of every unit output on the host
