@@ -69,10 +69,10 @@ class SearchConfig:
             (K-FAC: one backward pass over the calibration split), one global threshold
             bisected against epsilon (about 7 evaluations). kind: each kind of unit bisected
             further, largest kind first, the others held (one bisection per kind: about 5x the
-            evaluations). Default sensitivity: on the demo (projection ridge 1e-2) it removed
-            41.9% of decoder weights within epsilon on test where the kind seed removed 29.3%,
-            and kept 75.5% on drug reviews against 40.0% (bench/README, "Refits damped towards
-            the dense weights").
+            evaluations). Default sensitivity: a fifth of the kind seed's evaluations, and it
+            prices units by what a cut changes in the model's answers rather than by their
+            kind (bench/README, "Refits damped towards the dense weights", has the older
+            test-split comparison that first suggested it).
         confidence: z of a one-sided bound on the accuracy change: a candidate is feasible when
             its lost score plus ``confidence·sqrt(Σ (s_base − s)²)`` stays within the budget.
             The root term is the noise of the paired difference (for 0/1 scores: the square
