@@ -9,10 +9,12 @@ a thread samples that process's RSS every 0.2 s and the run's stage.json files g
 seconds, so each stage's peak is the highest RSS seen while it ran.
 
     python bench/big_layers.py [--layers 2 4] [--out bench/results/big_layers.json]
+        [--previous bench/results/big_layers_2.json]  (reuse an earlier depth's run)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -136,9 +138,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--out", default="bench/results/big_layers.json")
+    parser.add_argument("--previous", nargs="*", default=[],
+                        help="earlier JSONs of this script whose runs join the table (same "
+                             "machine and code: each depth takes 10-20 minutes here)")
     args = parser.parse_args()
+    results = [r for path in args.previous for r in json.loads(Path(path).read_text())["runs"]]
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-        results = [run(n, Path(tmp)) for n in args.layers]
+        results += [run(n, Path(tmp)) for n in args.layers]
+    results.sort(key=lambda r: r["layers"])
     payload = {"runs": results}
     if len(results) >= 2:
         payload["extrapolation"] = extrapolate(results[0], results[-1])

@@ -6,7 +6,9 @@ interrupted sweep resumes), then reads every summary:
 decoder-Linear weights removed (the export, and without recovery), validation / confirmation /
 test accuracy against the base model, the drug-review transfer check, whether the search's
 levels passed confirmation and whether recovery was exported. A draw *holds ε* when test and
-transfer accuracy are both at least (1 − ε) × the base model's on that set.
+transfer accuracy are both at least (1 − ε) × the base model's on that set. "Without recovery"
+is the same draw with ``recover.enabled false`` (a second run folder that starts from hard links
+to the first one's calibrate, project and search stages: only confirmation and evaluation run).
 
     python bench/draws.py [--seeds 0 1 2] [--config configs/demo.yaml] [extra fit options]
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,8 +32,15 @@ from common import write_result
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(config: str, seed: int, root: str, extra: list[str]) -> dict:
-    name = f"draw-{seed}"
+def run(config: str, seed: int, root: str, extra: list[str], plain: bool = False) -> dict:
+    name = f"draw-{seed}" + ("-without-recovery" if plain else "")
+    if plain:  # the recovered draw's first stages, linked (the stages write by atomic rename)
+        for stage in ("calibrate", "project", "search"):
+            source, target = ROOT / root / f"draw-{seed}" / stage, ROOT / root / name / stage
+            if source.exists() and not target.exists():
+                shutil.copytree(source, target, copy_function=os.link)
+        extra = [*extra, "--recover.enabled", "false", "--quantize.formats", "[]",
+                 "--quantize.measure", "false"]
     command = [sys.executable, "-m", "sieve_pl.cli", "fit", "--config", config,
                "--data.seed", str(seed), "--run.root", root, "--run.name", name,
                "--trainer.enable_progress_bar", "false", *extra]
@@ -43,7 +53,8 @@ def run(config: str, seed: int, root: str, extra: list[str]) -> dict:
     return {**summary, "wall_seconds": time.perf_counter() - start}
 
 
-def previous_summaries(out: str, config: str, extra: list[str]) -> dict[int, dict]:
+def previous_summaries(out: str, config: str, extra: list[str],
+                       key: str = "summaries") -> dict[int, dict]:
     """Draws an interrupted sweep already finished (same config and options), even where their
     run folders are gone: a 20-minute draw is not rerun to fill a table."""
     path = ROOT / out
@@ -52,10 +63,10 @@ def previous_summaries(out: str, config: str, extra: list[str]) -> dict[int, dic
     previous = json.loads(path.read_text())
     if previous.get("args", {}).get("config") != config or previous.get("extra") != extra:
         return {}
-    return {int(seed): summary for seed, summary in previous.get("summaries", {}).items()}
+    return {int(seed): summary for seed, summary in previous.get(key, {}).items()}
 
 
-def figures(summary: dict) -> dict:
+def figures(summary: dict, plain: dict | None = None) -> dict:
     rows, eps, total = summary["rows"], summary["epsilon"], summary["target_params"]
     final, base = rows[summary["final"]], rows["base"]
     pruned = rows["pruned"]
@@ -65,8 +76,12 @@ def figures(summary: dict) -> dict:
     def holds(row_value, base_value):
         return row_value is not None and row_value >= keep * base_value - 1e-9
 
+    confirmed = summary.get("confirmation") or {}
     out = {"removed": 1 - final["target_params_kept"] / total,
-           "removed_without_recovery": 1 - pruned["target_params_kept"] / total,
+           "removed_by_search": 1 - confirmed.get("searched_kept",
+                                                  final["target_params_kept"]) / total,
+           "removed_without_recovery": (1 - plain["rows"][plain["final"]]["target_params_kept"]
+                                        / total) if plain else None,
            "final": summary["final"], "recovery_exported": summary["final"] == "pruned+lora",
            "confirmation_passed": (summary.get("confirmation") or {}).get("passed"),
            "stage_seconds": summary.get("stage_seconds"),
@@ -103,21 +118,26 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/draws.json")
     args, extra = parser.parse_known_args()
     summaries = previous_summaries(args.out, args.config, extra)
+    plain = previous_summaries(args.out, args.config, extra, "without_recovery")
     for seed in args.seeds:  # one after another; the JSON is rewritten after each draw
-        if seed not in summaries:
-            summaries[seed] = run(args.config, seed, args.root, extra)
-            write_result(args.out, {"args": vars(args), "extra": extra, "summaries": summaries})
-        else:
-            print(f"draw {seed}: reusing its summary from {args.out}", file=sys.stderr)
+        for done, without in ((summaries, False), (plain, True)):
+            if seed in done:
+                print(f"draw {seed}{' without recovery' if without else ''}: reusing its "
+                      f"summary from {args.out}", file=sys.stderr)
+                continue
+            done[seed] = run(args.config, seed, args.root, extra, without)
+            write_result(args.out, {"args": vars(args), "extra": extra, "summaries": summaries,
+                                    "without_recovery": plain})
     summaries = {seed: summaries[seed] for seed in args.seeds}
-    rows = {seed: figures(s) for seed, s in summaries.items()}
-    print("| draw | removed (no recovery) | export | confirmation: base → final | test: base → "
-          "final | drug reviews: base → final | holds ε (test, drugs) | search passed "
-          "confirmation | recovery lowered confirmation | minutes |")
+    rows = {seed: figures(s, plain.get(seed)) for seed, s in summaries.items()}
+    print("| draw | removed (search's levels; without recovery) | export | confirmation: base → "
+          "final | test: base → final | drug reviews: base → final | holds ε (test, drugs) | "
+          "search's levels passed confirmation | recovery lowered confirmation | minutes |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for seed, r in rows.items():
-        print(f"| {seed} | {pct(r['removed'])} ({pct(r['removed_without_recovery'])}) | "
+        print(f"| {seed} | {pct(r['removed'])} ({pct(r['removed_by_search'])}; "
+              f"{pct(r['removed_without_recovery'])}) | "
               f"{r['final']} | {pct(r['confirmation']['base'])} → "
               f"{pct(r['confirmation']['final'])} | {pct(r['test']['base'])} → "
               f"{pct(r['test']['final'])} | {pct(r['transfer']['base'])} → "
@@ -125,9 +145,10 @@ def main() -> None:
               f"{r['confirmation_passed']} | {r['recovery_lowered_confirmation']} | "
               f"{r['seconds'] / 60:.1f} |")
     print(f"| mean ± sd | {mean_sd([r['removed'] for r in rows.values()])} "
-          f"({mean_sd([r['removed_without_recovery'] for r in rows.values()])}) | | | | | | | | |")
+          f"({mean_sd([r['removed_by_search'] for r in rows.values()])}; "
+          f"{mean_sd([r['removed_without_recovery'] for r in rows.values()])}) | | | | | | | | |")
     write_result(args.out, {"args": vars(args), "extra": extra, "draws": rows,
-                            "summaries": summaries})
+                            "summaries": summaries, "without_recovery": plain})
 
 
 if __name__ == "__main__":

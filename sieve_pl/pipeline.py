@@ -1,4 +1,5 @@
-"""Stage order: calibrate → project → search → refit → distill → recover → export → evaluate.
+"""Stage order: calibrate → project → search → refit → distill → recover → confirm → export →
+evaluate.
 
 Each stage is a :class:`~sieve_pl.stages.stage.Stage` in its own module, run through
 ``RunDir.run`` (``rundir.py``): skipped when done earlier with the same fingerprint, recomputed
@@ -20,6 +21,7 @@ from .models.loading import BUILTIN_HUB_IDS, BUILTIN_MODELS
 from .models.module import SieveLM
 from .models.pruning import Pruner
 from .stages.calibrate import Calibrate, CalibrationConfig
+from .stages.confirm import Confirm
 from .stages.distill import Distill, DistillConfig
 from .stages.evaluate import Evaluate, Export, ExportConfig, QuantizeConfig, TransferConfig
 from .stages.lm_eval import LmEval, LmEvalConfig
@@ -190,12 +192,13 @@ class Pipeline:
         distilled = run.run(Distill(ctx, pruner, levels, accuracy, self.distill))
         accuracy = self._use(pruner, distilled, accuracy)
         recovered = run.run(Recover(ctx, pruner, levels, self.recover))
-        # LoRA is exported only where it does not lower confirmation accuracy (validation
-        # without a confirmation split)
-        lora = recovered.keeps(accuracy)
-        final = "pruned+lora" if lora else "pruned"
-        layout = run.run(Export(ctx, pruner, levels, recovered.weights if lora else {}))
-        report = run.run(Evaluate(ctx, pruner, self.search, found,
+        # what is exported: the levels the confirmation split accepts (stepped back if need
+        # be), with LoRA where it does not lower confirmation accuracy
+        confirmed = run.run(Confirm(ctx, pruner, found, recovered, accuracy, self.search))
+        final = "pruned+lora" if confirmed.lora else "pruned"
+        layout = run.run(Export(ctx, pruner, confirmed.levels,
+                                recovered.weights if confirmed.lora else {}))
+        report = run.run(Evaluate(ctx, pruner, self.search, found, confirmed,
                                   {"refit": refitted, "distill": distilled}, recovered,
                                   accuracy, final, self.transfer, self.quantize, dense_params))
         scores = run.run(LmEval(ctx, pruner, final, self.lm_eval))

@@ -68,9 +68,12 @@ def format_summary(r: dict) -> str:
         lines.append(line)
     if r.get("confirmation"):
         c = r["confirmation"]
+        what = "with LoRA" if c.get("with_lora") else "without recovery"
+        verdict = ("pass" if c["passed"] else "failed: stepped back toward dense, "
+                   f"{c['searched_kept'] / 1e6:.2f}M -> {c['kept'] / 1e6:.2f}M weights kept")
         lines.append(f"confirmation ({c['examples']} examples no selection read): the search's "
-                     f"levels {'pass' if c['passed'] else 'failed, stepped back toward dense'}"
-                     f" — accuracy {_pct(c['accuracy'])} vs base {_pct(c['base_accuracy'])}")
+                     f"levels ({what}) {verdict} — accuracy {_pct(c['accuracy'])} vs base "
+                     f"{_pct(c['base_accuracy'])}")
     if r.get("refit", {}).get("accuracy_after") is not None:
         f = r["refit"]
         lines.append(f"refit: validation accuracy {_pct(f['accuracy_before'])} -> "

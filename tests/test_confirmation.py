@@ -12,7 +12,7 @@ from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.confirm import confirm
 from sieve_pl.stages.fitness import Fitness, pool_fitness
 from sieve_pl.stages.project import ProjectionConfig, project
-from sieve_pl.stages.search import SearchConfig, search
+from sieve_pl.stages.search import SearchConfig
 from sieve_pl.tasks import SplitSizes, TaskDataModule
 
 
@@ -96,18 +96,37 @@ def test_confirmation_keeps_levels_that_pass_and_steps_back_from_those_that_fail
     assert all(deep[n] <= scaled["levels"][n] <= 1 for n in names)
 
 
-def test_search_confirms_its_levels_and_records_it(setup):
+def test_recovery_weights_fit_only_units_left_at_their_size(setup):
+    """A unit stepped back drops the LoRA trained for its old size; every other unit keeps
+    it, in scoring and in the model the pruner builds."""
     trainer, lm, bases, data = setup
     pruner = Pruner(lm.net, bases)
-    config = SearchConfig(epsilon=0.3, population=4, generations=1, seeds=[], confirm=2.0)
-    fitness = Fitness(trainer, lm, pruner, data.val_dataloader(), True, config.confidence)
-    check = Fitness(trainer, lm, pruner, data.confirmation_dataloader(), True, config.confirm)
-    found = search(fitness, pruner.names, config, None, True, None, check)
-    record = found["confirmation"]
-    assert record["examples"] == 30 and isinstance(record["passed"], bool)
-    if not record["passed"]:
-        assert found["searched_levels"] != found["levels"]
-    assert pruner.keep == 1.0  # the model back at dense
+    names = pruner.names
+    deep = dict.fromkeys(names, 0.5)
+    with pruner.at(deep):
+        weights = {n: p.detach() + 0.01 for n, p in lm.net.named_parameters() if ".layers." in n}
+    moved = next(n for n in names if "mlp" in n)
+    back = {**deep, moved: 1.0}
+    with pruner.at(back, weights):
+        fit = pruner.fitting(weights)
+        params = dict(lm.net.named_parameters())
+        for name, value in fit.items():
+            torch.testing.assert_close(params[name].data, value)
+    left_out = set(weights) - set(fit)
+    assert left_out and all(any(k.startswith(m + ".") for m in pruner.units[moved].dense)
+                            for k in left_out)
+    with pruner.at(deep):
+        assert pruner.fitting(weights).keys() == weights.keys()
+    # the confirmation scorer uses them where they fit; the base model never gets them
+    check = Fitness(trainer, lm, pruner, data.confirmation_dataloader(), confidence=2.0)
+    base = check.hardest_first()
+    margin = lm.task.confidence
+    plain = check.correct(back, measure=margin)
+    check.weights = weights
+    assert check.hardest_first() == base
+    assert check.correct(back, measure=margin) != plain
+    pruner.apply(1.0)
+    assert pruner.keep == 1.0
 
 
 def test_the_floor_keeps_every_unit_above_the_smallest_rung_after_rounding(setup):

@@ -131,6 +131,15 @@ class Pruner:
         if self.sizes(self.keep):
             self.apply(self.keep, rebuild=True)
 
+    def fitting(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights (by parameter name, e.g. merged LoRA) that fit the model at its levels
+        now: those of a unit moved to another size since they were trained (confirmation's
+        step back) have another name or shape and are left out, so that unit is the projection
+        alone while every unit left where it was keeps its recovery."""
+        params = dict(self.model.named_parameters())
+        return {name: value for name, value in weights.items()
+                if name in params and params[name].shape == value.shape}
+
     def require(self, keep: float | dict[str, float], who: str) -> dict[str, int]:
         """The sizes at ``keep``, which the model must be at: stages that train or refit the
         pruned modules work on the model the caller put at its levels (``at``)."""
@@ -145,13 +154,14 @@ class Pruner:
         several variants never leaves the model where the next stage does not expect it.
         Units are built afresh on the way in and out (a stage may train them in place);
         levels the model is already at are left as they are (apply after changing
-        ``refitted``). The search moves from candidate to candidate with :meth:`apply`."""
+        ``refitted``); only the ``weights`` that fit these levels are used (:meth:`fitting`).
+        The search moves from candidate to candidate with :meth:`apply`."""
         before = self.keep
         moved = self.levels(keep) != self.levels(before)
         if moved:
             self.apply(keep, rebuild=True)
         try:
-            with with_weights(self.model, weights or {}):
+            with with_weights(self.model, self.fitting(weights or {})):
                 yield self.model
         finally:
             if moved:

@@ -1,28 +1,90 @@
-"""Confirmation: the search's levels checked once on a labelled split that no selection read.
+"""Confirmation: the deliverable checked on a labelled split that no selection read.
 
 The search keeps the largest cut that passes a bound on the very examples it selects on, so its
-winner is optimistic (a winner's curse: ``bench/selection_bias.py`` simulates it). The
-confirmation split is scored once, with a stricter bound (``search.confirm``, z = 2 by
-default): lost score plus ``z·sqrt(Σ(s_base − s)²)`` within the budget of ε on this split's own
-base accuracy. A cut that fails steps back toward dense — along the sensitivity price path when
-the search has one (the most expensive cuts per weight are undone first), else by bringing
-every unit's keep towards 1 — to the deepest point that passes (bisected).
+winner is optimistic (a winner's curse: ``bench/selection_bias.py`` simulates it). After
+recovery, the model the user gets — the search's levels, with recovery's LoRA when it does not
+lower confirmation accuracy — is scored once on the confirmation split, with a stricter bound
+(``search.confirm``, z = 2 by default): lost score plus ``z·sqrt(Σ(s_base − s)²)`` within the
+budget of ε on this split's own base accuracy. One that fails steps back toward dense — along
+the sensitivity price path when the search has one (the most expensive cuts per weight are
+undone first), else by bringing every unit's keep towards 1 — to the deepest point that passes
+(bisected). A unit stepped back loses its LoRA (trained for its old size); every other unit
+keeps it, so no step needs another recovery.
 """
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..io import read_json, write_json
 from .fitness import Fitness
 from .sensitivity import levels_at
+from .stage import Confirmed, Context, Recovered, Searched, Stage
+
+if TYPE_CHECKING:
+    from .search import SearchConfig
+
+
+class Confirm(Stage):
+    """The exported levels and whether LoRA goes with them, confirmed when the run has a
+    confirmation split (and ``search.confirm`` > 0); without one, the search's levels and
+    recovery's own decision on validation."""
+
+    name = "confirm"
+
+    def __init__(self, ctx: Context, pruner, found: Searched, recovered: Recovered,
+                 accuracy: float, config: "SearchConfig"):
+        self.ctx, self.pruner, self.found, self.recovered = ctx, pruner, found, recovered
+        self.accuracy, self.config = accuracy, config
+
+    def confirms(self) -> bool:
+        return len(self.ctx.data.splits.get("confirmation", ())) > 0 and self.config.confirm > 0
+
+    def fingerprint(self) -> dict:
+        c = self.config
+        if not self.confirms():
+            return {"confirm": False}
+        return {"data": self.ctx.data.fingerprint_config("confirmation"), "confirm": c.confirm,
+                "epsilon": c.epsilon, "relative": c.relative, "resolution": c.resolution,
+                "early_reject": c.early_reject}
+
+    def run(self, work: Path) -> Confirmed:
+        ctx, pruner, found, config = self.ctx, self.pruner, self.found, self.config
+        lora = self.recovered.keeps(self.accuracy)
+        if not self.confirms():
+            return Confirmed(found.levels, lora)
+        fitness = Fitness(ctx.trainer, ctx.lm, pruner, ctx.data.confirmation_dataloader(),
+                          config.early_reject, config.confirm)
+        fitness.weights = self.recovered.weights if lora else {}
+        try:
+            checked = confirm(fitness, found.levels, pruner.names, config,
+                              found.details.get("path"))
+            checked["with_lora"] = lora
+            if lora and not checked["passed"]:  # stepped back: LoRA still must not lower it
+                fitness.weights, fitness.label = {}, "confirm: without LoRA"
+                checked["without_lora"] = fitness.accuracy(checked["levels"])
+                lora = checked["accuracy"] >= checked["without_lora"] - 1e-6
+        finally:
+            pruner.apply(1.0)
+        levels = checked.pop("levels")
+        return Confirmed(levels, lora, {**checked, "kept": pruner.params(levels)[0],
+                                        "searched_kept": pruner.params(found.levels)[0]})
+
+    def save(self, result: Confirmed, folder: Path) -> None:
+        write_json(folder / "confirm.json", result.record())
+
+    def load(self, folder: Path) -> Confirmed:
+        return Confirmed.from_record(read_json(folder / "confirm.json"))
 
 
 def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config,
             path: list | None = None) -> dict:
     """The confirmed levels (``levels`` itself when it passes), its confirmation accuracy,
-    the split's base accuracy and every point tried."""
-    fitness.label = "search: confirmation"
+    the split's base accuracy and every point tried (each with ``fitness.weights`` where they
+    fit)."""
+    fitness.label = "confirm"
     base = sum(fitness.hardest_first()) / fitness.n
     budget = fitness.budget(config.target(base))
     history = []
@@ -32,7 +94,7 @@ def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config
         history.append({"step": step, "feasible": verdict["feasible"],
                         "accuracy": verdict["accuracy"],
                         "kept": fitness.pruner.params(point)[0]})
-        rank_zero_info(f"[sieve-pl] search (confirmation): step back {step}: "
+        rank_zero_info(f"[sieve-pl] confirm: step back {step}: "
                        f"{'passes' if verdict['feasible'] else 'fails'}")
         return verdict
 

@@ -20,7 +20,7 @@ from ..models.hf import save_pruned
 from ..models.module import SieveLM, evaluate
 from ..models.pruning import Pruner
 from ..tasks.datamodule import TaskDataModule
-from .stage import Compensated, Context, Recovered, Searched, Stage
+from .stage import Compensated, Confirmed, Context, Recovered, Searched, Stage
 
 if TYPE_CHECKING:
     from .search import SearchConfig
@@ -101,27 +101,31 @@ class ExportConfig:
             raise SieveError("export.push_to_hub needs the network, but HF_HUB_OFFLINE is set")
 
 
-def variant_list(found: Searched, pruned_accuracy: float, recovered: Recovered,
-                 strategy: str) -> list[tuple]:
+def variant_list(found: Searched, confirmed: Confirmed, pruned_accuracy: float,
+                 recovered: Recovered, strategy: str) -> list[tuple]:
     """The rows scored, as ``(row, keep, scores known already, weights)``: the base, the
     search's reference points (uniform, each seed), the exported levels, with LoRA when recovery
-    ran. Known: validation accuracy, and the confirmation accuracy recovery measured."""
+    ran. Known: at the search's levels, validation accuracy and the confirmation accuracy
+    recovery measured; at levels confirmation stepped back to, what the step back measured."""
     variants = [("base", 1.0, {"validation": found.base_accuracy}, {})]
     uniform = found.details["uniform"]
     if strategy == "genetic":
         variants.append(("uniform", uniform["keep"], {"validation": uniform["accuracy"]}, {}))
     for name, seed in (found.details.get("seeds") or {}).items():
         variants.append((f"seed_{name}", seed["levels"], {"validation": seed["accuracy"]}, {}))
-    confirmed = recovered.details.get("confirmation_before")
-    variants.append(("pruned", found.levels, {"validation": pruned_accuracy,
-                                              **({"confirmation": confirmed}
-                                                 if confirmed is not None else {})}, {}))
+    if confirmed.levels == found.levels:
+        plain = {"validation": pruned_accuracy,
+                 "confirmation": recovered.details.get("confirmation_before")}
+        lora = {"validation": recovered.best_val_acc,
+                "confirmation": recovered.details.get("confirmation_after")}
+    else:  # stepped back: validation is scored afresh
+        c = confirmed.details
+        lora = {"confirmation": c["accuracy"]} if c.get("with_lora") else {}
+        plain = {"confirmation": c.get("without_lora") if c.get("with_lora") else c["accuracy"]}
+    known = lambda scores: {k: v for k, v in scores.items() if v is not None}  # noqa: E731
+    variants.append(("pruned", confirmed.levels, known(plain), {}))
     if recovered.weights:
-        confirmed = recovered.details.get("confirmation_after")
-        variants.append(("pruned+lora", found.levels,
-                         {"validation": recovered.best_val_acc,
-                          **({"confirmation": confirmed} if confirmed is not None else {})},
-                         recovered.weights))
+        variants.append(("pruned+lora", confirmed.levels, known(lora), recovered.weights))
     return variants
 
 
@@ -146,10 +150,13 @@ def evaluate_variants(trainer: L.Trainer, lm: SieveLM, data: TaskDataModule, pru
     for row, keep, known, weights in variants:
         kept, total = pruner.params(keep)
         with pruner.at(keep, weights):
-            rows[row] = {"validation": known["validation"],
+            rows[row] = {"validation": known.get("validation"),
                          "test": evaluate(trainer, lm, test, f"evaluate {row}/test"),
                          "target_params_kept": kept,
                          "params": dense_params - (total - kept)}
+            if rows[row]["validation"] is None:
+                rows[row]["validation"] = evaluate(trainer, lm, data.val_dataloader(),
+                                                   f"evaluate {row}/validation")
             if confirm and row != "uniform":  # (a seed: does the GA beat it out of sample?)
                 rows[row]["confirmation"] = known.get("confirmation")
                 if rows[row]["confirmation"] is None:
@@ -236,10 +243,12 @@ class Evaluate(Stage):
     name = "evaluate"
 
     def __init__(self, ctx: Context, pruner: Pruner, search: "SearchConfig", found: Searched,
-                 compensated: dict[str, Compensated], recovered: Recovered,
+                 confirmed: Confirmed, compensated: dict[str, Compensated],
+                 recovered: Recovered,
                  pruned_accuracy: float, final: str, transfer: TransferConfig,
                  quantize: QuantizeConfig, dense_params: int):
         self.ctx, self.pruner, self.search, self.found = ctx, pruner, search, found
+        self.confirmed = confirmed
         self.compensated, self.recovered = compensated, recovered
         self.pruned_accuracy, self.final = pruned_accuracy, final
         self.transfer, self.quantize, self.dense_params = transfer, quantize, dense_params
@@ -252,7 +261,8 @@ class Evaluate(Stage):
 
     def run(self, work: Path) -> dict:
         ctx, found, recovered = self.ctx, self.found, self.recovered
-        variants = variant_list(found, self.pruned_accuracy, recovered, self.search.strategy)
+        variants = variant_list(found, self.confirmed, self.pruned_accuracy, recovered,
+                                self.search.strategy)
         rows, transfer, total = evaluate_variants(ctx.trainer, ctx.lm, ctx.data, self.pruner,
                                                   variants, self.transfer, self.dense_params,
                                                   recovered.dense)
@@ -261,10 +271,10 @@ class Evaluate(Stage):
         return {"strategy": self.search.strategy, "epsilon": self.search.epsilon,
                 "relative": self.search.relative, "target_params": total, "rows": rows,
                 "final": self.final, "transfer": transfer,
-                "pruned_units": len(self.pruner.sizes(found.levels)),
+                "pruned_units": len(self.pruner.sizes(self.confirmed.levels)),
                 "units": len(self.pruner.names),
                 "bottlenecks": found.details.get("bottlenecks", []),
-                "confirmation": found.details.get("confirmation"),
+                "confirmation": self.confirmed.details or None,
                 "cost": found.details.get("cost"),
                 **{name: step.summary() for name, step in self.compensated.items()},
                 "recover": {**recovered.summary(), "used": self.final == "pruned+lora",

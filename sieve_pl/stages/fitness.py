@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..models.pruning import with_weights
 from ..progress import quiet
 
 
@@ -37,6 +38,9 @@ class Fitness:
         self.measure, self.safety = measure, safety
         self.pool: Fitness | None = None  # the unlabeled pool a feasible candidate must pass
         self.pool_share = 1.0  # of the labelled split's allowed loss, per pool prompt
+        # weights every candidate gets where they fit its levels (recovery's merged LoRA when
+        # the deliverable is confirmed); the base model is always scored without them
+        self.weights: dict[str, torch.Tensor] = {}
         self.base: list[float] | None = None  # the base model's scores, in scoring order
         self.loader = dataloader
         self.batches = list(dataloader)
@@ -105,7 +109,7 @@ class Fitness:
                 spread += (base[i] - s) ** 2
             yield lost + self.confidence * spread ** 0.5
 
-    @torch.inference_mode()
+    @torch.no_grad()  # (not inference mode: units built here may get other weights later)
     def correct(self, keep, max_errors: float | None = None, *, until: int | None = None,
                 prior: list[float] | None = None, measure=None) -> list[float]:
         """Per-example scores (``measure``, default the task's score) in scoring order.
@@ -117,8 +121,9 @@ class Fitness:
         # the model stays at these levels: the next candidate rebuilds only the units it
         # changes (the search puts the model back at dense when it ends)
         self.pruner.apply(keep)
-        return self._correct(max_errors, until, prior,
-                             measure or self.measure or self.lm.task.score)
+        with with_weights(self.pruner.model, self.pruner.fitting(self.weights)):
+            return self._correct(max_errors, until, prior,
+                                 measure or self.measure or self.lm.task.score)
 
     def _correct(self, max_errors, until, prior, measure, columns: int = 1) -> list:
         """Per-example values in scoring order, gathered over ranks (``columns`` > 1: rows of

@@ -20,7 +20,6 @@ from ..errors import SieveError
 from ..io import read_json, write_json
 from ..models.pruning import Pruner, layer_and_kind
 from ..report import save_search
-from .confirm import confirm
 from .fitness import Fitness, pool_fitness
 from .genetic import GeneticSearch
 from .sensitivity import levels_at, price_path, sensitivity_costs
@@ -91,9 +90,10 @@ class SearchConfig:
             holds on the validation examples is refused.
         pool_examples: pool prompts the fidelity check scores, spread over the pool (0: all).
         confirm: z of the confirmation check (``data.sizes.confirmation`` examples, read by
-            nothing else): the final levels must keep their lost score plus
+            nothing else; the confirm stage, after recovery): the deliverable — the search's
+            levels with recovery's LoRA when it is exported — must keep its lost score plus
             ``confirm·sqrt(changed answers)`` within epsilon of the base model on that split,
-            else they step back toward dense along the price path until they do (z >= 2:
+            else the levels step back toward dense along the price path until it does (z >= 2:
             bench/selection_bias.py simulates why the validation bound alone is optimistic).
         fisher: the sensitivity seed's gradients: model (the Fisher of the model's own answer
             distribution: what a cut changes in its answers, whatever the labels) or label
@@ -173,12 +173,7 @@ class Search(Stage):
     def fingerprint(self) -> dict:
         data = self.ctx.data
         return {"data": data.fingerprint_config("validation"), **asdict(self.config),
-                **({"pool": data.pool_fingerprint()} if self.config.fidelity else {}),
-                **({"confirmation": data.fingerprint_config("confirmation")}
-                   if self._confirms() else {})}
-
-    def _confirms(self) -> bool:
-        return bool(len(self.ctx.data.splits.get("confirmation", ()))) and self.config.confirm > 0
+                **({"pool": data.pool_fingerprint()} if self.config.fidelity else {})}
 
     def run(self, work: Path) -> Searched:
         ctx, config = self.ctx, self.config
@@ -189,14 +184,11 @@ class Search(Stage):
                                         config.pool_examples, config.early_reject,
                                         config.confidence)
             fitness.pool_share = config.fidelity  # of (base − target) per prompt
-        confirmation = (Fitness(ctx.trainer, ctx.lm, self.pruner,
-                                ctx.data.confirmation_dataloader(), config.early_reject,
-                                config.confirm) if self._confirms() else None)
         costs = partial(sensitivity_costs, ctx.trainer, ctx.lm, self.pruner,
                         ctx.calibration_loader(labelled=config.fisher == "label"), self.stats,
                         self.groups, config.ladder, config.fisher)
         return Searched.from_record(search(fitness, self.pruner.names, config, work,
-                                           ctx.trainer.is_global_zero, costs, confirmation))
+                                           ctx.trainer.is_global_zero, costs))
 
     def save(self, found: Searched, folder: Path) -> None:
         save_search(found.record(), folder)
@@ -207,23 +199,13 @@ class Search(Stage):
 
 def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
            is_writer: bool = True,
-           costs: Callable[[], dict[str, list[dict]]] | None = None,
-           confirmation: Fitness | None = None) -> dict:
+           costs: Callable[[], dict[str, list[dict]]] | None = None) -> dict:
     """Uniform bisection, then (strategy genetic) the seed allocations and the GA seeded with
-    them; ``costs`` gives the sensitivity seed's per-unit cost estimates. With a
-    ``confirmation`` scorer the result is confirmed (``confirm.py``) and, if it fails, stepped
-    back. The model moves from candidate to candidate and ends back at dense."""
+    them; ``costs`` gives the sensitivity seed's per-unit cost estimates. The result (and its
+    price path) goes to confirmation after recovery (``confirm.py``). The model moves from
+    candidate to candidate and ends back at dense."""
     try:
-        found = _search(fitness, names, config, work, is_writer, costs)
-        if confirmation is None:
-            return found
-        checked = confirm(confirmation, found["levels"], names, config, found.get("path"))
-        if not checked["passed"]:  # the validation figures of the levels it stepped back to
-            fitness.label = "search: confirmed levels"
-            found = {**found, "searched_levels": found["levels"],
-                     "levels": checked["levels"], "accuracy": fitness.accuracy(checked["levels"]),
-                     "kept": fitness.pruner.params(checked["levels"])[0]}
-        return {**found, "confirmation": {k: v for k, v in checked.items() if k != "levels"}}
+        return _search(fitness, names, config, work, is_writer, costs)
     finally:
         fitness.pruner.apply(1.0)
 

@@ -136,6 +136,24 @@ class Searched:
 
 
 @dataclass
+class Confirmed:
+    """What is exported: the levels and whether recovery's LoRA goes with them. ``details``
+    holds the confirmation (passed, accuracy, base accuracy, every step back, weights kept
+    before and after) when the run has a confirmation split."""
+
+    levels: dict[str, float]
+    lora: bool
+    details: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Confirmed":
+        return cls(record["levels"], record["lora"], record.get("confirmation") or {})
+
+    def record(self) -> dict:
+        return {"levels": self.levels, "lora": self.lora, "confirmation": self.details}
+
+
+@dataclass
 class Compensated:
     """Refit's or distillation's weights for the chosen levels, and whether they are used:
     only when validation accuracy does not fall (``accuracy_after >= accuracy_before``)."""
