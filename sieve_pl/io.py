@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path, PurePath
 
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from .errors import SieveError
 
@@ -61,6 +61,30 @@ def write_text(path: Path, text: str) -> None:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def resume_checkpoint(path: Path) -> str | None:
+    """``path`` (a training stage's ``last.ckpt``) for ``trainer.fit(ckpt_path=...)`` when it
+    loads as plain tensors and data, else None (train from the start) with a warning.
+
+    ``weights_only=True`` is explicit, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it
+    off: a pickle planted in the work folder is refused without running, and a truncated file
+    restarts the training instead of failing every rerun. (Pass ``weights_only=True`` to
+    ``fit`` too, so Lightning's own load is as strict.)
+    """
+    import torch
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a checkpoint, or objects weights_only refuses
+        first = (str(err).strip().splitlines() or [""])[0]
+        rank_zero_warn(f"[sieve-pl] {path} is unreadable ({type(err).__name__}: {first[:200]}); "
+                       f"training from the start")
+        return None
+    return str(path)
 
 
 def fingerprint(*parts) -> str:

@@ -101,6 +101,19 @@ def _mismatch(folder: Path, files: dict) -> str | None:
     return None
 
 
+def _not_a_folder(path: Path) -> bool:
+    """A link or a file where sieve-pl keeps a folder: never followed, written into or trusted."""
+    return path.is_symlink() or (path.exists() and not path.is_dir())
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder tree, a file or a link (never what a link points to); nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.is_symlink() or path.exists():
+        path.unlink(missing_ok=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -125,6 +138,10 @@ class RunDir:
         Every rank checks the same files on the shared filesystem, so all take one decision.
         A ``stage.json`` without ``files`` (older sieve-pl) is trusted as it was then.
         """
+        if _not_a_folder(final):
+            rank_zero_warn(f"[sieve-pl] {name}: {final} is not a folder (a link or a file); "
+                           f"recomputing")
+            return None
         marker = final / "stage.json"
         if not marker.exists():
             return None
@@ -175,10 +192,7 @@ class RunDir:
                 return loaded
         work = self.path / f".{name}.work"
         if self.trainer.is_global_zero:
-            if (work / "fingerprint").exists() and (work / "fingerprint").read_text() != fp:
-                shutil.rmtree(work)
-            work.mkdir(parents=True, exist_ok=True)
-            (work / "fingerprint").write_text(fp)
+            self._prepare_work(name, work, fp)
         self.trainer.strategy.barrier()
         start = time.perf_counter()
         try:
@@ -191,7 +205,7 @@ class RunDir:
         crash_point(f"{name}:computed")
         if self.trainer.is_global_zero:
             tmp = final.with_name(f".{name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
             try:
                 tmp.mkdir(parents=True)
                 save(result, tmp)
@@ -200,17 +214,41 @@ class RunDir:
                 write_json(tmp / "stage.json", {"fingerprint": fp, "config": config,
                                                 "seconds": seconds, "files": _artifacts(tmp)})
             except OSError as err:  # disk full, quota, permissions: keep nothing half-written
-                shutil.rmtree(tmp, ignore_errors=True)
+                _remove(tmp)
                 raise SieveError(f"writing the {name} stage to {self.path} failed ({err}); "
                                  f"nothing partial was kept: free space and rerun to resume "
                                  f"from this stage") from None
-            shutil.rmtree(final, ignore_errors=True)
+            _remove(final)
             os.replace(tmp, final)
-            shutil.rmtree(work, ignore_errors=True)
+            _remove(work)
         self.trainer.strategy.barrier()
         self.timings[name] = round(time.perf_counter() - start, 2)
         rank_zero_info(f"[sieve-pl] {name}: {self.timings[name]:.1f}s -> {final}")
         return load(final)  # every rank reads what rank 0 wrote
+
+    @staticmethod
+    def _prepare_work(name: str, work: Path, fp: str) -> None:
+        """``work`` as a real folder holding only ``fp``'s work so far.
+
+        Another fingerprint's work is emptied; a link or a file in its place (or an unreadable
+        ``fingerprint``) is replaced with a warning, and the stage starts from scratch.
+        """
+        if _not_a_folder(work):
+            rank_zero_warn(f"[sieve-pl] {name}: {work} is not a folder (a link or a file); "
+                           f"replacing it and starting the stage from scratch")
+            _remove(work)
+        try:
+            stale = (work / "fingerprint").read_text() != fp
+        except FileNotFoundError:
+            stale = False
+        except (OSError, UnicodeDecodeError) as err:
+            rank_zero_warn(f"[sieve-pl] {name}: {work / 'fingerprint'} is unreadable "
+                           f"({type(err).__name__}); starting the stage from scratch")
+            stale = True
+        if stale:
+            _remove(work)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "fingerprint").write_text(fp)
 
     @property
     def lock_path(self) -> Path:
@@ -239,16 +277,20 @@ class RunDir:
             pass
         except OSError as err:
             raise SieveError(f"cannot write to {root}: {err}") from None
-        holder = self._holder()
-        stale = (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
-                 and not _alive(holder["pid"]))
-        if not holder:  # unreadable: a writer killed between create and write, or one mid-write
-            stale = time.time() - self._lock_mtime() > 10
-        if not stale:
-            raise self._in_use(holder)
-        rank_zero_warn(f"[sieve-pl] {self.lock_path}: replacing the stale lock of pid "
-                       f"{holder.get('pid', '?')} (no longer running)")
-        self.lock_path.unlink(missing_ok=True)
+        holder, lock = self._holder(), self.lock_path
+        if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+            rank_zero_warn(f"[sieve-pl] {lock} is not a lock file (a folder or a link); "
+                           f"replacing it")
+        else:
+            stale = (holder.get("host") == socket.gethostname()
+                     and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]))
+            if not holder:  # unreadable: a writer killed between create and write, or mid-write
+                stale = time.time() - self._lock_mtime() > 10
+            if not stale:
+                raise self._in_use(holder)
+            rank_zero_warn(f"[sieve-pl] {lock}: replacing the stale lock of pid "
+                           f"{holder.get('pid', '?')} (no longer running)")
+        _remove(self.lock_path)
         try:
             self._create_lock()
         except FileExistsError:  # another run took it in between

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deap import algorithms, base, creator, tools
+from lightning.pytorch.utilities import rank_zero_warn
 from tqdm.auto import tqdm
 
 from ..io import crash_point, read_json, say, write_json
@@ -39,10 +40,6 @@ def _step_mutation(genome, top: int, indpb: float):
 def _rng_state() -> list:
     version, state, gauss = random.getstate()
     return [version, list(state), gauss]
-
-
-def _set_rng_state(saved: list) -> None:
-    random.setstate((saved[0], tuple(saved[1]), saved[2]))
 
 
 def _key(genome) -> str:
@@ -152,17 +149,32 @@ class GeneticSearch:
         crash_point("search:generation")
 
     def _restore(self, logbook):
+        """The last finished generation from ``state.json``, or ``(None, -1)`` for a fresh start.
+
+        A truncated or damaged file (a disk that filled mid-write, an edit) restarts the search
+        from its seed with a warning: a search that fails on its own checkpoint never finishes.
+        """
         path = self.work / "state.json" if self.work else None
         if path is None or not path.exists():
             return None, -1
-        state = read_json(path)
-        self.cache = state["cache"]
-        self.seen = {_key(g): g for g in state["seen"]}
-        _set_rng_state(state["rng"])
-        self.fitness.restore(state["fitness"])
-        for record in state["logbook"]:
+        try:  # everything read and checked before anything is changed
+            state = read_json(path)
+            population = [creator.SieveGenome(list(map(int, g))) for g in state["population"]]
+            generation, cache = int(state["generation"]), dict(state["cache"])
+            seen = {_key(g): list(g) for g in state["seen"]}
+            records = [dict(r) for r in state["logbook"]]
+            rng, fitness = state["rng"], dict(state["fitness"])
+            random.setstate((rng[0], tuple(rng[1]), rng[2]))
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            first = (str(err).splitlines() or [""])[0]
+            rank_zero_warn(f"[sieve-pl] search: {path} is unreadable ({type(err).__name__}: "
+                           f"{first}); starting the search from generation 0")
+            return None, -1
+        self.cache, self.seen = cache, seen
+        self.fitness.restore(fitness)
+        for record in records:
             logbook.record(**record)
-        return [creator.SieveGenome(g) for g in state["population"]], state["generation"]
+        return population, generation
 
     def _generation(self, generation, population, logbook) -> None:
         """Record a finished generation and checkpoint it."""

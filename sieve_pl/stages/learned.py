@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..io import resume_checkpoint
 from ..models.factored import dense_weight
 from ..units import max_rank
 from ..models.forward import last_logits
@@ -254,7 +255,7 @@ def learn(make_trainer, net: nn.Module, groups: dict[str, list[str]],
         last = folder / "last.ckpt"
         stop_after = next(reversed(part)).rsplit(".", 1)[0]
         with frozen_except(net), module.capturing(stop_after):
-            trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+            trainer.fit(module, loader, ckpt_path=resume_checkpoint(last), weights_only=True)
         fitted = module.bases()
         if trainer.is_global_zero:
             save_file({f"{n}.{p}": t.contiguous() for n, ab in fitted.items()

@@ -44,7 +44,7 @@ from torchmetrics import MeanMetric
 
 from ..errors import SieveError
 from ..models.placement import is_split
-from ..io import PeakMemory, crash_point
+from ..io import PeakMemory, crash_point, resume_checkpoint
 from ..models.module import evaluate, outputs
 from .stage import Context, Recovered, Stage, settings
 
@@ -329,7 +329,7 @@ def _recover(make_trainer, net: nn.Module, task, targets: list[str], train_loade
     try:
         with PeakMemory(trainer.strategy.root_device) as peak:
             trainer.fit(module, train_loader, val_loader,
-                        ckpt_path=str(last) if last.exists() else None)
+                        ckpt_path=resume_checkpoint(last), weights_only=True)
         weights = module.merged_weights(into=None if trained is net else net)
     finally:
         module.net.unload()  # the model leaves as it came, even when training fails
