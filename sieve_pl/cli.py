@@ -16,8 +16,9 @@ from typing import Literal, Optional
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
+from safetensors import SafetensorError
 
-from .errors import SieveError
+from .errors import SieveError, one_line, write_error
 from .io import say, write_json
 from .models.module import SieveLM, evaluate, measure
 from .pipeline import Pipeline, RunConfig
@@ -295,6 +296,12 @@ def main(args=None) -> None:
             score(cli, "validation" if command == "validate" else "test")
     except SieveError as err:
         print(f"sieve-pl: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, SafetensorError) as err:  # a full disk where no stage caught it (--out)
+        if not write_error(err):
+            raise
+        print(f"sieve-pl: error: a write failed ({one_line(err)}); free space or fix "
+              f"permissions and rerun", file=sys.stderr)
         sys.exit(2)
 
 

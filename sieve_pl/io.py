@@ -6,7 +6,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path, PurePath
 
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -45,6 +47,24 @@ def _jsonable(obj):
                     f"(only JSON types, paths, dataclasses and numpy/torch scalars)")
 
 
+@contextmanager
+def atomic(path: Path):
+    """A temporary name next to ``path`` for the block to write (a file or a folder): renamed
+    to ``path`` when the block ends, removed when it fails, so a reader sees all or nothing and
+    a full disk leaves no ``.tmp`` behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never a partial one."""
     path = Path(path)
@@ -53,10 +73,8 @@ def write_json(path: Path, obj) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically (see :func:`write_json`)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(text)
 
 
 def read_json(path: Path):

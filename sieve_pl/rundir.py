@@ -10,7 +10,6 @@ matches; a changed config re-runs that stage and everything after it (their fing
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -24,10 +23,11 @@ from typing import Callable
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .errors import SieveError
+from safetensors import SafetensorError
+
+from .errors import SieveError, write_error
 from .io import crash_point, file_digest, fingerprint, read_json, write_json
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 # what every process of one torchrun / SLURM / multi-node job shares, and another job does not
 JOB_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT")
 LOCK_WAIT_S = 120.0  # how long other ranks wait for rank 0 to take the lock
@@ -197,8 +197,8 @@ class RunDir:
         start = time.perf_counter()
         try:
             result = compute(work)
-        except OSError as err:  # disk full / quota / read-only while the stage writes its work
-            if err.errno not in WRITE_ERRORS:
+        except (OSError, SafetensorError) as err:  # disk full / quota / read-only in its work
+            if not write_error(err):
                 raise
             raise SieveError(f"the {name} stage could not write under {self.path} ({err}); "
                              f"free space or fix permissions and rerun to resume") from None
@@ -213,8 +213,8 @@ class RunDir:
                 seconds = round(time.perf_counter() - start, 2)
                 write_json(tmp / "stage.json", {"fingerprint": fp, "config": config,
                                                 "seconds": seconds, "files": _artifacts(tmp)})
-            except OSError as err:  # disk full, quota, permissions: keep nothing half-written
-                _remove(tmp)
+            except (OSError, SafetensorError) as err:  # disk full, quota, permissions:
+                _remove(tmp)  # keep nothing half-written
                 raise SieveError(f"writing the {name} stage to {self.path} failed ({err}); "
                                  f"nothing partial was kept: free space and rerun to resume "
                                  f"from this stage") from None

@@ -14,10 +14,30 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sieve_pl.io import resume_checkpoint
+from sieve_pl.cli import main
+from sieve_pl.errors import SieveError
+from sieve_pl.io import atomic, resume_checkpoint
 from sieve_pl.rundir import RunDir
+from sieve_pl.tasks.classification import Classification
+from sieve_pl.tasks.generation import Generation
+from sieve_pl.tasks.multiple_choice import MultipleChoice
 
 PACKAGE = Path(__file__).parents[1] / "sieve_pl"
+DEMO = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+NO_SPACE = "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: " \
+           "\"No space left on device\" })"  # what safetensors' save_file raises
+
+
+def run_cli(*args) -> int:
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def last_error_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def fake_trainer():
@@ -171,3 +191,174 @@ def test_lock_that_is_not_a_file_is_replaced(tmp_path, kind):
         with RunDir(run, fake_trainer()).lock():
             assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
     assert not (run / ".lock").exists()
+
+
+# -- one-line errors before heavy work ---------------------------------------------------------
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--search.tournament_size", "0", "search.tournament_size must be >= 1, got 0"),
+    ("--search.crossover_prob", "1.5", "search.crossover_prob must be in [0, 1], got 1.5"),
+    ("--search.mutation_prob", "-0.1", "search.mutation_prob must be in [0, 1]"),
+    ("--search.gene_mutation_prob", "2", "search.gene_mutation_prob must be in [0, 1]"),
+])
+def test_search_options_are_range_checked_when_parsed(tmp_path, capsys, option, value, message):
+    assert run_cli("fit", "--config", DEMO, "--run.root", str(tmp_path), option, value) == 2
+    line = last_error_line(capsys)
+    assert line.startswith("sieve-pl: error: ") and message in line
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("task,prompt,message", [
+    (Classification, "Review: {text} {oops}",
+     r"unknown placeholder\(s\) \{oops\}; it can use \{text\}"),
+    (Classification, "Review: {text} {", r"not a valid template"),
+    (Generation, "Q: {question} {answer}", r"unknown placeholder\(s\) \{answer\}"),
+    (MultipleChoice, "{question}\n{options}{choices}", r"\{choices\}"),
+])
+def test_prompt_with_an_unknown_placeholder_is_one_line(task, prompt, message):
+    with pytest.raises(SieveError, match=message):
+        task(prompt=prompt)
+
+
+def _data(tmp_path, rows: list[dict], sizes=(4, 4, 4), name="data.jsonl"):
+    from sieve_pl.tasks import SplitSizes, TaskDataModule
+
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        import pandas as pd
+
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return TaskDataModule(source=str(path), sizes=SplitSizes(*sizes), batch_size=4)
+
+
+def _rows(n=12):
+    return [{"text": f"review number {i}", "label": ("fresh", "rotten")[i % 2]} for i in range(n)]
+
+
+def test_null_text_is_refused_not_prompted_as_none(tmp_path, tokenizer):
+    rows = _rows()
+    rows[5]["text"] = None
+    with pytest.raises(SieveError, match=r"data: row \d+ of the \w+ split has no 'text' \(null\)"):
+        _data(tmp_path, rows).prepare(tokenizer)
+
+
+def test_list_typed_label_column_of_a_parquet_is_one_line(tmp_path, tokenizer):
+    rows = [{"text": [r["text"], "more"], "label": [r["label"]]} for r in _rows()]
+    with pytest.raises(SieveError, match=r"label column 'label' holds list values"):
+        _data(tmp_path, rows, name="data.parquet").prepare(tokenizer)
+    for row in rows:  # a list of passages as the text stays allowed (joined by newlines)
+        row["label"] = row["label"][0]
+    _data(tmp_path, rows, name="ok.parquet").prepare(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def damaged_models(make_tiny_llama, tmp_path_factory):
+    """Copies of a tiny model: without weights, truncated weights, an unknown sieve type."""
+    import shutil
+
+    source = Path(make_tiny_llama("hostile_model"))
+    root = tmp_path_factory.mktemp("damaged")
+    made = {}
+    for case in ("no weights", "truncated", "unknown type"):
+        folder = root / case.replace(" ", "_")
+        shutil.copytree(source, folder)
+        weights = folder / "model.safetensors"
+        if case == "no weights":
+            weights.unlink()
+        elif case == "truncated":
+            weights.write_bytes(weights.read_bytes()[:1000])
+        else:
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config,
+                                                            "model_type": "sieve_bogus"}))
+        made[case] = str(folder)
+    return made
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no weights", r"cannot load the weights of model .*OSError: .*no file named"),
+    ("truncated", r"cannot load the weights of model .*SafetensorError"),
+    ("unknown type", r"model_type 'sieve_bogus' is no architecture this transformers knows"),
+])
+def test_damaged_model_folder_is_one_line(damaged_models, case, message):
+    from sieve_pl.models.loading import load_model
+
+    with pytest.raises(SieveError, match=message) as error:
+        load_model(damaged_models[case])
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), "safetensors"])
+def test_full_disk_in_a_stage_writer_keeps_no_tmp(tmp_path, failure):
+    from safetensors import SafetensorError
+
+    error = SafetensorError(NO_SPACE) if failure == "safetensors" else failure
+
+    def save(result, folder):
+        (folder / "model.safetensors").write_bytes(b"x" * 100)
+        raise error
+
+    run = RunDir(tmp_path / "run", fake_trainer())
+    with pytest.raises(SieveError, match=r"writing the export stage .*No space left on device"
+                                         r".*nothing partial was kept"):
+        run.stage("export", {}, lambda work: 1, save, lambda d: None)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".export.work"]
+
+    def compute(work):
+        raise error
+
+    with pytest.raises(SieveError, match=r"the export stage could not write"):
+        RunDir(tmp_path / "run", fake_trainer()).stage("export", {}, compute, save, None)
+
+
+def test_atomic_writes_leave_no_tmp_when_the_disk_is_full(tmp_path):
+    for make in (lambda t: t.write_bytes(b"x"), lambda t: (t.mkdir(), (t / "f").write_text("x"))):
+        with pytest.raises(OSError, match="No space"):
+            with atomic(tmp_path / "out") as tmp:
+                make(tmp)
+                raise OSError(28, "No space left on device")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_outside_a_stage_is_one_line(monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from sieve_pl import cli
+
+    monkeypatch.setattr(cli, "SieveCLI", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli, "measure_one", lambda _: (_ for _ in ()).throw(
+        SafetensorError(NO_SPACE)))
+    assert run_cli("measure") == 2
+    assert last_error_line(capsys) == ("sieve-pl: error: a write failed (SafetensorError: "
+                                       f"{NO_SPACE}); free space or fix permissions and rerun")
+    monkeypatch.setattr(cli, "measure_one", lambda _: (_ for _ in ()).throw(
+        OSError(5, "Input/output error")))
+    with pytest.raises(OSError, match="Input/output"):  # not a write the user can fix: raised
+        main(["measure"])
+
+
+# -- data warnings before calibration ----------------------------------------------------------
+
+def test_data_warnings_before_calibration(tmp_path, tokenizer):
+    rows = _rows()
+    rows[1]["text"] = "   "
+    with pytest.warns(UserWarning, match=r"data: 1 examples have an empty prompt text"):
+        _data(tmp_path, rows, name="empty.jsonl").prepare(tokenizer)
+
+    rows = _rows()
+    for row in rows[6:]:
+        row["text"] = rows[0]["text"]
+    with pytest.warns(UserWarning, match=r"same prompt text is in more than one split \("):
+        _data(tmp_path, rows, name="dupes.jsonl").prepare(tokenizer)
+
+    rows = [{**r, "label": "fresh"} for r in _rows()]
+    with pytest.warns(UserWarning, match=r"one class only in validation \('fresh'\), test "
+                                         r"\('fresh'\)"):
+        _data(tmp_path, rows, name="one.jsonl").prepare(tokenizer)
+
+
+def test_clean_data_gives_no_data_warning(tmp_path, tokenizer, recwarn):
+    _data(tmp_path, _rows()).prepare(tokenizer)
+    assert not [w for w in recwarn if "[sieve-pl] data" in str(w.message)]

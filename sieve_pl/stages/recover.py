@@ -44,7 +44,7 @@ from torchmetrics import MeanMetric
 
 from ..errors import SieveError
 from ..models.placement import is_split
-from ..io import PeakMemory, crash_point, resume_checkpoint
+from ..io import PeakMemory, atomic, crash_point, resume_checkpoint
 from ..models.module import evaluate, outputs
 from .stage import Context, Recovered, Stage, settings
 
@@ -266,9 +266,8 @@ def quantized_copy(net: nn.Module, fmt: str, folder: Path) -> nn.Module:
 
     folder = Path(folder)
     if not (folder / "config.json").exists():  # written whole or not at all
-        tmp = folder.with_name(folder.name + ".tmp")
-        save_pruned(net, None, tmp)
-        tmp.replace(folder)
+        with atomic(folder) as tmp:
+            save_pruned(net, None, tmp)
     dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
     quantized, _ = load_model(str(folder), dtype, quantize=fmt)
     return quantized
@@ -363,9 +362,8 @@ def dense_answers(ctx: Context, pruner, work: Path) -> torch.Tensor:
     with pruner.at(1.0):
         teacher = outputs(ctx.trainer, ctx.lm.net, ctx.data.pool_loader(), ctx.data.task.teacher)
     if ctx.trainer.is_global_zero:  # (every rank computed the same rows)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"teacher": teacher.contiguous()}, str(tmp))
-        tmp.replace(path)
+        with atomic(path) as tmp:
+            save_file({"teacher": teacher.contiguous()}, str(tmp))
     return teacher
 
 

@@ -146,6 +146,11 @@ class SearchConfig:
         if self.fidelity < 0 or self.pool_examples < 0:
             raise SieveError(f"search.fidelity and search.pool_examples must be >= 0, got "
                              f"{self.fidelity}, {self.pool_examples}")
+        for name in ("crossover_prob", "mutation_prob", "gene_mutation_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SieveError(f"search.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.tournament_size < 1:
+            raise SieveError(f"search.tournament_size must be >= 1, got {self.tournament_size}")
         if self.rank_multiple < 1:
             raise SieveError(f"search.rank_multiple must be >= 1, got {self.rank_multiple}")
         if self.population < 2 or self.generations < 0 or not 0 <= self.elite < self.population:
