@@ -22,6 +22,7 @@ from .errors import SieveError, one_line, write_error
 from .io import say, write_json
 from .models.module import SieveLM, evaluate, measure
 from .pipeline import Pipeline, RunConfig
+from .rundir import verify
 from .stages.calibrate import CalibrationConfig
 from .stages.distill import DistillConfig
 from .stages.evaluate import ExportConfig, QuantizeConfig, TransferConfig
@@ -109,14 +110,18 @@ class SieveCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Lightning's default logger (TensorBoard if installed, else CSV) writes into the run
-        folder (``<run>/lightning_logs``) unless ``trainer.default_root_dir`` says otherwise;
+        folder (``<run>/lightning_logs``) unless ``trainer.default_root_dir`` says otherwise
+        (``fit`` only: the readers ``validate`` / ``test`` / ``measure`` log nothing);
         prediction loops get named bars unless bars are off or the user brings one; with bars
         off, no library draws one either."""
         cfg = self.config
         if cfg.ckpt_path:
             raise SieveError("--ckpt_path is not used: sieve-pl resumes from its run folder "
                              "(run.root/run.name); rerun the same command to resume")
-        if cfg.trainer.default_root_dir is None:
+        if self.command != "fit":  # readers write nothing into the run folder (read-only ok)
+            if cfg.trainer.logger is True:
+                cfg.trainer.logger = False
+        elif cfg.trainer.default_root_dir is None:
             cfg.trainer.default_root_dir = str(Path(cfg.run.root) / cfg.run.name)
         # (a run's saved config.yaml lists the StageBar added here: drop it, then add it back
         # only where a bar is wanted — the measuring subprocesses turn bars off)
@@ -168,6 +173,7 @@ def models(cli: SieveCLI) -> list[tuple[str, SieveLM]]:
     if which == "pruned" or (which == "auto" and (exported / "config.json").exists()):
         if not (exported / "config.json").exists():
             raise SieveError(f"no exported model at {exported}: run `sieve-pl fit` first")
+        verify(exported.parent)  # the checksums export/stage.json recorded
         rows.append(("pruned", SieveLM(str(exported), cli.model.dtype_name)))
     return rows
 

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from safetensors import SafetensorError
 
-from .errors import SieveError, write_error
+from .errors import SieveError, one_line, write_error
 from .io import crash_point, file_digest, fingerprint, read_json, write_json
 
 # what every process of one torchrun / SLURM / multi-node job shares, and another job does not
@@ -112,6 +112,21 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.is_symlink() or path.exists():
         path.unlink(missing_ok=True)
+
+
+def verify(folder: Path) -> None:
+    """Refuse, in one line, a finished stage folder whose files are not what the stage wrote:
+    readers (``test``, ``validate``, ``measure``) score nothing they cannot vouch for."""
+    if _not_a_folder(folder):
+        raise SieveError(f"{folder} is not a folder (a link or a file); rerun `sieve-pl fit`")
+    try:
+        record = read_json(folder / "stage.json")
+        problem = ("stage.json records no checksums (an older sieve-pl)" if "files" not in record
+                   else _mismatch(folder, record["files"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        problem = f"stage.json is unreadable ({one_line(err)})"
+    if problem:
+        raise SieveError(f"{folder}: {problem}; rerun `sieve-pl fit` to rebuild it")
 
 
 def _alive(pid: int) -> bool:

@@ -362,3 +362,59 @@ def test_data_warnings_before_calibration(tmp_path, tokenizer):
 def test_clean_data_gives_no_data_warning(tmp_path, tokenizer, recwarn):
     _data(tmp_path, _rows()).prepare(tokenizer)
     assert not [w for w in recwarn if "[sieve-pl] data" in str(w.message)]
+
+
+# -- readers verify and write nothing ----------------------------------------------------------
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="module")
+def exported_run(tiny_llama, tmp_path_factory):
+    """A run folder holding only a sealed export (the tiny model copied in by RunDir)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("runs")
+    RunDir(root / "demo", fake_trainer()).stage(
+        "export", {}, lambda work: None,
+        lambda _, folder: shutil.copytree(tiny_llama, folder / "model"), lambda folder: None)
+    return root
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def _reader(tiny_llama, root, command="test", *extra):
+    return run_cli(command, "--model.pretrained", tiny_llama, "--run.root", str(root),
+                   "--data.sizes", "{calibration: 0, validation: 4, test: 4, train: 0}",
+                   "--data.batch_size", "4", *QUIET, *extra)
+
+
+def test_readers_score_a_verified_export_and_write_nothing_into_the_run(exported_run,
+                                                                          tiny_llama, capsys):
+    before = _snapshot(exported_run)
+    assert _reader(tiny_llama, exported_run, "test", "--evaluate", "pruned") == 0
+    assert "pruned: test" in capsys.readouterr().out
+    assert _reader(tiny_llama, exported_run, "validate") == 0  # auto: base and pruned
+    assert _snapshot(exported_run) == before  # no lightning_logs, nothing else
+
+
+@pytest.mark.parametrize("command", ["test", "validate", "measure"])
+def test_readers_refuse_an_export_that_is_not_what_was_written(exported_run, tiny_llama,
+                                                                capsys, tmp_path, command):
+    weights = exported_run / "demo" / "export" / "model" / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, one bit off
+    extra = ["--evaluate", "pruned"] + (["--out", str(tmp_path / "m.json")]
+                                        if command == "measure" else [])
+    try:
+        assert _reader(tiny_llama, exported_run, command, *extra) == 2
+    finally:
+        weights.write_bytes(original)
+    line = last_error_line(capsys)
+    assert line.startswith("sieve-pl: error: ") and line.endswith(
+        "export: model/model.safetensors does not match what was written (checksum); "
+        "rerun `sieve-pl fit` to rebuild it")
+    assert not (tmp_path / "m.json").exists()
