@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors import SafetensorError
 
 from .errors import SieveError, one_line, write_error
-from .io import say, write_json
+from .io import die_with_parent, say, write_json
 from .models.module import SieveLM, evaluate, measure
 from .pipeline import Pipeline, RunConfig
 from .rundir import verify
@@ -290,6 +290,7 @@ def main(args=None) -> None:
     # DDP can relaunch this process); LightningCLI warns about that case
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     stop_on_sigterm()
+    die_with_parent()  # a measuring child of `fit` ends with it
     try:
         cli = SieveCLI(rest, command=command)
         if command == "fit":

@@ -206,6 +206,41 @@ class PeakMemory:
             self.mb = self._current("VmHWM")
 
 
+PARENT_ENV = "SIEVE_PL_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """End this process when the one named by ``$SIEVE_PL_PARENT_PID`` dies (no-op if unset).
+
+    ``fit`` measures each deployable form in a child process; a ``fit`` killed by a scheduler
+    or an out-of-memory kill must not leave it holding the GPU. Linux: the kernel sends SIGKILL
+    (``PR_SET_PDEATHSIG``); elsewhere a thread polls the parent. A parent already gone before
+    this ran is seen by ``getppid``.
+    """
+    parent = os.environ.pop(PARENT_ENV, None)  # (not inherited by this process's children)
+    if not parent:
+        return
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    else:
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == int(parent):
+                time.sleep(1.0)
+            os._exit(128 + signal.SIGTERM)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != int(parent):
+        os._exit(128 + signal.SIGTERM)
+
+
 _crash_counts: dict[str, int] = {}
 
 

@@ -418,3 +418,58 @@ def test_readers_refuse_an_export_that_is_not_what_was_written(exported_run, tin
         "export: model/model.safetensors does not match what was written (checksum); "
         "rerun `sieve-pl fit` to rebuild it")
     assert not (tmp_path / "m.json").exists()
+
+
+# -- the measuring subprocess ends with fit ----------------------------------------------------
+
+def test_measuring_child_is_started_to_die_with_fit(tmp_path, monkeypatch):
+    from sieve_pl.stages import evaluate
+    from sieve_pl.stages.evaluate import QuantizeConfig, measure_forms
+
+    seen = []
+
+    def run(command, env, **kwargs):
+        seen.append(env)
+        Path(command[command.index("--out") + 1]).write_text(json.dumps(
+            {k: 1.0 for k in evaluate.MEASURES}))
+        return SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(evaluate.subprocess, "run", run)
+    rows = {"base": {}, "pruned": {"target_params_kept": 1, "params": 1}}
+    measure_forms(rows, "pruned", tmp_path, tmp_path, QuantizeConfig())
+    assert [env["SIEVE_PL_PARENT_PID"] for env in seen] == [str(os.getpid())] * 2
+
+
+def test_child_with_die_with_parent_ends_when_its_parent_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = ("import os, time; from sieve_pl.io import die_with_parent; die_with_parent(); "
+             "assert 'SIEVE_PL_PARENT_PID' not in os.environ; print('armed', flush=True); "
+             "time.sleep(60)")
+    parent = ("import os, subprocess, sys, time; "
+              "env = dict(os.environ, SIEVE_PL_PARENT_PID=str(os.getpid())); "
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}], env=env); "
+              "print(p.pid, flush=True); time.sleep(60)")
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE.parent))
+    started = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, env=env,
+                               text=True)
+    pid = int(started.stdout.readline())
+    assert started.stdout.readline().strip() == "armed"  # (the child writes to the same pipe)
+    os.kill(pid, 0)  # alive while its parent is
+    started.kill()
+    started.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            if " Z " in Path(f"/proc/{pid}/stat").read_text():  # dead, not yet reaped
+                break
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the child outlived its parent")
