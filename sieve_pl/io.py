@@ -13,7 +13,7 @@ from pathlib import Path, PurePath
 
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from .errors import SieveError
+from .errors import SieveError, one_line
 
 
 @rank_zero_only
@@ -98,9 +98,8 @@ def resume_checkpoint(path: Path) -> str | None:
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a checkpoint, or objects weights_only refuses
-        first = (str(err).strip().splitlines() or [""])[0]
-        rank_zero_warn(f"[sieve-pl] {path} is unreadable ({type(err).__name__}: {first[:200]}); "
-                       f"training from the start")
+        rank_zero_warn(f"[sieve-pl] {path} is unreadable ({one_line(err)[:200]}); training "
+                       f"from the start")
         return None
     return str(path)
 

@@ -4,8 +4,10 @@
 fingerprint (a hash of its own config section and of the upstream stage's fingerprint) and the
 size and sha256 of every artifact. A stage is written to a temporary folder and renamed when
 complete, so a finished-looking folder is always whole; a folder edited, truncated or damaged
-since is noticed by its checksums and recomputed. Rerunning skips stages whose fingerprint
-matches; a changed config re-runs that stage and everything after it (their fingerprints chain).
+since is noticed by its checksums and recomputed, and so is one replaced by a link or a file
+(a damaged work folder or ``.lock`` is replaced, with a warning). Rerunning skips stages whose
+fingerprint matches; a changed config re-runs that stage and everything after it (their
+fingerprints chain). Readers check a stage with :func:`verify`.
 ``<root>/<name>/.lock`` keeps a second run from writing the same folder at the same time.
 """
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Callable
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-
 from safetensors import SafetensorError
 
 from .errors import SieveError, one_line, write_error
@@ -206,11 +207,11 @@ class RunDir:
                 self.timings[name] = record["seconds"]
                 return loaded
         work = self.path / f".{name}.work"
-        if self.trainer.is_global_zero:
-            self._prepare_work(name, work, fp)
-        self.trainer.strategy.barrier()
-        start = time.perf_counter()
         try:
+            if self.trainer.is_global_zero:
+                self._prepare_work(name, work, fp)
+            self.trainer.strategy.barrier()
+            start = time.perf_counter()
             result = compute(work)
         except (OSError, SafetensorError) as err:  # disk full / quota / read-only in its work
             if not write_error(err):

@@ -15,6 +15,7 @@ from deap import algorithms, base, creator, tools
 from lightning.pytorch.utilities import rank_zero_warn
 from tqdm.auto import tqdm
 
+from ..errors import one_line
 from ..io import crash_point, read_json, say, write_json
 from ..progress import quiet
 
@@ -166,9 +167,8 @@ class GeneticSearch:
             rng, fitness = state["rng"], dict(state["fitness"])
             random.setstate((rng[0], tuple(rng[1]), rng[2]))
         except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
-            first = (str(err).splitlines() or [""])[0]
-            rank_zero_warn(f"[sieve-pl] search: {path} is unreadable ({type(err).__name__}: "
-                           f"{first}); starting the search from generation 0")
+            rank_zero_warn(f"[sieve-pl] search: {path} is unreadable ({one_line(err)}); "
+                           f"starting the search from generation 0")
             return None, -1
         self.cache, self.seen = cache, seen
         self.fitness.restore(fitness)

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..io import resume_checkpoint
+from ..io import atomic, resume_checkpoint
 from ..models.factored import dense_weight
 from ..units import max_rank
 from ..models.forward import last_logits
@@ -257,9 +257,10 @@ def learn(make_trainer, net: nn.Module, groups: dict[str, list[str]],
         with frozen_except(net), module.capturing(stop_after):
             trainer.fit(module, loader, ckpt_path=resume_checkpoint(last), weights_only=True)
         fitted = module.bases()
-        if trainer.is_global_zero:
-            save_file({f"{n}.{p}": t.contiguous() for n, ab in fitted.items()
-                       for p, t in zip("AB", ab)}, str(done))
+        if trainer.is_global_zero:  # (whole or absent: a rerun trusts a part that exists)
+            with atomic(done) as tmp:
+                save_file({f"{n}.{p}": t.contiguous() for n, ab in fitted.items()
+                           for p, t in zip("AB", ab)}, str(tmp))
         bases.update(fitted)
     dtype = next(net.parameters()).dtype
     return {name: (a.to(dtype).contiguous(), b.to(dtype).contiguous())
