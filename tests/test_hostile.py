@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_distill import pruned  # noqa: F401  (a fixture: a tiny pruned model and its data)
 
 from sieve_pl.cli import main
 from sieve_pl.errors import SieveError
@@ -108,6 +109,23 @@ def test_unreadable_or_planted_last_ckpt_is_set_aside(tmp_path, monkeypatch):
     (tmp_path / "folder.ckpt").mkdir()
     with pytest.warns(UserWarning, match="unreadable"):
         assert resume_checkpoint(tmp_path / "folder.ckpt") is None
+
+
+def test_distillation_with_a_planted_last_ckpt_trains_from_the_start(pruned, tmp_path,
+                                                                       monkeypatch):
+    """Through a real training stage: the planted checkpoint is set aside (nothing runs) and
+    the result is that of a run that never had one."""
+    from test_distill import _distill
+
+    full = _distill(pruned, tmp_path / "a")
+    marker = tmp_path / "ran"
+    (tmp_path / "b").mkdir()
+    torch.save({"state_dict": {}, "x": _Planted(marker)}, tmp_path / "b" / "last.ckpt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.warns(UserWarning, match=r"last.ckpt is unreadable .*training from the start"):
+        healed = _distill(pruned, tmp_path / "b")
+    assert not marker.exists()
+    assert healed["val_kl"] == pytest.approx(full["val_kl"], rel=0, abs=0)
 
 
 def _calls(tree: ast.AST, name: str):
