@@ -10,10 +10,13 @@ import shutil
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path, PurePath
+from typing import Callable, TypeVar
 
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from .errors import SieveError, one_line
+
+T = TypeVar("T")
 
 
 @rank_zero_only
@@ -81,6 +84,22 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+def resumable(path: Path, read: Callable[[Path], T], instead: str) -> T | None:
+    """What a stage kept in its work folder to resume from, read by ``read``; None when absent,
+    or unreadable (a write cut short, an edit) with a warning saying what is done ``instead``:
+    the stage redoes that part rather than failing on every rerun."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        return read(path)
+    except MemoryError:
+        raise
+    except Exception as err:  # truncated, not what was written, not a file
+        rank_zero_warn(f"[sieve-pl] {path} is unreadable ({one_line(err)[:200]}); {instead}")
+        return None
+
+
 def resume_checkpoint(path: Path) -> str | None:
     """``path`` (a training stage's ``last.ckpt``) for ``trainer.fit(ckpt_path=...)`` when it
     loads as plain tensors and data, else None (train from the start) with a warning.
@@ -92,16 +111,11 @@ def resume_checkpoint(path: Path) -> str | None:
     """
     import torch
 
-    path = Path(path)
-    if not path.exists() and not path.is_symlink():
-        return None
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a checkpoint, or objects weights_only refuses
-        rank_zero_warn(f"[sieve-pl] {path} is unreadable ({one_line(err)[:200]}); training "
-                       f"from the start")
-        return None
-    return str(path)
+    def check(file: Path) -> bool:
+        torch.load(file, map_location="cpu", weights_only=True)
+        return True
+
+    return str(path) if resumable(path, check, "training from the start") else None
 
 
 def fingerprint(*parts) -> str:

@@ -75,6 +75,25 @@ def test_truncated_search_state_restarts_the_search_with_a_warning(tmp_path):
     assert search.cache == {} and search.seen == {}
 
 
+@pytest.mark.parametrize("content", [b'{"format": 3, "fitn', b"\x00\xff", b"[]"])
+def test_resumable_work_files_that_do_not_read_are_redone(tmp_path, content):
+    """The search's ``uniform.json``, learned parts and the teacher's answers go through
+    ``resumable``: unreadable, they are computed again with a warning."""
+    from safetensors.torch import load_file
+
+    from sieve_pl.io import read_json, resumable
+
+    (tmp_path / "uniform.json").write_bytes(content)
+    (tmp_path / "teacher.safetensors").write_bytes(content)
+    if content != b"[]":
+        with pytest.warns(UserWarning, match=r"uniform.json is unreadable .*; again"):
+            assert resumable(tmp_path / "uniform.json", read_json, "again") is None
+    with pytest.warns(UserWarning, match=r"teacher.safetensors is unreadable \(Safetensor"):
+        assert resumable(tmp_path / "teacher.safetensors",
+                         lambda p: load_file(str(p))["teacher"], "again") is None
+    assert resumable(tmp_path / "absent.json", read_json, "again") is None
+
+
 class _Planted:
     """An object whose unpickling touches a file: what a malicious ``last.ckpt`` would run."""
 

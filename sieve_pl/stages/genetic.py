@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deap import algorithms, base, creator, tools
-from lightning.pytorch.utilities import rank_zero_warn
 from tqdm.auto import tqdm
 
-from ..errors import one_line
-from ..io import crash_point, read_json, say, write_json
+from ..io import crash_point, read_json, resumable, say, write_json
 from ..progress import quiet
 
 if TYPE_CHECKING:
@@ -155,26 +153,26 @@ class GeneticSearch:
         A truncated or damaged file (a disk that filled mid-write, an edit) restarts the search
         from its seed with a warning: a search that fails on its own checkpoint never finishes.
         """
-        path = self.work / "state.json" if self.work else None
-        if path is None or not path.exists():
-            return None, -1
-        try:  # everything read and checked before anything is changed
+        def read(path: Path) -> dict:  # everything read and checked before anything changes
             state = read_json(path)
-            population = [creator.SieveGenome(list(map(int, g))) for g in state["population"]]
-            generation, cache = int(state["generation"]), dict(state["cache"])
-            seen = {_key(g): list(g) for g in state["seen"]}
-            records = [dict(r) for r in state["logbook"]]
-            rng, fitness = state["rng"], dict(state["fitness"])
+            rng = state["rng"]
             random.setstate((rng[0], tuple(rng[1]), rng[2]))
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
-            rank_zero_warn(f"[sieve-pl] search: {path} is unreadable ({one_line(err)}); "
-                           f"starting the search from generation 0")
+            return {"population": [creator.SieveGenome(list(map(int, g)))
+                                   for g in state["population"]],
+                    "generation": int(state["generation"]), "cache": dict(state["cache"]),
+                    "seen": {_key(g): list(g) for g in state["seen"]},
+                    "logbook": [dict(r) for r in state["logbook"]],
+                    "fitness": dict(state["fitness"])}
+
+        state = resumable(self.work / "state.json", read,
+                          "starting the search from generation 0") if self.work else None
+        if state is None:
             return None, -1
-        self.cache, self.seen = cache, seen
-        self.fitness.restore(fitness)
-        for record in records:
+        self.cache, self.seen = state["cache"], state["seen"]
+        self.fitness.restore(state["fitness"])
+        for record in state["logbook"]:
             logbook.record(**record)
-        return population, generation
+        return state["population"], state["generation"]
 
     def _generation(self, generation, population, logbook) -> None:
         """Record a finished generation and checkpoint it."""

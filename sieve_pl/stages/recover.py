@@ -44,7 +44,7 @@ from torchmetrics import MeanMetric
 
 from ..errors import SieveError
 from ..models.placement import is_split
-from ..io import PeakMemory, atomic, crash_point, resume_checkpoint
+from ..io import PeakMemory, atomic, crash_point, resumable, resume_checkpoint
 from ..models.module import evaluate, outputs
 from .stage import Context, Recovered, Stage, settings
 
@@ -357,8 +357,10 @@ def dense_answers(ctx: Context, pruner, work: Path) -> torch.Tensor:
     once and kept in ``work/teacher.safetensors`` (a resumed run, and the dense comparison,
     read them back)."""
     path = Path(work) / "teacher.safetensors"
-    if path.exists():
-        return load_file(str(path))["teacher"]
+    saved = resumable(path, lambda file: load_file(str(file))["teacher"],
+                      "computing the dense model's answers again")
+    if saved is not None:
+        return saved
     with pruner.at(1.0):
         teacher = outputs(ctx.trainer, ctx.lm.net, ctx.data.pool_loader(), ctx.data.task.teacher)
     if ctx.trainer.is_global_zero:  # (every rank computed the same rows)

@@ -17,7 +17,7 @@ from typing import Callable, Literal
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..errors import SieveError
-from ..io import read_json, write_json
+from ..io import read_json, resumable, write_json
 from ..models.pruning import Pruner, layer_and_kind
 from ..report import save_search
 from .confirm import confirm
@@ -236,8 +236,9 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
 def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
             is_writer: bool, costs) -> dict:
     uniform_path = work / "uniform.json" if work else None
-    saved = read_json(uniform_path) if uniform_path and uniform_path.exists() else None
-    if saved is not None and saved.get("format") == STATE_FORMAT:
+    saved = resumable(uniform_path, read_json, "searching the uniform level again"
+                      ) if uniform_path else None
+    if isinstance(saved, dict) and saved.get("format") == STATE_FORMAT:
         uniform = saved
         fitness.restore(uniform["fitness"])
     else:  # (a state written by another version of this code is recomputed, not misread)
