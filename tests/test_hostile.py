@@ -510,3 +510,24 @@ def test_child_with_die_with_parent_ends_when_its_parent_is_killed(tmp_path):
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the child outlived its parent")
+
+
+def test_fit_heals_a_hostile_run_folder_end_to_end(tmp_path, tiny_llama):
+    """One tiny fit through the CLI over a folder a crash and a hand have damaged."""
+    run = tmp_path / "demo"
+    run.mkdir()
+    (run / ".lock").mkdir()
+    (run / ".search.work").write_text("not a folder")
+    (run / ".calibrate.work").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (run / "project").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.warns(UserWarning) as record:
+        assert run_cli("fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
+                       "--data.sizes", "{calibration: 12, validation: 10, test: 10, train: 0}",
+                       "--data.batch_size", "5", "--search.strategy", "uniform", *QUIET) == 0
+    said = "\n".join(str(w.message) for w in record)
+    assert ".lock is not a lock file" in said
+    assert "search: " in said and ".search.work is not a folder" in said
+    assert ".calibrate.work is not a folder" in said and "project is not a folder" in said
+    assert (run / "export" / "stage.json").exists() and not (run / "project").is_symlink()
+    assert not (run / ".lock").exists() and not (tmp_path / "elsewhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # the link's target kept

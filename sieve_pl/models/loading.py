@@ -127,8 +127,12 @@ def _convert_builtin(name: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = name
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:  # a full disk: no half-written copy left in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, out)
