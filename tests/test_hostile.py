@@ -1,7 +1,8 @@
 """Hostile run folders and inputs: damaged work folders heal with a warning, bad input stops in
 one line before heavy work, readers verify what they read and write nothing.
 
-Most tests drive the run folder and the readers directly (seconds); no model is trained.
+Most tests drive the run folder, the readers and the data checks directly; one tiny
+distillation and one tiny fit run end to end (seconds each).
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_cli import QUIET
 from test_distill import pruned  # noqa: F401  (a fixture: a tiny pruned model and its data)
+from test_errors import DEMO, last_error_line, run_cli
+from test_rundir import fake_trainer
 
 from sieve_pl.cli import main
 from sieve_pl.errors import SieveError
@@ -24,35 +28,18 @@ from sieve_pl.tasks.generation import Generation
 from sieve_pl.tasks.multiple_choice import MultipleChoice
 
 PACKAGE = Path(__file__).parents[1] / "sieve_pl"
-DEMO = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
 NO_SPACE = "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: " \
            "\"No space left on device\" })"  # what safetensors' save_file raises
 
 
-def run_cli(*args) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
-
-
-def last_error_line(capsys) -> str:
-    return capsys.readouterr().err.strip().splitlines()[-1]
-
-
-def fake_trainer():
-    return SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
-
-
-def run_stage(path, calls: list, compute=None):
-    """One stage that writes ``value.txt``; ``calls`` counts its computations."""
-    def default(work):
+def run_stage(path, calls: list):
+    """One stage that writes ``value.txt``; ``calls`` gets the work folder of each computation."""
+    def compute(work):
         calls.append(work)
         return "42"
 
     return RunDir(path, fake_trainer()).stage(
-        "stage", {"a": 1}, compute or default, lambda r, d: (d / "value.txt").write_text(r),
+        "stage", {"a": 1}, compute, lambda r, d: (d / "value.txt").write_text(r),
         lambda d: (d / "value.txt").read_text())
 
 
@@ -402,9 +389,6 @@ def test_clean_data_gives_no_data_warning(tmp_path, tokenizer, recwarn):
 
 
 # -- readers verify and write nothing ----------------------------------------------------------
-
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
 
 @pytest.fixture(scope="module")
 def exported_run(tiny_llama, tmp_path_factory):
