@@ -16,11 +16,13 @@ from typing import Literal, Optional
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
+from safetensors import SafetensorError
 
-from .errors import SieveError
-from .io import say, write_json
+from .errors import SieveError, one_line, write_error
+from .io import die_with_parent, say, write_json
 from .models.module import SieveLM, evaluate, measure
 from .pipeline import Pipeline, RunConfig
+from .rundir import verify
 from .stages.calibrate import CalibrationConfig
 from .stages.distill import DistillConfig
 from .stages.evaluate import ExportConfig, QuantizeConfig, TransferConfig
@@ -108,14 +110,18 @@ class SieveCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Lightning's default logger (TensorBoard if installed, else CSV) writes into the run
-        folder (``<run>/lightning_logs``) unless ``trainer.default_root_dir`` says otherwise;
+        folder (``<run>/lightning_logs``) unless ``trainer.default_root_dir`` says otherwise
+        (``fit`` only: the readers ``validate`` / ``test`` / ``measure`` log nothing);
         prediction loops get named bars unless bars are off or the user brings one; with bars
         off, no library draws one either."""
         cfg = self.config
         if cfg.ckpt_path:
             raise SieveError("--ckpt_path is not used: sieve-pl resumes from its run folder "
                              "(run.root/run.name); rerun the same command to resume")
-        if cfg.trainer.default_root_dir is None:
+        if self.command != "fit":  # readers write nothing into the run folder (read-only ok)
+            if cfg.trainer.logger is True:
+                cfg.trainer.logger = False
+        elif cfg.trainer.default_root_dir is None:
             cfg.trainer.default_root_dir = str(Path(cfg.run.root) / cfg.run.name)
         # (a run's saved config.yaml lists the StageBar added here: drop it, then add it back
         # only where a bar is wanted — the measuring subprocesses turn bars off)
@@ -167,6 +173,7 @@ def models(cli: SieveCLI) -> list[tuple[str, SieveLM]]:
     if which == "pruned" or (which == "auto" and (exported / "config.json").exists()):
         if not (exported / "config.json").exists():
             raise SieveError(f"no exported model at {exported}: run `sieve-pl fit` first")
+        verify(exported.parent)  # the checksums export/stage.json recorded
         rows.append(("pruned", SieveLM(str(exported), cli.model.dtype_name)))
     return rows
 
@@ -283,6 +290,7 @@ def main(args=None) -> None:
     # DDP can relaunch this process); LightningCLI warns about that case
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     stop_on_sigterm()
+    die_with_parent()  # a measuring child of `fit` ends with it
     try:
         cli = SieveCLI(rest, command=command)
         if command == "fit":
@@ -295,6 +303,12 @@ def main(args=None) -> None:
             score(cli, "validation" if command == "validate" else "test")
     except SieveError as err:
         print(f"sieve-pl: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, SafetensorError) as err:  # a full disk where no stage caught it (--out)
+        if not write_error(err):
+            raise
+        print(f"sieve-pl: error: a write failed ({one_line(err)}); free space or fix "
+              f"permissions and rerun", file=sys.stderr)
         sys.exit(2)
 
 

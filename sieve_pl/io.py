@@ -6,12 +6,17 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path, PurePath
+from typing import Callable, TypeVar
 
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from .errors import SieveError
+from .errors import SieveError, one_line
+
+T = TypeVar("T")
 
 
 @rank_zero_only
@@ -45,6 +50,24 @@ def _jsonable(obj):
                     f"(only JSON types, paths, dataclasses and numpy/torch scalars)")
 
 
+@contextmanager
+def atomic(path: Path):
+    """A temporary name next to ``path`` for the block to write (a file or a folder): renamed
+    to ``path`` when the block ends, removed when it fails, so a reader sees all or nothing and
+    a full disk leaves no ``.tmp`` behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never a partial one."""
     path = Path(path)
@@ -53,14 +76,46 @@ def write_json(path: Path, obj) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically (see :func:`write_json`)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(text)
 
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def resumable(path: Path, read: Callable[[Path], T], instead: str) -> T | None:
+    """What a stage kept in its work folder to resume from, read by ``read``; None when absent,
+    or unreadable (a write cut short, an edit) with a warning saying what is done ``instead``:
+    the stage redoes that part rather than failing on every rerun."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        return read(path)
+    except MemoryError:
+        raise
+    except Exception as err:  # truncated, not what was written, not a file
+        rank_zero_warn(f"[sieve-pl] {path} is unreadable ({one_line(err)[:200]}); {instead}")
+        return None
+
+
+def resume_checkpoint(path: Path) -> str | None:
+    """``path`` (a training stage's ``last.ckpt``) for ``trainer.fit(ckpt_path=...)`` when it
+    loads as plain tensors and data, else None (train from the start) with a warning.
+
+    ``weights_only=True`` is explicit, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it
+    off: a pickle planted in the work folder is refused without running, and a truncated file
+    restarts the training instead of failing every rerun. (Pass ``weights_only=True`` to
+    ``fit`` too, so Lightning's own load is as strict.)
+    """
+    import torch
+
+    def check(file: Path) -> bool:
+        torch.load(file, map_location="cpu", weights_only=True)
+        return True
+
+    return str(path) if resumable(path, check, "training from the start") else None
 
 
 def fingerprint(*parts) -> str:
@@ -162,6 +217,41 @@ class PeakMemory:
             self.mb = torch.cuda.max_memory_allocated() / 2**20
         else:
             self.mb = self._current("VmHWM")
+
+
+PARENT_ENV = "SIEVE_PL_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """End this process when the one named by ``$SIEVE_PL_PARENT_PID`` dies (no-op if unset).
+
+    ``fit`` measures each deployable form in a child process; a ``fit`` killed by a scheduler
+    or an out-of-memory kill must not leave it holding the GPU. Linux: the kernel sends SIGKILL
+    (``PR_SET_PDEATHSIG``); elsewhere a thread polls the parent. A parent already gone before
+    this ran is seen by ``getppid``.
+    """
+    parent = os.environ.pop(PARENT_ENV, None)  # (not inherited by this process's children)
+    if not parent:
+        return
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    else:
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == int(parent):
+                time.sleep(1.0)
+            os._exit(128 + signal.SIGTERM)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != int(parent):
+        os._exit(128 + signal.SIGTERM)
 
 
 _crash_counts: dict[str, int] = {}

@@ -4,13 +4,14 @@
 fingerprint (a hash of its own config section and of the upstream stage's fingerprint) and the
 size and sha256 of every artifact. A stage is written to a temporary folder and renamed when
 complete, so a finished-looking folder is always whole; a folder edited, truncated or damaged
-since is noticed by its checksums and recomputed. Rerunning skips stages whose fingerprint
-matches; a changed config re-runs that stage and everything after it (their fingerprints chain).
+since is noticed by its checksums and recomputed, and so is one replaced by a link or a file
+(a damaged work folder or ``.lock`` is replaced, with a warning). Rerunning skips stages whose
+fingerprint matches; a changed config re-runs that stage and everything after it (their
+fingerprints chain). Readers check a stage with :func:`verify`.
 ``<root>/<name>/.lock`` keeps a second run from writing the same folder at the same time.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -23,11 +24,11 @@ from typing import Callable
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from safetensors import SafetensorError
 
-from .errors import SieveError
+from .errors import SieveError, one_line, write_error
 from .io import crash_point, file_digest, fingerprint, read_json, write_json
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 # what every process of one torchrun / SLURM / multi-node job shares, and another job does not
 JOB_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT")
 LOCK_WAIT_S = 120.0  # how long other ranks wait for rank 0 to take the lock
@@ -101,6 +102,34 @@ def _mismatch(folder: Path, files: dict) -> str | None:
     return None
 
 
+def _not_a_folder(path: Path) -> bool:
+    """A link or a file where sieve-pl keeps a folder: never followed, written into or trusted."""
+    return path.is_symlink() or (path.exists() and not path.is_dir())
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder tree, a file or a link (never what a link points to); nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.is_symlink() or path.exists():
+        path.unlink(missing_ok=True)
+
+
+def verify(folder: Path) -> None:
+    """Refuse, in one line, a finished stage folder whose files are not what the stage wrote:
+    readers (``test``, ``validate``, ``measure``) score nothing they cannot vouch for."""
+    if _not_a_folder(folder):
+        raise SieveError(f"{folder} is not a folder (a link or a file); rerun `sieve-pl fit`")
+    try:
+        record = read_json(folder / "stage.json")
+        problem = ("stage.json records no checksums (an older sieve-pl)" if "files" not in record
+                   else _mismatch(folder, record["files"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        problem = f"stage.json is unreadable ({one_line(err)})"
+    if problem:
+        raise SieveError(f"{folder}: {problem}; rerun `sieve-pl fit` to rebuild it")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -125,6 +154,10 @@ class RunDir:
         Every rank checks the same files on the shared filesystem, so all take one decision.
         A ``stage.json`` without ``files`` (older sieve-pl) is trusted as it was then.
         """
+        if _not_a_folder(final):
+            rank_zero_warn(f"[sieve-pl] {name}: {final} is not a folder (a link or a file); "
+                           f"recomputing")
+            return None
         marker = final / "stage.json"
         if not marker.exists():
             return None
@@ -174,24 +207,21 @@ class RunDir:
                 self.timings[name] = record["seconds"]
                 return loaded
         work = self.path / f".{name}.work"
-        if self.trainer.is_global_zero:
-            if (work / "fingerprint").exists() and (work / "fingerprint").read_text() != fp:
-                shutil.rmtree(work)
-            work.mkdir(parents=True, exist_ok=True)
-            (work / "fingerprint").write_text(fp)
-        self.trainer.strategy.barrier()
-        start = time.perf_counter()
         try:
+            if self.trainer.is_global_zero:
+                self._prepare_work(name, work, fp)
+            self.trainer.strategy.barrier()
+            start = time.perf_counter()
             result = compute(work)
-        except OSError as err:  # disk full / quota / read-only while the stage writes its work
-            if err.errno not in WRITE_ERRORS:
+        except (OSError, SafetensorError) as err:  # disk full / quota / read-only in its work
+            if not write_error(err):
                 raise
             raise SieveError(f"the {name} stage could not write under {self.path} ({err}); "
                              f"free space or fix permissions and rerun to resume") from None
         crash_point(f"{name}:computed")
         if self.trainer.is_global_zero:
             tmp = final.with_name(f".{name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
             try:
                 tmp.mkdir(parents=True)
                 save(result, tmp)
@@ -199,18 +229,42 @@ class RunDir:
                 seconds = round(time.perf_counter() - start, 2)
                 write_json(tmp / "stage.json", {"fingerprint": fp, "config": config,
                                                 "seconds": seconds, "files": _artifacts(tmp)})
-            except OSError as err:  # disk full, quota, permissions: keep nothing half-written
-                shutil.rmtree(tmp, ignore_errors=True)
+            except (OSError, SafetensorError) as err:  # disk full, quota, permissions:
+                _remove(tmp)  # keep nothing half-written
                 raise SieveError(f"writing the {name} stage to {self.path} failed ({err}); "
                                  f"nothing partial was kept: free space and rerun to resume "
                                  f"from this stage") from None
-            shutil.rmtree(final, ignore_errors=True)
+            _remove(final)
             os.replace(tmp, final)
-            shutil.rmtree(work, ignore_errors=True)
+            _remove(work)
         self.trainer.strategy.barrier()
         self.timings[name] = round(time.perf_counter() - start, 2)
         rank_zero_info(f"[sieve-pl] {name}: {self.timings[name]:.1f}s -> {final}")
         return load(final)  # every rank reads what rank 0 wrote
+
+    @staticmethod
+    def _prepare_work(name: str, work: Path, fp: str) -> None:
+        """``work`` as a real folder holding only ``fp``'s work so far.
+
+        Another fingerprint's work is emptied; a link or a file in its place (or an unreadable
+        ``fingerprint``) is replaced with a warning, and the stage starts from scratch.
+        """
+        if _not_a_folder(work):
+            rank_zero_warn(f"[sieve-pl] {name}: {work} is not a folder (a link or a file); "
+                           f"replacing it and starting the stage from scratch")
+            _remove(work)
+        try:
+            stale = (work / "fingerprint").read_text() != fp
+        except FileNotFoundError:
+            stale = False
+        except (OSError, UnicodeDecodeError) as err:
+            rank_zero_warn(f"[sieve-pl] {name}: {work / 'fingerprint'} is unreadable "
+                           f"({type(err).__name__}); starting the stage from scratch")
+            stale = True
+        if stale:
+            _remove(work)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "fingerprint").write_text(fp)
 
     @property
     def lock_path(self) -> Path:
@@ -239,16 +293,20 @@ class RunDir:
             pass
         except OSError as err:
             raise SieveError(f"cannot write to {root}: {err}") from None
-        holder = self._holder()
-        stale = (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
-                 and not _alive(holder["pid"]))
-        if not holder:  # unreadable: a writer killed between create and write, or one mid-write
-            stale = time.time() - self._lock_mtime() > 10
-        if not stale:
-            raise self._in_use(holder)
-        rank_zero_warn(f"[sieve-pl] {self.lock_path}: replacing the stale lock of pid "
-                       f"{holder.get('pid', '?')} (no longer running)")
-        self.lock_path.unlink(missing_ok=True)
+        holder, lock = self._holder(), self.lock_path
+        if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+            rank_zero_warn(f"[sieve-pl] {lock} is not a lock file (a folder or a link); "
+                           f"replacing it")
+        else:
+            stale = (holder.get("host") == socket.gethostname()
+                     and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]))
+            if not holder:  # unreadable: a writer killed between create and write, or mid-write
+                stale = time.time() - self._lock_mtime() > 10
+            if not stale:
+                raise self._in_use(holder)
+            rank_zero_warn(f"[sieve-pl] {lock}: replacing the stale lock of pid "
+                           f"{holder.get('pid', '?')} (no longer running)")
+        _remove(self.lock_path)
         try:
             self._create_lock()
         except FileExistsError:  # another run took it in between

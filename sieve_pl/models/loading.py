@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from ..errors import SieveError
+from ..errors import SieveError, one_line
 from ..io import package_file
 from .adapters import Adapter, adapter_for
 
@@ -126,8 +127,12 @@ def _convert_builtin(name: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = name
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:  # a full disk: no half-written copy left in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, out)
@@ -185,6 +190,10 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
         model_type = read_config_json(local).get("model_type", "")
         try:
             register(model_type)
+        except KeyError:  # sieve_<base> with a base this transformers does not have
+            raise SieveError(f"{local}: model_type {model_type!r} is no architecture this "
+                             f"transformers knows; export it again or upgrade transformers"
+                             ) from None
         except (OSError, ValueError, AttributeError):
             pass  # a model type that AutoConfig will report on
     try:
@@ -249,8 +258,12 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
         kwargs = {"quantization_config": quantization_config(quantize, config,
                                                              getattr(torch, dtype)),
                   "device_map": {"": device}}
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve(name_or_path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-        **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve(name_or_path), dtype=getattr(torch, dtype),
+            trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:  # no weights, a truncated file
+        raise SieveError(f"cannot load the weights of model {name_or_path!r}: "
+                         f"{one_line(err)}") from None
     model.eval()
     return model, adapter

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from ..errors import SieveError
-from ..io import SafetensorsFolder, crash_point
+from ..io import SafetensorsFolder, atomic, crash_point
 from ..models.factored import dense_shape
 from ..models.sequential import capture, layer_by_layer
 from ..progress import named, quiet
@@ -186,7 +186,8 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
         if out is None:
             stats.update(shard)
         elif trainer.is_global_zero:
-            save_file(shard, str(Path(out) / f"stats-{index:05d}.safetensors"))
+            with atomic(Path(out) / f"stats-{index:05d}.safetensors") as tmp:
+                save_file(shard, str(tmp))
         crash_point("calibrate:layer")
 
     layer_by_layer(net, layers, batches, device, statistics, desc="calibrate",

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from ..errors import SieveError
+from ..io import resume_checkpoint
 from ..models.factored import FactoredLinear, set_submodule
 from ..models.forward import last_logits
 from ..tasks.datamodule import EpochShuffle
@@ -190,7 +191,7 @@ def distill(make_trainer, net: nn.Module, pruner, levels: dict[str, float], trai
     params = dict(module.named_parameters())
     with frozen_except(net, [params[k] for k in module.trainable]):
         trainer.fit(module, train_loader, val_loader,
-                    ckpt_path=str(last) if last.exists() else None)
+                    ckpt_path=resume_checkpoint(last), weights_only=True)
     factors = module.best_factors()
     history = logged(work, "val_kl")
     return {"factors": factors, "val_kl": history, "best_val_kl": min(history, default=None),

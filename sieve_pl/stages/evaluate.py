@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import lightning as L
 
 from ..errors import SieveError
-from ..io import read_json, write_json
+from ..io import PARENT_ENV, read_json, write_json
 from ..models.hf import save_pruned
 from ..models.module import SieveLM, evaluate
 from ..models.pruning import Pruner
@@ -199,6 +199,7 @@ def measure_forms(rows: dict, final: str, work: Path, run_path: Path,
                    "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false"]
         # a plain one-process run: not a member of this run's torchrun / SLURM job
         env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+        env[PARENT_ENV] = str(os.getpid())  # it ends when this process does (die_with_parent)
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"measuring {row} failed:\n{done.stderr[-2000:]}")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from deap import algorithms, base, creator, tools
 from tqdm.auto import tqdm
 
-from ..io import crash_point, read_json, say, write_json
+from ..io import crash_point, read_json, resumable, say, write_json
 from ..progress import quiet
 
 if TYPE_CHECKING:
@@ -39,10 +39,6 @@ def _step_mutation(genome, top: int, indpb: float):
 def _rng_state() -> list:
     version, state, gauss = random.getstate()
     return [version, list(state), gauss]
-
-
-def _set_rng_state(saved: list) -> None:
-    random.setstate((saved[0], tuple(saved[1]), saved[2]))
 
 
 def _key(genome) -> str:
@@ -152,17 +148,31 @@ class GeneticSearch:
         crash_point("search:generation")
 
     def _restore(self, logbook):
-        path = self.work / "state.json" if self.work else None
-        if path is None or not path.exists():
+        """The last finished generation from ``state.json``, or ``(None, -1)`` for a fresh start.
+
+        A truncated or damaged file (a disk that filled mid-write, an edit) restarts the search
+        from its seed with a warning: a search that fails on its own checkpoint never finishes.
+        """
+        def read(path: Path) -> dict:  # everything read and checked before anything changes
+            state = read_json(path)
+            rng = state["rng"]
+            random.setstate((rng[0], tuple(rng[1]), rng[2]))
+            return {"population": [creator.SieveGenome(list(map(int, g)))
+                                   for g in state["population"]],
+                    "generation": int(state["generation"]), "cache": dict(state["cache"]),
+                    "seen": {_key(g): list(g) for g in state["seen"]},
+                    "logbook": [dict(r) for r in state["logbook"]],
+                    "fitness": dict(state["fitness"])}
+
+        state = resumable(self.work / "state.json", read,
+                          "starting the search from generation 0") if self.work else None
+        if state is None:
             return None, -1
-        state = read_json(path)
-        self.cache = state["cache"]
-        self.seen = {_key(g): g for g in state["seen"]}
-        _set_rng_state(state["rng"])
+        self.cache, self.seen = state["cache"], state["seen"]
         self.fitness.restore(state["fitness"])
         for record in state["logbook"]:
             logbook.record(**record)
-        return [creator.SieveGenome(g) for g in state["population"]], state["generation"]
+        return state["population"], state["generation"]
 
     def _generation(self, generation, population, logbook) -> None:
         """Record a finished generation and checkpoint it."""

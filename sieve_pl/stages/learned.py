@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..io import atomic, resumable, resume_checkpoint
 from ..models.factored import dense_weight
 from ..units import max_rank
 from ..models.forward import last_logits
@@ -133,6 +134,12 @@ def _parts(groups: dict[str, list[str]], layers_per_fit: int) -> list[dict[str, 
     size = layers_per_fit if layers_per_fit > 0 else len(layers)
     return [{k: v for k, v in groups.items() if k.rsplit(".", 1)[0] in layers[i:i + size]}
             for i in range(0, len(layers), size)]
+
+
+def _read_part(path: Path, part: dict[str, list[str]]) -> dict[str, tuple]:
+    """A finished part's ``(A, B)`` per matrix (a KeyError if the file lacks one)."""
+    flat = load_file(str(path))
+    return {name: (flat[f"{name}.A"], flat[f"{name}.B"]) for _, name in _targets(part)}
 
 
 class LearnedProjection(L.LightningModule):
@@ -235,9 +242,9 @@ def learn(make_trainer, net: nn.Module, groups: dict[str, list[str]],
     bases = {}
     for i, part in enumerate(_parts(groups, config.layers_per_fit)):
         done = work / f"part-{i}.safetensors"
-        if done.exists():
-            flat = load_file(str(done))
-            bases.update({n: (flat[f"{n}.A"], flat[f"{n}.B"]) for _, n in _targets(part)})
+        fitted = resumable(done, lambda path: _read_part(path, part), "fitting this part again")
+        if fitted is not None:
+            bases.update(fitted)
             continue
         initial, energy = {}, {}
         for key, name in _targets(part):
@@ -254,11 +261,12 @@ def learn(make_trainer, net: nn.Module, groups: dict[str, list[str]],
         last = folder / "last.ckpt"
         stop_after = next(reversed(part)).rsplit(".", 1)[0]
         with frozen_except(net), module.capturing(stop_after):
-            trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+            trainer.fit(module, loader, ckpt_path=resume_checkpoint(last), weights_only=True)
         fitted = module.bases()
-        if trainer.is_global_zero:
-            save_file({f"{n}.{p}": t.contiguous() for n, ab in fitted.items()
-                       for p, t in zip("AB", ab)}, str(done))
+        if trainer.is_global_zero:  # (whole or absent: a rerun trusts a part that exists)
+            with atomic(done) as tmp:
+                save_file({f"{n}.{p}": t.contiguous() for n, ab in fitted.items()
+                           for p, t in zip("AB", ab)}, str(tmp))
         bases.update(fitted)
     dtype = next(net.parameters()).dtype
     return {name: (a.to(dtype).contiguous(), b.to(dtype).contiguous())

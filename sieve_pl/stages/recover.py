@@ -44,7 +44,7 @@ from torchmetrics import MeanMetric
 
 from ..errors import SieveError
 from ..models.placement import is_split
-from ..io import PeakMemory, crash_point
+from ..io import PeakMemory, atomic, crash_point, resumable, resume_checkpoint
 from ..models.module import evaluate, outputs
 from .stage import Context, Recovered, Stage, settings
 
@@ -266,9 +266,8 @@ def quantized_copy(net: nn.Module, fmt: str, folder: Path) -> nn.Module:
 
     folder = Path(folder)
     if not (folder / "config.json").exists():  # written whole or not at all
-        tmp = folder.with_name(folder.name + ".tmp")
-        save_pruned(net, None, tmp)
-        tmp.replace(folder)
+        with atomic(folder) as tmp:
+            save_pruned(net, None, tmp)
     dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
     quantized, _ = load_model(str(folder), dtype, quantize=fmt)
     return quantized
@@ -329,7 +328,7 @@ def _recover(make_trainer, net: nn.Module, task, targets: list[str], train_loade
     try:
         with PeakMemory(trainer.strategy.root_device) as peak:
             trainer.fit(module, train_loader, val_loader,
-                        ckpt_path=str(last) if last.exists() else None)
+                        ckpt_path=resume_checkpoint(last), weights_only=True)
         weights = module.merged_weights(into=None if trained is net else net)
     finally:
         module.net.unload()  # the model leaves as it came, even when training fails
@@ -358,14 +357,15 @@ def dense_answers(ctx: Context, pruner, work: Path) -> torch.Tensor:
     once and kept in ``work/teacher.safetensors`` (a resumed run, and the dense comparison,
     read them back)."""
     path = Path(work) / "teacher.safetensors"
-    if path.exists():
-        return load_file(str(path))["teacher"]
+    saved = resumable(path, lambda file: load_file(str(file))["teacher"],
+                      "computing the dense model's answers again")
+    if saved is not None:
+        return saved
     with pruner.at(1.0):
         teacher = outputs(ctx.trainer, ctx.lm.net, ctx.data.pool_loader(), ctx.data.task.teacher)
     if ctx.trainer.is_global_zero:  # (every rank computed the same rows)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"teacher": teacher.contiguous()}, str(tmp))
-        tmp.replace(path)
+        with atomic(path) as tmp:
+            save_file({"teacher": teacher.contiguous()}, str(tmp))
     return teacher
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Literal
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..errors import SieveError
-from ..io import read_json, write_json
+from ..io import read_json, resumable, write_json
 from ..models.pruning import Pruner, layer_and_kind
 from ..report import save_search
 from .fitness import Fitness, pool_fitness
@@ -146,6 +146,11 @@ class SearchConfig:
         if self.fidelity < 0 or self.pool_examples < 0:
             raise SieveError(f"search.fidelity and search.pool_examples must be >= 0, got "
                              f"{self.fidelity}, {self.pool_examples}")
+        for name in ("crossover_prob", "mutation_prob", "gene_mutation_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SieveError(f"search.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.tournament_size < 1:
+            raise SieveError(f"search.tournament_size must be >= 1, got {self.tournament_size}")
         if self.rank_multiple < 1:
             raise SieveError(f"search.rank_multiple must be >= 1, got {self.rank_multiple}")
         if self.population < 2 or self.generations < 0 or not 0 <= self.elite < self.population:
@@ -213,8 +218,9 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
 def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
             is_writer: bool, costs) -> dict:
     uniform_path = work / "uniform.json" if work else None
-    saved = read_json(uniform_path) if uniform_path and uniform_path.exists() else None
-    if saved is not None and saved.get("format") == STATE_FORMAT:
+    saved = resumable(uniform_path, read_json, "searching the uniform level again"
+                      ) if uniform_path else None
+    if isinstance(saved, dict) and saved.get("format") == STATE_FORMAT:
         uniform = saved
         fitness.restore(uniform["fitness"])
     else:  # (a state written by another version of this code is recomputed, not misread)

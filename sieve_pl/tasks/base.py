@@ -19,6 +19,8 @@ generation), ``teacher`` / ``self_loss`` what recovery's distillation stores and
 """
 from __future__ import annotations
 
+import string
+
 import torch
 
 from ..errors import SieveError
@@ -161,6 +163,17 @@ def require_columns(dataset, fields: list[str], what: str) -> None:
                          f"columns: {', '.join(dataset.column_names)}")
 
 
+def require_scalar(dataset, field: str, what: str) -> None:
+    """One line for a label column that holds lists or records (a parquet's list column, say):
+    a label is one value per row, and Arrow's ``unique`` has no kernel for the others."""
+    from datasets import ClassLabel, Value
+
+    feature = (dataset.features or {}).get(field)
+    if feature is not None and not isinstance(feature, (Value, ClassLabel)):
+        raise SieveError(f"{what} column {field!r} holds {type(feature).__name__.lower()} values "
+                         f"({feature}); it needs one label per row (a string or a number)")
+
+
 def column_of(field: str, columns) -> str:
     """The dataset column a field path reads: ``answers.text`` reads column ``answers``."""
     return field if field in columns else field.split(".")[0]
@@ -176,6 +189,22 @@ def field_value(example: dict, field: str):
             raise SieveError(f"row has no field {field!r}; fields: {', '.join(example)}")
         value = value[part]
     return value
+
+
+def check_template(template: str, names: set[str], kind: str) -> None:
+    """Fail with one line on a placeholder the task does not fill (``{oops}``) or a stray brace,
+    which ``str.format`` would otherwise raise on the first batch, after the model has loaded."""
+    try:
+        used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise SieveError(f"{kind} prompt {template!r} is not a valid template ({err}); write a "
+                         f"literal brace as '{{{{' or '}}}}'") from None
+    unknown = sorted(used - names)
+    if unknown:
+        raise SieveError(f"{kind} prompt has unknown placeholder(s) "
+                         f"{', '.join('{' + n + '}' for n in unknown)}; it can use "
+                         f"{', '.join('{' + n + '}' for n in sorted(names))} (the columns they "
+                         f"read are the task's *_field settings)")
 
 
 def field_text(example: dict, field: str) -> str:

@@ -5,8 +5,8 @@ import torch
 
 from ..errors import SieveError
 from ..models.forward import answer_loss, last_logits
-from .base import (Task, encode_prompts, field_text, graded, margin, option_logliks, pad_id,
-                   pad_tokens, with_answers)
+from .base import (Task, check_template, encode_prompts, field_text, graded, margin,
+                   option_logliks, pad_id, pad_tokens, require_scalar, with_answers)
 
 
 class Classification(Task):
@@ -46,6 +46,7 @@ class Classification(Task):
         self.label_tokens: list[list[int]] | None = None
         if "{text}" not in prompt:
             raise SieveError("classification prompt must contain '{text}'")
+        check_template(prompt, {"text"}, "classification")
         if len(self.labels) < 2:
             raise SieveError("classification needs at least two label_words")
 
@@ -63,6 +64,7 @@ class Classification(Task):
 
     def check(self, dataset, tokenizer) -> None:
         super().check(dataset, tokenizer)
+        require_scalar(dataset, self.label_field, "label")
         found = {str(v) for v in dataset.unique(self.label_field)}
         unknown = sorted(found - set(self.labels))
         if unknown:

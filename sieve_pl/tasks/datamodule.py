@@ -6,11 +6,12 @@ from functools import partial
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import SieveError
 from ..io import content_id
-from .base import Task
+from .base import Task, field_text, field_value
 from .classification import Classification
 from .pool import PoolConfig, draw_source, usable
 from .sources import BUILTIN_DATA, load_source
@@ -210,8 +211,45 @@ class TaskDataModule(L.LightningDataModule):
             # (an empty range at the very end is not a valid contiguous selection)
             self.splits[split] = data.select(range(start, start + n) if n else [])
             start += n
+        self._check_rows()
         for split in ("validation", "test", "confirmation"):  # scored in batches: similar
             self.splits[split] = self._by_length(self.splits[split])  # lengths pad less
+
+    def _check_rows(self) -> None:
+        """Refuse a row whose prompt field is null (it would be prompted as ``Review: None``);
+        warn, before calibration, about splits that measure little: empty prompt texts, one
+        class only in a labelled split, the same prompt in two splits (calibrated or trained
+        on, then scored as if unseen)."""
+        fields = self.task.prompt_fields()
+        first: dict[tuple, str] = {}
+        empty, shared = 0, set()
+        for split in SPLITS:
+            for i, row in enumerate(self.splits[split]):
+                for field in fields:
+                    if field_value(row, field) is None:
+                        raise SieveError(f"data: row {i} of the {split} split has no {field!r} "
+                                         f"(null); drop or fill such rows of {self.source}")
+                texts = tuple(field_text(row, f) for f in fields)
+                empty += any(not t.strip() for t in texts)
+                if first.setdefault(texts, split) != split:
+                    shared.add((first[texts], split))
+        if empty:
+            rank_zero_warn(f"[sieve-pl] data: {empty} examples have an empty prompt text")
+        if shared:
+            pairs = ", ".join(f"{a}/{b}" for a, b in sorted(shared))
+            rank_zero_warn(f"[sieve-pl] data: the same prompt text is in more than one split "
+                           f"({pairs}): a split's score is not of unseen examples; deduplicate "
+                           f"{self.source}")
+        if isinstance(self.task, Classification):  # (calibration needs no labels)
+            single = {}
+            for split in SPLITS[1:]:
+                found = {str(field_value(r, self.task.label_field)) for r in self.splits[split]}
+                if len(self.splits[split]) > 1 and len(found) == 1:
+                    single[split] = found.pop()
+            if single:
+                rank_zero_warn(f"[sieve-pl] data: one class only in "
+                               f"{', '.join(f'{k} ({v!r})' for k, v in single.items())}: its "
+                               f"accuracy cannot tell the model from a constant answer")
 
     def _by_length(self, data):
         """The split, shortest prompt first. Batches of a random order pad to 1.7x the real

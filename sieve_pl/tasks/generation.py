@@ -10,8 +10,8 @@ import torch
 
 from ..errors import SieveError
 from ..models.forward import answer_loss, greedy_decode
-from .base import (Task, encode_prompts, field_text, field_value, pad_id, pad_tokens, prompt_part,
-                   with_answers)
+from .base import (Task, check_template, encode_prompts, field_text, field_value, pad_id,
+                   pad_tokens, prompt_part, with_answers)
 
 
 class Generation(Task):
@@ -73,6 +73,7 @@ class Generation(Task):
             raise SieveError(f"generation metric must be f1 or exact_match, got {metric!r}")
         if "{question}" not in prompt:
             raise SieveError("generation prompt must contain '{question}'")
+        check_template(prompt, {"question", "context"}, "generation")
         if bool(context_field) != ("{context}" in prompt):
             raise SieveError("generation prompt must contain '{context}' exactly when "
                              "context_field is set")

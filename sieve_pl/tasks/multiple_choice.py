@@ -7,8 +7,9 @@ import torch
 
 from ..errors import SieveError
 from ..models.forward import answer_loss
-from .base import (Task, encode_prompts, field_text, field_value, graded, margin,
-                   option_logliks, pad_id, pad_tokens, prompt_part, with_answers)
+from .base import (Task, check_template, encode_prompts, field_text, field_value, graded, margin,
+                   option_logliks, pad_id, pad_tokens, prompt_part, require_scalar,
+                   with_answers)
 from .classification import label_word_tokens
 
 
@@ -85,6 +86,7 @@ class MultipleChoice(Task):
         self.prompt = prompt
         if "{question}" not in prompt:
             raise SieveError("multiple_choice prompt must contain '{question}'")
+        check_template(prompt, {"question", "options", "context"}, "multiple_choice")
         if scoring == "letter" and "{options}" not in prompt:
             raise SieveError("multiple_choice with letter scoring needs '{options}' in the prompt")
         if bool(context_field) != ("{context}" in prompt):
@@ -116,6 +118,7 @@ class MultipleChoice(Task):
 
     def check(self, dataset, tokenizer) -> None:
         super().check(dataset, tokenizer)
+        require_scalar(dataset, self.answer_field, "answer")
         most = self._max_options()
         if most is not None and most > len(self.letters):
             raise SieveError(f"{most} options but only {len(self.letters)} letters "

@@ -4,7 +4,6 @@ a time from the per-layer files projection writes."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ..io import atomic
 from .base import Spec, Unit, eigh_desc, matrix_params
 from .heads import HeadDims, HeadSpec, HeadUnit, head_basis
 from .matrix import METHODS, Factors, MatrixUnit, max_rank, rank_for
@@ -102,9 +102,8 @@ def save_layer(found: dict[str, tuple[Spec, object]], path: Path) -> None:
                for key, t in basis.tensors().items()}
     metadata = {"units": json.dumps({name: _spec_record(spec) for name, (spec, _) in
                                      found.items()}, sort_keys=True)}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def tensor_bytes(basis) -> int:
