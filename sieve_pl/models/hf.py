@@ -9,6 +9,10 @@ without ``trust_remote_code=True`` raises instead of silently building the base 
 with random weights where the pruned ones differ; with it, ``auto_map`` points at the folder's
 classes and no sieve_pl is needed. sieve_pl itself registers the same classes from its own code
 (:func:`register`), so it never runs a folder's code to load an export.
+
+The tokenizer needs no code: ``tokenizer_config.json`` names a tokenizer class every supported
+transformers knows, so transformers 4 reads that file alone (transformers 5 also reads
+``config.json`` first: ``trust_remote_code=False`` loads the tokenizer there without a prompt).
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ import torch
 from . import factored
 
 PREFIX = "sieve_"
+# transformers 5's generic fast tokenizer under the name transformers 4 gives it (5 maps it back)
+PORTABLE_TOKENIZERS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+# tokenizer_config.json entries that describe the machine that wrote it, not the tokenizer
+LOCAL_TOKENIZER_KEYS = ("is_local", "local_files_only")
 
 MODELING = '''"""A {model} with factored / resized Linears (written by sieve-pl)."""
 from transformers import {config}, {model}
@@ -82,19 +90,32 @@ def layout(net) -> dict:
     return factored.structure(net, reference)
 
 
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    """The tokenizer without the padding / truncation this process's batches set, under a
+    class name that loads without the model's code (see the module docstring)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
+    tokenizer.save_pretrained(out)
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    name = config.get("tokenizer_class") or type(tokenizer).__name__
+    config["tokenizer_class"] = PORTABLE_TOKENIZERS.get(name, name)
+    for key in LOCAL_TOKENIZER_KEYS:
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_pruned(net, tokenizer, out: Path) -> dict:
     """Write ``net`` (carrying its pruned modules) to ``out``; returns its layout."""
     out = Path(out)
     shape = layout(net)
     base_type = net.config.model_type.removeprefix(PREFIX)
     net.save_pretrained(out)
-    if tokenizer is not None:  # without the padding / truncation this process's batches set
-        tokenizer = copy.deepcopy(tokenizer)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            backend.no_padding()
-            backend.no_truncation()
-        tokenizer.save_pretrained(out)
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, out)
     config_cls, model_cls = _base_classes(base_type)
     config = json.loads((out / "config.json").read_text())
     config.update({"model_type": PREFIX + base_type, "sieve": {"base_model_type": base_type,
