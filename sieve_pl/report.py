@@ -154,10 +154,19 @@ def model_card(r: dict, base_model: str, task: str, source: str, prompt: str | N
                                    if not m.endswith("_stderr") and m != "sample_len")
             for task, metrics in tasks.items()))
     units = {k: len(v) for k, v in layout.items() if isinstance(v, dict) and v}
+    widths = layout.get("intermediate_sizes")
     lines += ["", "Layout (`config.json`, key `sieve`): " + ", ".join(
         f"{n} {k}" for k, n in units.items()) + ": factored Linears hold two smaller ones "
         "(`ranks`), resized ones are smaller Linears (`shapes`), narrowed attention keeps fewer "
-        "value dimensions per head (`heads`).", "",
+        "value dimensions per head (`heads`)."]
+    if widths:
+        lines += ["", f"Sizes in `config.json`: the MLP size (`intermediate_size`; GPT-2: "
+                      f"`n_inner`) is the widest MLP the model holds ({max(widths)} neurons), "
+                      "not the unpruned width; `sieve.intermediate_sizes` lists each layer's "
+                      f"({', '.join(map(str, widths))}). The attention sizes (heads, "
+                      "`head_dim`) are the base model's: a narrowed v is zero-padded back to "
+                      "`head_dim` per head, and a factored matrix has no standard field."]
+    lines += ["",
         "## Load", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         "path = \"<this folder or repo>\"",

@@ -82,3 +82,39 @@ def test_export_tokenizer_loads_without_the_models_code(tmp_path, tokenizer):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "[y/N]" not in done.stdout + done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == tokenizer(text).input_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma3", "gpt2"])
+def test_export_config_states_the_mlp_widths_it_holds(tmp_path, tokenizer, family):
+    """config.json's standard MLP size is the widest MLP held (not the unpruned width), the
+    per-layer widths are in ``sieve``, and the folder still reloads exactly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sieve_pl.models.adapters import adapter_for
+    from sieve_pl.models.loading import load_model
+
+    def mlp_size(config: dict) -> int | None:
+        for key in adapter_for(net.config).mlp_size.split("."):
+            config = config[key]
+        return config
+
+    net = _shrunk(family, tokenizer, [40, 24])
+    unpruned = mlp_size(net.config.to_dict())
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        expected = net(input_ids=ids).logits
+    save_pruned(net, tokenizer, tmp_path / "model")
+    assert mlp_size(net.config.to_dict()) == unpruned  # the in-memory config is untouched
+    assert net.config.model_type == family
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert mlp_size(config) == 40
+    assert config["sieve"]["intermediate_sizes"] == [40, 24]
+    for reloaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "model",
+                                                          trust_remote_code=True),
+                     load_model(str(tmp_path / "model"))[0]):
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, expected,
+                                       rtol=0, atol=0)
+        assert (sum(p.numel() for p in reloaded.parameters())
+                == sum(p.numel() for p in net.parameters()))

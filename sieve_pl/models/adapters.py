@@ -31,6 +31,9 @@ class Adapter:
     # the attention's value dimension: (v Linear, o Linear), separate Linears whose rows / columns
     # are head-major; None where v is fused with q/k (Phi-3, GPT-2): v and o are then factored
     heads: tuple[str, str] | None = None
+    # the config.json key (dotted into sub-configs) of the MLP's inner dimension: an export
+    # states there the widest MLP it holds
+    mlp_size: str = "intermediate_size"
 
     def input_groups(self, model: nn.Module) -> dict[str, list[str]]:
         """``{input key: [full Linear names]}`` for every layer, in forward order."""
@@ -100,9 +103,10 @@ ADAPTERS = [
             GATED_MLP, VO),
     # Gemma 3 with a vision tower (Gemma3ForConditionalGeneration): only its language model
     Adapter("gemma3", ("gemma3",), "model.language_model.layers", LLAMA_LIKE, GATED_MLP,
-            VO),
+            VO, "text_config.intermediate_size"),
     Adapter("phi3", ("phi3",), "model.layers", PHI3, (("mlp.gate_up_proj",), "mlp.down_proj", 2)),
-    Adapter("gpt2", ("gpt2",), "transformer.h", GPT2, (("mlp.c_fc",), "mlp.c_proj", 1)),
+    Adapter("gpt2", ("gpt2",), "transformer.h", GPT2, (("mlp.c_fc",), "mlp.c_proj", 1),
+            mlp_size="n_inner"),
 ]
 
 

@@ -13,6 +13,7 @@ classes and no sieve_pl is needed. sieve_pl itself registers the same classes fr
 The tokenizer needs no code: ``tokenizer_config.json`` names a tokenizer class every supported
 transformers knows, so transformers 4 reads that file alone (transformers 5 also reads
 ``config.json`` first: ``trust_remote_code=False`` loads the tokenizer there without a prompt).
+The config's standard MLP size is the widest MLP the model holds, not the unpruned one.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import factored
+from .adapters import adapter_for
 
 PREFIX = "sieve_"
 # transformers 5's generic fast tokenizer under the name transformers 4 gives it (5 maps it back)
@@ -90,6 +92,15 @@ def layout(net) -> dict:
     return factored.structure(net, reference)
 
 
+def mlp_widths(net) -> list[int]:
+    """How many neurons each layer's MLP holds (its down projection's inputs), in layer order."""
+    widths = []
+    for _, down, _ in adapter_for(net.config).mlps(net).values():
+        module = net.get_submodule(down)
+        widths.append(getattr(module, "in_features", None) or factored.dense_shape(module)[1])
+    return widths
+
+
 def _save_tokenizer(tokenizer, out: Path) -> None:
     """The tokenizer without the padding / truncation this process's batches set, under a
     class name that loads without the model's code (see the module docstring)."""
@@ -118,6 +129,14 @@ def save_pruned(net, tokenizer, out: Path) -> dict:
         _save_tokenizer(tokenizer, out)
     config_cls, model_cls = _base_classes(base_type)
     config = json.loads((out / "config.json").read_text())
+    widths = mlp_widths(net)
+    if widths:  # the standard field states the widest MLP held; ``shapes`` resizes the others
+        *parents, key = adapter_for(net.config).mlp_size.split(".")
+        section = config
+        for parent in parents:
+            section = section[parent]
+        section[key] = max(widths)
+        shape = {**shape, "intermediate_sizes": widths}
     config.update({"model_type": PREFIX + base_type, "sieve": {"base_model_type": base_type,
                                                              **shape},
                    "architectures": [f"Sieve{model_cls.__name__}"],
