@@ -107,7 +107,7 @@ def test_check_without_lm_eval(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
-    with pytest.raises(SieveError, match=r"pip install 'sieve-pl\[lm_eval\]'"):
+    with pytest.raises(SieveError, match=r"pip install 'sieve-pl\[lm-eval\]'"):
         LmEvalConfig(tasks=["hellaswag"]).check()
 
 

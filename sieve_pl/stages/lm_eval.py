@@ -1,6 +1,6 @@
 """General-ability check: EleutherAI's lm-evaluation-harness on the base and pruned models.
 
-Optional: needs ``pip install 'sieve-pl[lm_eval]'``; ``lm_eval`` is imported only when tasks are
+Optional: needs ``pip install 'sieve-pl[lm-eval]'``; ``lm_eval`` is imported only when tasks are
 set. The models are scored as they are loaded (already in memory, on whatever device they sit),
 wrapped in lm-eval's ``HFLM``. Loglikelihood requests (multiple choice, perplexity) are padded by
 lm-eval itself and generation requests re-pad the tokenizer on the left, so sieve-pl's
@@ -21,7 +21,7 @@ from ..io import file_digest, read_json, write_json
 from ..models.loading import load_model, load_tokenizer
 from .stage import Context, Stage
 
-INSTALL_HINT = "pip install 'sieve-pl[lm_eval]'"
+INSTALL_HINT = "pip install 'sieve-pl[lm-eval]'"
 
 
 @dataclass
@@ -31,7 +31,7 @@ class LmEvalConfig:
     Args:
         tasks: lm-eval task or group names (``[hellaswag, arc_easy]``, or tasks defined in
             ``include_path``); empty: no lm-eval scoring. Needs ``pip install
-            'sieve-pl[lm_eval]'``; hub datasets need the network (or the HF datasets cache).
+            'sieve-pl[lm-eval]'``; hub datasets need the network (or the HF datasets cache).
         limit: examples scored per task (the first ones of its split); None: all of them.
         num_fewshot: few-shot examples per prompt; None: each task's own default (0 when it
             sets none).
