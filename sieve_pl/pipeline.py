@@ -17,7 +17,7 @@ from .report import format_summary, model_card
 from .rundir import RunConfig, RunDir  # noqa: F401  (RunConfig: imported from here by the CLI)
 from .io import content_id, read_json, say, write_json, write_text
 from .models.hf import push_to_hub
-from .models.loading import BUILTIN_HUB_IDS, BUILTIN_MODELS
+from .models.loading import BUILTIN_MODELS, hub_id
 from .models.module import SieveLM
 from .models.pruning import Pruner
 from .stages.calibrate import Calibrate, CalibrationConfig
@@ -242,9 +242,10 @@ class Pipeline:
         if self.trainer.is_global_zero:
             self._log_plots()
             write_json(self.run.path / "summary.json", report)
-            card = model_card(report, BUILTIN_HUB_IDS.get(self.lm.pretrained, self.lm.pretrained),
-                              type(self.data.task).__name__, str(self.data.source),
-                              getattr(self.data.task, "prompt", None), layout)
+            card = model_card(report, hub_id(self.lm.pretrained), type(self.data.task).__name__,
+                              str(self.data.source), getattr(self.data.task, "prompt", None),
+                              layout, getattr(self.data.task, "metric", "accuracy"),
+                              self.export.push_to_hub)
             folder = self.run.path / "export" / "model"
             write_text(folder / "README.md", card)
             if self.export.push_to_hub:

@@ -116,21 +116,65 @@ def _recovery_line(rec: dict) -> str:
                    f"{_pct(rec['accuracy_before'])} without it)")
 
 
-def model_card(r: dict, base_model: str, task: str, source: str, prompt: str | None,
-               layout: dict) -> str:
+# the hub's task type (model-index) of each task kind
+TASK_TYPES = {"Classification": "text-classification", "MultipleChoice": "multiple-choice",
+              "Generation": "text-generation"}
+
+
+def _dataset(source: str) -> str:
+    """A data source as a card names it: a built-in or hub name, or a local file's name (the
+    card may leave this machine; its paths must not)."""
+    return Path(source).name if Path(source).expanduser().exists() else source
+
+
+def model_index(r: dict, name: str, task: str, source: str, metric: str = "accuracy") -> list:
+    """The card's ``model-index``: the exported row's validation, test and confirmation scores
+    on ``source`` and its cross-dataset scores, in the hub's results format."""
+    final = r.get("final", "pruned")
+    row = r["rows"].get(final) or {}
+    kind = {"type": TASK_TYPES.get(task, "text-generation"), "name": task}
+
+    def result(dataset: str, value: float, label: str, split: str | None = None) -> dict:
+        data = {"name": dataset, "type": dataset, **({"split": split} if split else {})}
+        return {"task": dict(kind), "dataset": data,  # a copy: no YAML anchors in the card
+                "metrics": [{"type": metric, "value": round(float(value), 4), "name": label}]}
+
+    results = [result(_dataset(source), row[split], f"{split} {metric}", split)
+               for split in ("validation", "test", "confirmation") if row.get(split) is not None]
+    for other, scores in (r.get("transfer") or {}).items():
+        if scores.get(final) is not None:
+            results.append(result(_dataset(other), scores[final], f"cross-dataset {metric} "
+                                  f"({scores['examples']} examples)"))
+    return [{"name": name, "results": results}] if results else []
+
+
+def model_card(r: dict, base_model: str | None, task: str, source: str, prompt: str | None,
+               layout: dict, metric: str = "accuracy", repo: str | None = None) -> str:
     """The export's README.md: Hugging Face card metadata, how it was cut, what it scores, how
-    to load and evaluate it (users of every pruning tool ask those three things first)."""
+    to load and evaluate it (users of every pruning tool ask those three things first).
+
+    ``base_model`` is a hub id or None (a local model: the card names no path); ``repo`` is
+    where the export is pushed, the model-index's name."""
+    import yaml
+
     total = r["target_params"]
     base, final = r["rows"]["base"], r["rows"].get(r.get("final", "pruned"), {})
-    lines = ["---", f"base_model: {base_model}", "library_name: transformers",
-             "pipeline_tag: text-generation", "tags:", "- sieve-pl", "- pruned",
-             "- task-specific", "---", "",
-             f"# {base_model}, pruned for {source} by sieve-pl", "",
-             f"Task-specific pruning (LLM-Sieve) of `{base_model}` for `{task}` on `{source}`"
+    dataset, label = _dataset(source), base_model or "a local model"
+    name = repo or f"{(base_model or 'model').rpartition('/')[2]}-sieve-{dataset}"
+    meta = {**({"base_model": base_model} if base_model else {}),
+            "library_name": "transformers", "pipeline_tag": "text-generation",
+            "tags": ["sieve-pl", "pruned", "task-specific"],
+            "model-index": model_index(r, name, task, source, metric)}
+    if not meta["model-index"]:
+        del meta["model-index"]
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+             f"# {label[0].upper() + label[1:]}, pruned for {dataset} by sieve-pl", "",
+             f"Task-specific pruning (LLM-Sieve) of {f'`{base_model}`' if base_model else label}"
+             f" for `{task}` on `{dataset}`"
              f" with a {r['strategy']} search at epsilon {r['epsilon']} "
              f"({'relative' if r.get('relative', True) else 'absolute'} accuracy loss allowed)."]
     if final:
-        lines += ["", f"**{final}**: {_pct(final['target_params_kept'] / total)} of the decoder "
+        lines += ["", f"**{r.get('final', 'pruned')}**: {_pct(final['target_params_kept'] / total)} of the decoder "
                       f"Linear weights kept, {final['params'] / 1e6:.1f}M of "
                       f"{base['params'] / 1e6:.1f}M parameters; test accuracy "
                       f"{_pct(final['test'])} vs {_pct(base['test'])} for the base model."]

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,25 @@ BUILTIN_MODELS = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # the hub repository each built-in was converted from (model cards name it as ``base_model``)
 BUILTIN_HUB_IDS = {name: builtin.hub_id for name, builtin in BUILTIN_MODELS.items()}
+HUB_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")  # owner/name
+
+
+def hub_id(name_or_path: str) -> str | None:
+    """The hub repository a model came from (a model card's ``base_model``), never a path on
+    this disk: a built-in's source, a hub id, or for a local folder the ``owner/name`` its
+    config.json records as ``_name_or_path``; None when nothing says."""
+    if name_or_path in BUILTIN_HUB_IDS:
+        return BUILTIN_HUB_IDS[name_or_path]
+    local = Path(name_or_path).expanduser()
+    if not local.exists():
+        return name_or_path if HUB_ID.fullmatch(name_or_path) else None
+    try:
+        recorded = json.loads((local / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):  # no config.json, not JSON, not an object
+        return None
+    if isinstance(recorded, str) and HUB_ID.fullmatch(recorded) and not Path(recorded).exists():
+        return recorded
+    return None
 
 
 def cache_dir() -> Path:
