@@ -145,8 +145,10 @@ def test_recovery_distils_on_the_pool_and_is_judged_on_confirmation(tmp_path, ti
     # the deliverable was confirmed: at the search's levels the rows are what recovery
     # measured; stepped back, what the step back measured, LoRA still judged on confirmation
     confirmed = summary["confirmation"]
-    assert confirmed["examples"] == 12 and confirmed["with_lora"] == (
-        recovered["confirmation_after"] >= recovered["confirmation_before"] - 1e-6)
+    lora_first = recovered["confirmation_after"] >= recovered["confirmation_before"] - 1e-6
+    # the search's levels as exported; stepping back, the recovered model
+    assert confirmed["examples"] == 12
+    assert confirmed["with_lora"] == (lora_first if confirmed["passed"] else True)
     if confirmed["passed"]:
         assert rows["pruned"]["confirmation"] == recovered["confirmation_before"]
         assert rows["pruned+lora"]["confirmation"] == recovered["confirmation_after"]

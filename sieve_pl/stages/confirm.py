@@ -8,8 +8,9 @@ lower confirmation accuracy — is scored once on the confirmation split, with a
 budget of ε on this split's own base accuracy. One that fails steps back toward dense — along
 the sensitivity price path when the search has one (the most expensive cuts per weight are
 undone first), else by bringing every unit's keep towards 1 — to the deepest point that passes
-(bisected). A unit stepped back loses its LoRA (trained for its old size); every other unit
-keeps it, so no step needs another recovery.
+(bisected). The step back scores the recovered model: a unit stepped back loses its LoRA
+(trained for its old size), every other unit keeps it, so no step needs another recovery; at
+the levels it ends on, LoRA is kept unless the same levels score higher without it.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class Confirm(Stage):
     recovery's own decision on validation."""
 
     name = "confirm"
+    format = 2  # the step back scores the levels with recovery's LoRA where it fits
 
     def __init__(self, ctx: Context, pruner, found: Searched, recovered: Recovered,
                  accuracy: float, config: "SearchConfig"):
@@ -58,11 +60,11 @@ class Confirm(Stage):
         fitness = Fitness(ctx.trainer, ctx.lm, pruner, ctx.data.confirmation_dataloader(),
                           config.early_reject, config.confirm)
         fitness.weights = self.recovered.weights if lora else {}
-        try:
+        try:  # stepping back, the recovered model (what will be exported) is scored
             checked = confirm(fitness, found.levels, pruner.names, config,
-                              found.details.get("path"))
-            checked["with_lora"] = lora
-            if lora and not checked["passed"]:  # stepped back: LoRA still must not lower it
+                              found.details.get("path"), self.recovered.weights)
+            checked["with_lora"] = bool(fitness.weights)
+            if fitness.weights and not checked["passed"]:  # LoRA must not lower it there
                 fitness.weights, fitness.label = {}, "confirm: without LoRA"
                 checked["without_lora"] = fitness.accuracy(checked["levels"])
                 lora = checked["accuracy"] >= checked["without_lora"] - 1e-6
@@ -80,10 +82,11 @@ class Confirm(Stage):
 
 
 def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config,
-            path: list | None = None) -> dict:
+            path: list | None = None, step_weights: dict | None = None) -> dict:
     """The confirmed levels (``levels`` itself when it passes), its confirmation accuracy,
     the split's base accuracy and every point tried (each with ``fitness.weights`` where they
-    fit)."""
+    fit; the step back with ``step_weights`` when given: recovery that lowered confirmation
+    at the search's levels may still raise it at levels it steps back to)."""
     fitness.label = "confirm"
     base = sum(fitness.hardest_first()) / fitness.n
     budget = fitness.budget(config.target(base))
@@ -102,6 +105,8 @@ def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config
     if first["feasible"]:
         return {"levels": levels, "accuracy": first["accuracy"], "base_accuracy": base,
                 "passed": True, "history": history, "examples": fitness.n}
+    if step_weights is not None:
+        fitness.weights = step_weights
     if path:  # undo the path's steps from its most expensive end
         steps = len(path)
         back: Callable[[int], dict] = lambda j: {  # noqa: E731
