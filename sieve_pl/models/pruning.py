@@ -136,6 +136,8 @@ class Pruner:
         now: those of a unit moved to another size since they were trained (confirmation's
         step back) have another name or shape and are left out, so that unit is the projection
         alone while every unit left where it was keeps its recovery."""
+        if not weights:  # (the search's candidates: no lookup per candidate)
+            return {}
         params = dict(self.model.named_parameters())
         return {name: value for name, value in weights.items()
                 if name in params and params[name].shape == value.shape}

@@ -38,9 +38,7 @@ class Fitness:
         self.measure, self.safety = measure, safety
         self.pool: Fitness | None = None  # the unlabeled pool a feasible candidate must pass
         self.pool_share = 1.0  # of the labelled split's allowed loss, per pool prompt
-        # weights every candidate gets where they fit its levels (recovery's merged LoRA when
-        # the deliverable is confirmed); the base model is always scored without them
-        self.weights: dict[str, torch.Tensor] = {}
+        self._weights: dict[str, torch.Tensor] = {}  # see ``weights``
         self.base: list[float] | None = None  # the base model's scores, in scoring order
         self.loader = dataloader
         self.batches = list(dataloader)
@@ -52,6 +50,17 @@ class Fitness:
         self.order: list[int] | None = None
         self.memo: dict[str, dict] = {}  # judged candidates, by their unit sizes
         self.label = "search"  # the progress bar's name; the search says what it is scoring
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Weights every candidate gets where they fit its levels (recovery's merged LoRA when
+        the export is confirmed); the base model is always scored without them."""
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: dict[str, torch.Tensor]) -> None:
+        self._weights = value
+        self.memo.clear()  # verdicts are memoised on sizes: other weights, other verdicts
 
     def budget(self, target: float) -> float:
         """Most score a feasible candidate may lose (mean score ≥ target); for 0/1 scores,
