@@ -8,6 +8,7 @@ loads, the order of the stages (``_fit``) and what happens after them (``_publis
 """
 from __future__ import annotations
 
+import shutil
 from typing import Callable
 
 import lightning as L
@@ -19,7 +20,7 @@ from .io import content_id, read_json, say, write_json, write_text
 from .models.hf import push_to_hub
 from .models.loading import BUILTIN_MODELS, hub_id
 from .models.module import SieveLM
-from .models.pruning import Pruner
+from .models.pruning import PARK_ABOVE, Pruner
 from .stages.calibrate import Calibrate, CalibrationConfig
 from .stages.confirm import Confirm
 from .stages.distill import Distill, DistillConfig
@@ -163,8 +164,21 @@ class Pipeline:
 
     def pruner(self, bases) -> Pruner:
         """The Pruner of this run: ranks in multiples of ``search.rank_multiple``, no unit
-        below the ladder's smallest rung."""
-        return Pruner(self.lm.net, bases, self.search.rank_multiple, min(self.search.ladder))
+        below the ladder's smallest rung; dense weights of pruned units wait on disk in
+        ``<run>/.parked`` when the units hold more than ``PARK_ABOVE`` bytes on the host."""
+        pruner = Pruner(self.lm.net, bases, self.search.rank_multiple, min(self.search.ladder))
+        held = sum(p.numel() * p.element_size() for unit in pruner.units.values()
+                   for m in unit.dense.values() for p in m.parameters()
+                   if p.device.type == "cpu")
+        if held > PARK_ABOVE:
+            pruner.park = self._parked()
+            shutil.rmtree(pruner.park, ignore_errors=True)  # a killed run's files
+            pruner.park.mkdir(parents=True)
+        return pruner
+
+    def _parked(self):
+        """This rank's folder of parked dense weights (removed when the run ends)."""
+        return self.run.path / ".parked" / f"rank-{self.trainer.global_rank}"
 
     def fit(self, on_start: Callable[[], None] | None = None) -> dict:
         """Every stage, holding ``<run>/.lock`` throughout: two runs writing one folder would
@@ -174,7 +188,10 @@ class Pipeline:
         with RunDir(self.run.path, self.trainer).lock():
             if on_start is not None:
                 on_start()
-            return self._fit()
+            try:
+                return self._fit()
+            finally:
+                shutil.rmtree(self._parked(), ignore_errors=True)
 
     def _fit(self) -> dict:
         run, ctx = self.load(), self.context()

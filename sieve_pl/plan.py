@@ -18,12 +18,14 @@ libraries. ``check`` turns the plan into a refusal before any weight loads.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .errors import SieveError
 from .models.factored import dense_shape
+from .models.pruning import PARK_ABOVE
 from .units import HeadSpec, NeuronSpec
 
 RUNTIME_MB = 700.0  # Python, torch, transformers, Lightning and the tokenizer in memory
@@ -169,10 +171,16 @@ def estimate(s: Shapes, calibration, search, recover, gpus: int, tflops: float,
     fisher = s.layers * sum(s.shapes[o][0] ** 2 for o in outs) * 4
     kept = t * h * s.element * s.layers + acts if gpus else t * (8 * h + 4 * inner) * 4 * s.layers
     row("sensitivity", model_here + kept, fisher, 0, 6 * tokens * params, "part of search")
-    # search: the model, pruned copies of at most every target weight beside the dense ones
+    # search: the model, pruned copies of at most every target weight beside the dense ones;
+    # on the host above PARK_ABOVE the dense weights of pruned units wait on disk, so the model
+    # is held once, plus the unit being rebuilt (its dense weights read back, its new modules)
     scored = (s.examples.get("validation", 0) * search.population * (search.generations + 1)
               * tokens / max(s.examples.get("calibration", 1), 1) / 4)
-    row("search", model_here + s.target_bytes / (gpus if split and gpus else 1) + acts, 0, 0,
+    pruned = s.target_bytes / (gpus if split and gpus else 1)
+    if not gpus and s.target_bytes > PARK_ABOVE:
+        pruned = 2 * max(sum(math.prod(s.shapes[n]) for n in u.linears) for u in s.units) \
+            * s.element
+    row("search", model_here + pruned + acts, 0, 0,
         2 * scored * params, "a GA scores about a quarter of its genomes in full")
     row("evaluate", model_here + acts, 0, s.model_bytes, 2 * params * tokens * 4)
     if recover.enabled:

@@ -235,3 +235,46 @@ def test_at_restores_the_levels_and_weights_the_model_had(pruned_setup):
             raise RuntimeError("a failing stage")
     assert pruner.keep == 0.5  # restored on errors too
     pruner.apply(1.0)
+
+
+def test_parked_dense_weights_leave_memory_and_come_back_exactly(tiny_llama, tiny_data, trainer,
+                                                                  tmp_path):
+    """Every unit kind: while pruned, its dense Linears hold one element each (their weights
+    wait in the park folder); candidates, errors, going back to dense and ``dense`` itself
+    see exactly the weights they would have seen unparked."""
+    lm = SieveLM(tiny_llama)
+    lm.load()
+    groups = lm.adapter.input_groups(lm.net)
+    stats = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
+                      CalibrationConfig())
+    bases = project(lm.net, groups, stats, ProjectionConfig(mlp="neurons", attention="heads"),
+                    mlps=lm.adapter.mlps(lm.net), attentions=lm.adapter.attentions(lm.net))
+    batch = next(iter(tiny_data.val_dataloader()))
+    dense = {k: v.clone() for k, v in lm.net.state_dict().items()}
+    reference = {}
+    plain = Pruner(lm.net, bases)
+    for keep in (0.5, 0.7):
+        plain.apply(keep)
+        reference[keep] = last_logits(lm.net, batch)
+    errors = {n: u.error(u.size(0.5, 1)) for n, u in plain.units.items()}
+    plain.apply(1.0)
+    assert {type(u).kind for u in plain.units.values()} == {"matrix", "neurons", "heads"}
+
+    pruner = Pruner(lm.net, bases, park=tmp_path)
+    for keep in (0.5, 0.7):  # a rebuild at another size reads the parked weights back
+        pruner.apply(keep)
+        torch.testing.assert_close(last_logits(lm.net, batch), reference[keep], rtol=0, atol=0)
+        for unit in pruner.units.values():
+            assert unit.parked is not None
+            for module in unit._dense.values():
+                assert module.weight.untyped_storage().nbytes() == module.weight.element_size()
+    assert sorted(p.stem for p in tmp_path.glob("*.safetensors")) == sorted(pruner.units)
+    for name, unit in pruner.units.items():  # read with the model pruned: weights come back
+        torch.testing.assert_close(unit.error(unit.size(0.5, 1)), errors[name], rtol=0, atol=0)
+        assert unit.parked is None
+    pruner.apply(0.5)
+    assert all(u.parked is not None for u in pruner.units.values())
+    pruner.apply(1.0)
+    assert all(u.parked is None for u in pruner.units.values())
+    for key, value in lm.net.state_dict().items():
+        assert torch.equal(value, dense[key]), key

@@ -154,6 +154,22 @@ def test_screened_search_ends_within_epsilon_on_the_whole_split(setup):
     assert _fitness(setup).accuracy(result["levels"]) == pytest.approx(result["accuracy"])
 
 
+def test_a_search_with_parked_dense_weights_takes_the_same_decisions(setup, tmp_path):
+    """Parking (the dense weights of pruned units on disk) changes memory, not results: the
+    same GA ends at the same levels with the same score, and the model is dense after it."""
+    pruner = setup[2]
+    names = list(pruner.dense)
+    plain = search(_fitness(setup), names, CONFIG, None)
+    pruner.park = tmp_path
+    try:
+        parked = search(_fitness(setup), names, CONFIG, None)
+        assert list(tmp_path.glob("*.safetensors"))  # something was parked
+    finally:
+        pruner.park = None
+    assert parked["levels"] == plain["levels"] and parked["accuracy"] == plain["accuracy"]
+    assert all(u.parked is None for u in pruner.units.values())  # back at dense: all read back
+
+
 class Killed(Exception):
     pass
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -266,7 +267,7 @@ def quantization_config(fmt: str, config, compute_dtype: torch.dtype = torch.flo
 def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                quantize: str = "none") -> tuple[torch.nn.Module, Adapter]:
     """Weights and adapter; the architecture is checked before any weight is read."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, PreTrainedModel
 
     config = load_config(name_or_path, trust_remote_code)  # registers a sieve-pl export
     adapter = adapter_for(config)
@@ -278,6 +279,10 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
         kwargs = {"quantization_config": quantization_config(quantize, config,
                                                              getattr(torch, dtype)),
                   "device_map": {"": device}}
+    elif "disable_mmap" in inspect.signature(PreTrainedModel.from_pretrained).parameters:
+        # weights in process memory, not pages of the checkpoint file: a pruned unit's dense
+        # weights, once dropped (Pruner's park), are then really given back
+        kwargs = {"disable_mmap": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolve(name_or_path), dtype=getattr(torch, dtype),

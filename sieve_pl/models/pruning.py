@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..units import Bases, MatrixUnit, Unit, unit_for
 from .factored import set_submodule
+
+PARK_ABOVE = 1 << 30  # host bytes of the units' dense weights above which a run parks them
 
 
 def layer_and_kind(name: str) -> tuple[int, str]:
@@ -52,11 +55,17 @@ class Pruner:
     refitting. ``refitted`` holds weights refitted for one size of a unit (``(A, B)`` of a
     matrix at one rank, ``(W_down,)`` of an MLP at one neuron count); they are used instead of
     the bases at that size.
+
+    ``park``: a folder where the host weights of a pruned unit's dense Linears wait while the
+    model does not use them (:meth:`Unit.park <sieve_pl.units.Unit.park>`), so a model on the
+    host is held about once, not dense plus pruned; None keeps them in memory (small models,
+    or weights on an accelerator).
     """
 
     def __init__(self, model: nn.Module, bases: Bases | dict, rank_multiple: int = 1,
-                 floor: float = 0.0):
+                 floor: float = 0.0, park: Path | None = None):
         self.model, self.rank_multiple, self.floor = model, rank_multiple, floor
+        self.park = park
         if not isinstance(bases, Bases):  # (no units: a model scored as it is)
             if bases:
                 raise TypeError("Pruner takes sieve_pl.units.Bases (what projection returns)")
@@ -115,6 +124,8 @@ class Pruner:
             for module_name, module in modules.items():
                 set_submodule(self.model, module_name, module.to(device))
             self.built[name] = size
+            if size and self.park is not None:
+                unit.park(self.model, self.park)
         return sizes
 
     def device(self, name: str) -> torch.device:

@@ -18,6 +18,7 @@ a unit, and the :class:`~sieve_pl.models.pruning.Pruner` decides which level eac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
@@ -68,7 +69,10 @@ class Unit:
     """One unit of a model: its dense Linears (kept aside while it is pruned) and its basis.
 
     ``basis`` is loaded on use through ``load`` (bases of a large model stay on disk, one unit
-    at a time in memory), so a unit costs nothing until it is pruned.
+    at a time in memory), so a unit costs nothing until it is pruned. While it is pruned, the
+    host weights of its dense Linears may wait on disk too (:meth:`park`): a model held once in
+    host memory rather than twice (dense and pruned) at near-dense levels. ``dense`` always
+    gives them back with their weights.
     """
 
     kind: ClassVar[str] = ""
@@ -76,8 +80,55 @@ class Unit:
 
     def __init__(self, model: nn.Module, spec: Spec, load: Callable[[], object]):
         self.name, self.output, self.load = spec.name, spec.output, load
-        self.dense = {n: model.get_submodule(n) for n in spec.linears}
-        self.total = sum(matrix_params(*dense_shape(m), None) for m in self.dense.values())
+        self._dense = {n: model.get_submodule(n) for n in spec.linears}
+        self.total = sum(matrix_params(*dense_shape(m), None) for m in self._dense.values())
+        self.parked: Path | None = None  # the file holding the dense weights while dropped
+
+    @property
+    def dense(self) -> dict[str, nn.Module]:
+        """The dense Linears by name, with their weights (read back if parked)."""
+        self.unpark()
+        return self._dense
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        return {f"{name}.{key}": p for name, m in self._dense.items()
+                for key, p in m.named_parameters()}
+
+    def park(self, model: nn.Module, folder: Path) -> bool:
+        """Drop the host weights of the dense Linears, kept in ``folder/<unit>.safetensors``
+        (written once: dense weights never change), while ``model`` does not use them (the
+        unit is pruned). Weights on an accelerator, or a Linear still in the model, are left
+        as they are (returns False). Their shapes and dtypes stay; reading ``dense`` brings
+        the weights back."""
+        if self.parked is not None:
+            return True
+        params = self._params()
+        if (any(p.device.type != "cpu" for p in params.values())
+                or any(model.get_submodule(n) is m for n, m in self._dense.items())):
+            return False
+        path = Path(folder) / f"{self.name}.safetensors"
+        if not path.exists():
+            from safetensors.torch import save_file
+
+            from ..io import atomic
+            with atomic(path) as tmp:
+                save_file({k: p.detach().contiguous() for k, p in params.items()}, str(tmp))
+        for p in params.values():  # one element each, same shape, dtype and device
+            p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)
+        self.parked = path
+        return True
+
+    def unpark(self) -> None:
+        """Read the parked dense weights back into host memory (the file stays for the next
+        :meth:`park`)."""
+        if self.parked is None:
+            return
+        from safetensors.torch import load_file
+
+        stored = load_file(str(self.parked))
+        for key, p in self._params().items():
+            p.data = stored[key]
+        self.parked = None
 
     @property
     def basis(self):

@@ -86,7 +86,7 @@ class MatrixUnit(Unit):
 
     def __init__(self, model: nn.Module, spec: Spec, load):
         super().__init__(model, spec, load)
-        self.shape = dense_shape(self.dense[self.name])
+        self.shape = dense_shape(self._dense[self.name])
 
     @classmethod
     def fit(cls, net, spec: Spec, moment: Moment, config, device) -> Factors:

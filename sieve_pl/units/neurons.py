@@ -164,7 +164,7 @@ class NeuronUnit(Unit):
     def __init__(self, model: nn.Module, spec: NeuronSpec, load):
         super().__init__(model, spec, load)
         self.inputs, self.blocks = tuple(spec.inputs), spec.blocks
-        self.inner = dense_shape(self.dense[self.output])[1]
+        self.inner = dense_shape(self._dense[self.output])[1]
 
     @classmethod
     def fit(cls, net, spec: NeuronSpec, moment: Moment, config, device) -> Neurons:
