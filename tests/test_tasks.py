@@ -1,6 +1,7 @@
 """Task kinds and data sources: scoring equals brute force, losses mask the prompt, fields map."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
@@ -444,3 +445,32 @@ def test_fitness_scores_hardest_first_in_length_sorted_runs(tiny_llama, tokenize
     assert fitness.order == before  # idempotent: a resumed search scores in the same order
     scored = [int(x) for b in fitness.batches for x in b["attention_mask"].sum(1)]
     assert scored == [fitness.lengths[i] for i in fitness.order]
+
+
+def test_chat_template_formats_every_prompt_as_a_user_turn(tokenizer):
+    """data.chat_template: prompts go through the tokenizer's chat template (the assistant's
+    turn opened, no special tokens added twice), the task's fingerprint says so, transfer
+    sources share it, and a tokenizer without a template is refused in one line."""
+    from sieve_pl.errors import SieveError
+    from sieve_pl.tasks import SplitSizes, TaskDataModule
+
+    plain = TaskDataModule(sizes=SplitSizes(calibration=2, validation=2, test=2))
+    plain.prepare(tokenizer)
+    fingerprint = plain.fingerprint_config("calibration")
+    chat = TaskDataModule(sizes=SplitSizes(calibration=2, validation=2, test=2),
+                          chat_template=True)
+    chat.prepare(tokenizer)
+    row = chat.splits["test"][0]
+    prompt = chat.task.prompt_text(row)
+    batch = chat.task.collate([row], tokenizer, 256)
+    text = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert text == tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                 tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")
+    assert chat.fingerprint_config("calibration") != fingerprint
+    other = chat.other_source("drug_reviews", {"positive": "fresh", "negative": "rotten"}, 2)
+    assert other.task.chat_template and chat.task.chat_template
+    no_template = copy.deepcopy(tokenizer)
+    no_template.chat_template = None
+    with pytest.raises(SieveError, match="has no chat template"):
+        TaskDataModule(chat_template=True).prepare(no_template)

@@ -17,6 +17,8 @@ import lightning as L
 from ..errors import SieveError
 from ..io import PARENT_ENV, read_json, write_json
 from ..models.hf import save_pruned
+from ..models.loading import BUILTIN_MODELS, builtin_gguf
+from ..models.to_gguf import check as gguf_check, write_gguf
 from ..models.module import SieveLM, evaluate
 from ..models.pruning import Pruner
 from ..tasks.datamodule import TaskDataModule
@@ -76,15 +78,24 @@ class TransferConfig:
 
 @dataclass
 class ExportConfig:
-    """Where the pruned model goes besides ``<run>/export/model``.
+    """What the pruned model is written as, besides ``<run>/export/model``.
 
     Args:
+        formats: ``hf`` (always: a transformers folder, which the stages after export read)
+            and ``gguf`` (llama.cpp / Ollama: ``export/model-<type>.gguf`` for each of
+            ``gguf_types``; Llama-architecture models, MLP widths per layer as llama.cpp's
+            ``deci`` architecture, attention written dense; next to the transformers files,
+            with an Ollama ``Modelfile``).
+        gguf_types: the GGUF weight types: f16, q8_0 (llama.cpp's 8-bit blocks) or f32.
         push_to_hub: a Hugging Face repo id (``user/name``): when the run ends, the export
             (weights, tokenizer, model card, loading code) is uploaded there; needs a token
             (``huggingface-cli login`` or HF_TOKEN). None: nothing leaves this machine.
         private: create that repository private.
     """
 
+    formats: list[Literal["hf", "gguf"]] = field(default_factory=lambda: ["hf"])
+    gguf_types: list[Literal["f16", "q8_0", "f32"]] = field(
+        default_factory=lambda: ["f16", "q8_0"])
     push_to_hub: str | None = None
     private: bool = True
 
@@ -92,6 +103,14 @@ class ExportConfig:
         self.check()  # a bad value fails where the config is built (parsing), not mid-run
 
     def check(self) -> None:
+        unknown = set(self.formats) - {"hf", "gguf"}
+        if unknown or "hf" not in self.formats:
+            raise SieveError(f"export.formats must list hf (the stages after export read it) "
+                             f"and may add gguf, got {self.formats}")
+        bad = set(self.gguf_types) - {"f16", "q8_0", "f32"}
+        if bad or ("gguf" in self.formats and not self.gguf_types):
+            raise SieveError(f"export.gguf_types must be some of f16, q8_0, f32, got "
+                             f"{self.gguf_types}")
         repo = self.push_to_hub
         if repo is None:
             return
@@ -215,22 +234,39 @@ def measure_forms(rows: dict, final: str, work: Path, run_path: Path,
 
 
 class Export(Stage):
-    """The model at its levels (with LoRA merged when it is used) as a transformers folder."""
+    """The model at its levels (with LoRA merged when it is used) as a transformers folder, and
+    as GGUF files when ``export.formats`` lists gguf (``gguf.json`` says what each holds)."""
 
     name = "export"
 
-    def __init__(self, ctx: Context, pruner: Pruner, levels: dict, weights: dict):
+    def __init__(self, ctx: Context, pruner: Pruner, levels: dict, weights: dict,
+                 config: ExportConfig | None = None):
         self.ctx, self.pruner, self.levels, self.weights = ctx, pruner, levels, weights
+        self.config = config or ExportConfig()
 
     def fingerprint(self) -> dict:
-        return {}  # everything it writes follows from the stages before it
+        # the rest of what it writes follows from the stages before it
+        return {"gguf": self.config.gguf_types} if "gguf" in self.config.formats else {}
 
     def run(self, work: Path) -> None:
         return None
 
     def save(self, _, folder: Path) -> None:
+        net = self.ctx.lm.net
+        if "gguf" in self.config.formats:
+            gguf_check(net)  # before anything is written
         with self.pruner.at(self.levels, self.weights):
-            save_pruned(self.ctx.lm.net, self.ctx.data.tokenizer, folder / "model")
+            save_pruned(net, self.ctx.data.tokenizer, folder / "model")
+            if "gguf" in self.config.formats:
+                source = self.ctx.lm.pretrained
+                source = builtin_gguf(source) if source in BUILTIN_MODELS else None
+                written = {f"model-{t}.gguf": write_gguf(
+                    net, self.ctx.data.tokenizer, folder / "model" / f"model-{t}.gguf", t, source)
+                    for t in self.config.gguf_types}
+                write_json(folder / "gguf.json", written)
+                # Ollama: ``ollama create <name> -f Modelfile`` (the chat template is the GGUF's)
+                smallest = min(written, key=lambda name: written[name]["bytes"])
+                (folder / "model" / "Modelfile").write_text(f"FROM ./{smallest}\n")
 
     def load(self, folder: Path) -> dict:
         """The export's layout (what each unit became), from its config.json."""

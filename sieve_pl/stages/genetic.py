@@ -187,6 +187,15 @@ class GeneticSearch:
         self._save(generation, population, logbook)
 
     def run(self, seeds: list[list[int]]) -> dict:
+        """The GA from ``seeds``; DEAP draws from the ``random`` module, which is seeded with
+        ``search.seed`` (or the checkpoint's state) inside and given back as it was after."""
+        outer = random.getstate()
+        try:
+            return self._run(seeds)
+        finally:
+            random.setstate(outer)
+
+    def _run(self, seeds: list[list[int]]) -> dict:
         cfg = self.config
         budget = cfg.population * (cfg.generations + 1)
         if self.is_writer:  # the budget against the genome's length: a search, or a local probe

@@ -33,11 +33,27 @@ class Task:
 
     settings: tuple[str, ...] = ()
     metric: str = "accuracy"  # the primary metric: what the search keeps within epsilon
+    chat_template: bool = False  # set from ``data.chat_template`` (TaskDataModule.prepare)
 
     def config(self) -> dict:
         """The settings that define the task (for stage fingerprints)."""
         return {"kind": type(self).__name__,
-                **{k: v for k, v in vars(self).items() if k in self.settings}}
+                **{k: v for k, v in vars(self).items() if k in self.settings},
+                **({"chat_template": True} if self.chat_template else {})}
+
+    def chat(self, tokenizer, prompt: str) -> str:
+        """``prompt`` as the model sees it: a user turn through the tokenizer's chat template
+        with the assistant's turn opened (the answer follows it), when ``chat_template``."""
+        if not self.chat_template:
+            return prompt
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+
+    def encode(self, tokenizer, prompts: list[str], max_length: int) -> dict:
+        """Left-padded prompts (:func:`encode_prompts`), through the chat template when on (its
+        text already holds the special tokens the model expects: none are added)."""
+        return encode_prompts(tokenizer, [self.chat(tokenizer, p) for p in prompts], max_length,
+                              add_special_tokens=not self.chat_template)
 
     def columns(self) -> list[str]:
         """Dataset fields this task reads (column names; ``a.b`` is field ``b`` of column ``a``)."""
@@ -217,7 +233,8 @@ def field_text(example: dict, field: str) -> str:
 
 # --- batches -----------------------------------------------------------------------------------
 
-def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> dict:
+def encode_prompts(tokenizer, prompts: list[str], max_length: int,
+                   add_special_tokens: bool = True) -> dict:
     """Left-padded prompts with position ids that ignore the padding.
 
     Left padding puts every prompt's next token at the last position, so only that position's
@@ -225,7 +242,7 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> dict:
     """
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                    max_length=max_length)
+                    max_length=max_length, add_special_tokens=add_special_tokens)
     mask = enc["attention_mask"]
     return {"input_ids": enc["input_ids"], "attention_mask": mask,
             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}

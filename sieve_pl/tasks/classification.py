@@ -84,7 +84,7 @@ class Classification(Task):
     def collate(self, examples: list[dict], tokenizer, max_length: int,
                 labelled: bool = True) -> dict:
         tokens = self._tokenize(tokenizer)
-        batch = encode_prompts(tokenizer, [self.prompt_text(e) for e in examples], max_length)
+        batch = self.encode(tokenizer, [self.prompt_text(e) for e in examples], max_length)
         if labelled:
             batch["labels"] = torch.tensor([self.labels.index(str(e[self.label_field]))
                                             for e in examples])

@@ -110,6 +110,9 @@ class TaskDataModule(L.LightningDataModule):
             this task's label words); values not in the map are kept.
         pool: unlabeled prompts (text only) for fidelity to the dense model and distillation:
             the task's calibration / train prompts, an unlabeled source, sister datasets.
+        chat_template: format every prompt as a user turn through the tokenizer's chat
+            template, with the assistant's turn opened (instruct models); calibration, scoring,
+            recovery and the model card all see it. False: the raw prompt.
     """
 
     def __init__(
@@ -124,8 +127,10 @@ class TaskDataModule(L.LightningDataModule):
         seed: int = 0,
         label_map: dict[str, str] | None = None,
         pool: PoolConfig = PoolConfig(),
+        chat_template: bool = False,
     ):
         super().__init__()
+        self.chat_template = chat_template
         self.source, self.name, self.split = source, name, split
         self.label_map = dict(label_map or {})
         # the default is built here, not given as a lazy_instance: jsonargparse keeps a default
@@ -194,6 +199,10 @@ class TaskDataModule(L.LightningDataModule):
             return
         self.check_settings()  # (settings may have been changed since construction)
         self.tokenizer = tokenizer
+        if self.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise SieveError("data.chat_template is true but this model's tokenizer has no chat "
+                             "template (a base model, not an instruct one): set it to false")
+        self.task.chat_template = self.chat_template
         data = load_source(self.source, self.name, self.split)
         if self.label_map:
             data = self._relabel(data)
@@ -285,7 +294,8 @@ class TaskDataModule(L.LightningDataModule):
         if key not in self._others:
             other = TaskDataModule(source, task=self.task, sizes=SplitSizes(0, 0, examples, 0),
                                    batch_size=self.batch_size, max_length=self.max_length,
-                                   seed=self.seed, label_map=label_map)
+                                   seed=self.seed, label_map=label_map,
+                                   chat_template=self.chat_template)
             other.prepare(self.tokenizer)
             if self._pool is not None and examples > self._held_out.get(source, 0):
                 raise RuntimeError(f"the pool was built before {source!r}'s {examples} transfer "

@@ -110,7 +110,7 @@ class Generation(Task):
     def collate(self, examples: list[dict], tokenizer, max_length: int,
                 labelled: bool = True) -> dict:
         self.tokenizer = tokenizer
-        prompts = encode_prompts(tokenizer, [self.render(e) for e in examples], max_length)
+        prompts = self.encode(tokenizer, [self.render(e) for e in examples], max_length)
         if not labelled:
             return prompts
         references = [self.references(e) for e in examples]

@@ -186,8 +186,8 @@ class MultipleChoice(Task):
             self.letter_tokens = label_word_tokens(
                 tokenizer, {c: self._sep() + c for c in self.letters})
         options = [self.options(e) for e in examples]
-        prompts = encode_prompts(tokenizer, [self.render(e, o) for e, o in zip(examples, options)],
-                                 max_length)
+        prompts = self.encode(tokenizer, [self.render(e, o) for e, o in zip(examples, options)],
+                              max_length)
         if self.scoring == "letter":
             choices = [self.letter_tokens[:len(o)] for o in options]
         else:
