@@ -104,6 +104,12 @@ class Pipeline:
         if fitting and min(sizes.calibration, sizes.validation) < 1:
             raise SieveError(f"fit needs calibration and validation examples, got {sizes}")
         self.lm.check()
+        if self.search.space == "standard" and self.projection.mlp != "neurons":
+            raise SieveError("search.space standard prunes MLP neurons: set projection.mlp "
+                             "neurons")
+        if "standard" in self.export.formats and self.search.space != "standard":
+            raise SieveError("export.formats standard needs search.space standard (one MLP "
+                             "width in every layer)")
         if "gguf" in self.export.formats:
             from .models.loading import load_config
             from .models.to_gguf import check as gguf_check

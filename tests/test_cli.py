@@ -59,6 +59,11 @@ def bert_config_only(tmp_path):
     (["--export.push_to_hub", "me/model"], "needs the network, but HF_HUB_OFFLINE is set"),
     (["--run.name", "../elsewhere"], "run.name"),
     (["--ckpt_path", "/nonexistent.ckpt"], "--ckpt_path is not used"),
+    (["--export.formats", "[hf, standard]"], "export.formats standard needs search.space standard"),
+    (["--export.formats", "[gguf]"], "export.formats must list hf"),
+    (["--search.space", "standard"], "set search.strategy uniform"),
+    (["--search.space", "standard", "--search.strategy", "uniform", "--projection.mlp",
+      "factored"], "search.space standard prunes MLP neurons"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, capsys, extra, message):
     code = run_cli("fit", "--config", str(CONFIGS[0]), "--run.root", str(tmp_path), *extra)
@@ -399,3 +404,35 @@ def test_fit_with_learned_projection_refit_and_distillation(tmp_path, tiny_llama
     assert (run / "distill" / "stage.json").exists() and (run / "project" / "stage.json").exists()
     assert read_json(run / "project" / "stage.json")["config"]["learned"]["epochs"] == 2
     assert "distillation: validation accuracy" in capsys.readouterr().out
+
+
+def test_standard_space_exports_the_base_architecture_and_gguf(tmp_path, tiny_llama):
+    """search.space standard: one MLP width in every layer, attention dense; the standard
+    export loads with plain from_pretrained (no remote code) with the logits of the trusted
+    load of the hf export, and its GGUF is the llama architecture."""
+    from transformers import AutoModelForCausalLM
+
+    from sieve_pl.models.loading import load_model
+
+    args = ["fit", "--model.pretrained", tiny_llama, "--run.root", str(tmp_path),
+            "--run.name", "std", "--data.sizes", "{calibration: 12, validation: 10, test: 10}",
+            "--data.batch_size", "5", "--search.space", "standard", "--search.strategy",
+            "uniform", "--search.epsilon", "0.5", "--search.confidence", "0",
+            "--export.formats", "[hf, standard, gguf]", "--export.gguf_types", "[f32]",
+            "--transfer.sources", "{}", *QUIET]
+    assert run_cli(*args) == 0
+    export = tmp_path / "std" / "export"
+    levels = read_json(tmp_path / "std" / "search" / "search.json")["levels"]
+    assert {v for n, v in levels.items() if not n.endswith(".mlp")} == {1.0}
+    assert {v for n, v in levels.items() if n.endswith(".mlp")} != {1.0}  # something was cut
+    standard = AutoModelForCausalLM.from_pretrained(export / "standard", trust_remote_code=False)
+    assert type(standard).__name__ == "LlamaForCausalLM"
+    width = standard.config.intermediate_size
+    assert width < 48 and standard.model.layers[1].mlp.down_proj.in_features == width
+    trusted, _ = load_model(str(export / "model"))
+    ids = torch.tensor([[1, 504, 3437, 314, 253, 1345, 28]])
+    with torch.no_grad():
+        torch.testing.assert_close(standard(input_ids=ids).logits, trusted(input_ids=ids).logits)
+    written = read_json(export / "gguf.json")["model-f32.gguf"]
+    assert written["architecture"] == "llama" and set(written["mlp_widths"]) == {width}
+

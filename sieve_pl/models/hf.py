@@ -149,6 +149,33 @@ def save_pruned(net, tokenizer, out: Path) -> dict:
     return shape
 
 
+def save_standard(net, tokenizer, out: Path) -> None:
+    """Write ``net`` as its base architecture, unchanged (``LlamaForCausalLM``…): loadable by
+    plain ``from_pretrained`` without remote code and by any engine that knows the base. Only
+    models whose pruned units are MLPs of one width in every layer have such a form
+    (``search.space: standard``); the config's MLP size is that width."""
+    from ..errors import SieveError
+
+    out = Path(out)
+    shape, widths = layout(net), mlp_widths(net)
+    if shape.get("ranks") or shape.get("heads") or len(set(widths)) > 1:
+        raise SieveError("export.formats standard needs one MLP width in every layer and no "
+                         "factored or narrowed attention (search.space standard)")
+    config = copy.deepcopy(net.config)
+    *parents, key = adapter_for(config).mlp_size.split(".")
+    section = config
+    for parent in parents:
+        section = getattr(section, parent)
+    setattr(section, key, widths[0])
+    held, net.config = net.config, config
+    try:
+        net.save_pretrained(out)
+    finally:
+        net.config = held
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, out)
+
+
 def push_to_hub(folder: Path, repo_id: str, private: bool = True) -> str:
     """Upload an export folder (weights, tokenizer, code, model card) to a hub repository;
     returns the commit URL. The token comes from ``huggingface-cli login`` or ``HF_TOKEN``."""

@@ -16,7 +16,7 @@ import lightning as L
 
 from ..errors import SieveError
 from ..io import PARENT_ENV, read_json, write_json
-from ..models.hf import save_pruned
+from ..models.hf import save_pruned, save_standard
 from ..models.loading import BUILTIN_MODELS, builtin_gguf
 from ..models.to_gguf import check as gguf_check, write_gguf
 from ..models.module import SieveLM, evaluate
@@ -85,7 +85,9 @@ class ExportConfig:
             and ``gguf`` (llama.cpp / Ollama: ``export/model-<type>.gguf`` for each of
             ``gguf_types``; Llama-architecture models, MLP widths per layer as llama.cpp's
             ``deci`` architecture, attention written dense; next to the transformers files,
-            with an Ollama ``Modelfile``).
+            with an Ollama ``Modelfile``) and ``standard`` (``export/standard``: the base
+            architecture unchanged, one MLP width for every layer: needs ``search.space
+            standard``; loads without remote code in any engine).
         gguf_types: the GGUF weight types: f16, q8_0 (llama.cpp's 8-bit blocks) or f32.
         push_to_hub: a Hugging Face repo id (``user/name``): when the run ends, the export
             (weights, tokenizer, model card, loading code) is uploaded there; needs a token
@@ -93,7 +95,7 @@ class ExportConfig:
         private: create that repository private.
     """
 
-    formats: list[Literal["hf", "gguf"]] = field(default_factory=lambda: ["hf"])
+    formats: list[Literal["hf", "gguf", "standard"]] = field(default_factory=lambda: ["hf"])
     gguf_types: list[Literal["f16", "q8_0", "f32"]] = field(
         default_factory=lambda: ["f16", "q8_0"])
     push_to_hub: str | None = None
@@ -103,10 +105,10 @@ class ExportConfig:
         self.check()  # a bad value fails where the config is built (parsing), not mid-run
 
     def check(self) -> None:
-        unknown = set(self.formats) - {"hf", "gguf"}
+        unknown = set(self.formats) - {"hf", "gguf", "standard"}
         if unknown or "hf" not in self.formats:
             raise SieveError(f"export.formats must list hf (the stages after export read it) "
-                             f"and may add gguf, got {self.formats}")
+                             f"and may add gguf and standard, got {self.formats}")
         bad = set(self.gguf_types) - {"f16", "q8_0", "f32"}
         if bad or ("gguf" in self.formats and not self.gguf_types):
             raise SieveError(f"export.gguf_types must be some of f16, q8_0, f32, got "
@@ -246,7 +248,8 @@ class Export(Stage):
 
     def fingerprint(self) -> dict:
         # the rest of what it writes follows from the stages before it
-        return {"gguf": self.config.gguf_types} if "gguf" in self.config.formats else {}
+        return {**({"gguf": self.config.gguf_types} if "gguf" in self.config.formats else {}),
+                **({"standard": True} if "standard" in self.config.formats else {})}
 
     def run(self, work: Path) -> None:
         return None
@@ -257,6 +260,8 @@ class Export(Stage):
             gguf_check(net)  # before anything is written
         with self.pruner.at(self.levels, self.weights):
             save_pruned(net, self.ctx.data.tokenizer, folder / "model")
+            if "standard" in self.config.formats:
+                save_standard(net, self.ctx.data.tokenizer, folder / "standard")
             if "gguf" in self.config.formats:
                 source = self.ctx.lm.pretrained
                 source = builtin_gguf(source) if source in BUILTIN_MODELS else None

@@ -98,6 +98,10 @@ class SearchConfig:
         fisher: the sensitivity seed's gradients: model (the Fisher of the model's own answer
             distribution: what a cut changes in its answers, whatever the labels) or label
             (the label loss's, the empirical Fisher).
+        space: free (every unit its own level) or standard (shapes the base architecture
+            holds: one MLP width in every layer, attention untouched, as Minitron ships;
+            with strategy uniform and neuron MLPs; ``export.formats`` standard writes it as
+            the base architecture, loadable by any engine).
     """
 
     strategy: Literal["genetic", "sensitivity", "uniform"] = "genetic"
@@ -124,6 +128,7 @@ class SearchConfig:
     pool_examples: int = 0
     confirm: float = 2.0
     fisher: Literal["model", "label"] = "model"
+    space: Literal["free", "standard"] = "free"
 
     def __post_init__(self) -> None:
         self.check()  # a bad value fails where the config is built (parsing), not mid-run
@@ -153,6 +158,9 @@ class SearchConfig:
             raise SieveError(f"search.tournament_size must be >= 1, got {self.tournament_size}")
         if self.rank_multiple < 1:
             raise SieveError(f"search.rank_multiple must be >= 1, got {self.rank_multiple}")
+        if self.space == "standard" and self.strategy != "uniform":
+            raise SieveError("search.space standard searches one MLP width for every layer: "
+                             f"set search.strategy uniform (got {self.strategy})")
         if self.population < 2 or self.generations < 0 or not 0 <= self.elite < self.population:
             raise SieveError("search needs population >= 2, generations >= 0 and "
                              "0 <= elite < population")
@@ -177,7 +185,10 @@ class Search(Stage):
 
     def fingerprint(self) -> dict:
         data = self.ctx.data
-        return {"data": data.fingerprint_config("validation"), **asdict(self.config),
+        config = asdict(self.config)
+        if config["space"] == "free":  # (runs made before the option still match)
+            del config["space"]
+        return {"data": data.fingerprint_config("validation"), **config,
                 **({"pool": data.pool_fingerprint()} if self.config.fidelity else {})}
 
     def run(self, work: Path) -> Searched:
@@ -217,6 +228,7 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
 
 def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
             is_writer: bool, costs) -> dict:
+    spread = uniform_levels(fitness.pruner, names, config.space)
     uniform_path = work / "uniform.json" if work else None
     saved = resumable(uniform_path, read_json, "searching the uniform level again"
                       ) if uniform_path else None
@@ -240,7 +252,9 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
             uniform = {"base_accuracy": base_accuracy, "target": config.target(base_accuracy),
                        "history": []}
         else:
-            uniform = uniform_search(_judge(fitness, budget, "uniform"), base_accuracy, config)
+            judge = _judge(fitness, budget, config.space if config.space == "standard"
+                           else "uniform")
+            uniform = uniform_search(lambda keep: judge(spread(keep)), base_accuracy, config)
         uniform["seeds"] = {}
         if config.strategy != "uniform":
             if ("sensitivity" in config.seeds or config.strategy == "sensitivity") and costs:
@@ -268,8 +282,9 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
     cost = {"search_tokens": uniform_tokens, "evaluations": uniform_evaluations,
             "pool_tokens": fitness.pool.tokens_spent if fitness.pool else 0}
     if config.strategy == "uniform":
-        kept, total = fitness.pruner.params(uniform["keep"])
-        return {**result, "levels": dict.fromkeys(names, uniform["keep"]),
+        levels = spread(uniform["keep"])
+        kept, total = fitness.pruner.params(levels)
+        return {**result, "levels": levels,
                 "accuracy": uniform["accuracy"], "kept": kept, "feasible": True, "cost": cost}
     if config.strategy == "sensitivity":  # the path's point is the result, not a seed
         path = result["seeds"].pop("sensitivity")
@@ -289,6 +304,17 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
                      "ga_tokens": fitness.tokens_spent - uniform_tokens,
                      "ga_evaluations": fitness.evaluations - uniform_evaluations,
                      "uniform_tokens": uniform_tokens, "naive_tokens": naive}}
+
+
+def uniform_levels(pruner: Pruner, names: list[str], space: str) -> Callable[[float], dict]:
+    """One keep level as every unit's (space free), or as every MLP's with the rest dense
+    (standard: equal MLPs keep equal neuron counts, one width the base architecture holds)."""
+    if space != "standard":
+        return lambda keep: dict.fromkeys(names, keep)
+    mlps = {n for n in names if pruner.units[n].kind == "neurons"}
+    if not mlps:
+        raise SieveError("search.space standard prunes MLP neurons: set projection.mlp neurons")
+    return lambda keep: {n: keep if n in mlps else 1.0 for n in names}
 
 
 def uniform_search(judge: Callable[[float], dict], base_accuracy: float,
