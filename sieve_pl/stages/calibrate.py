@@ -21,8 +21,8 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
+from ..artifacts import save_tensors
 from ..errors import SieveError
 from ..io import SafetensorsFolder, atomic, crash_point
 from ..models.factored import dense_shape
@@ -187,7 +187,7 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
             stats.update(shard)
         elif trainer.is_global_zero:
             with atomic(Path(out) / f"stats-{index:05d}.safetensors") as tmp:
-                save_file(shard, str(tmp))
+                save_tensors(shard, tmp)
         crash_point("calibrate:layer")
 
     layer_by_layer(net, layers, batches, device, statistics, desc="calibrate",

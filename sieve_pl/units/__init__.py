@@ -96,14 +96,14 @@ class Bases(Mapping):
 def save_layer(found: dict[str, tuple[Spec, object]], path: Path) -> None:
     """One layer's units (``{name: (spec, basis)}``) as one self-describing safetensors file,
     written atomically: a reader (or a resumed projection) sees it whole or not at all."""
-    from safetensors.torch import save_file
+    from ..artifacts import save_tensors
 
-    tensors = {f"{name}.{key}": t.contiguous() for name, (_, basis) in found.items()
+    tensors = {f"{name}.{key}": t for name, (_, basis) in found.items()
                for key, t in basis.tensors().items()}
     metadata = {"units": json.dumps({name: _spec_record(spec) for name, (spec, _) in
                                      found.items()}, sort_keys=True)}
     with atomic(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_tensors(tensors, tmp, metadata)
 
 
 def tensor_bytes(basis) -> int:

@@ -108,11 +108,10 @@ class Unit:
             return False
         path = Path(folder) / f"{self.name}.safetensors"
         if not path.exists():
-            from safetensors.torch import save_file
-
+            from ..artifacts import save_tensors
             from ..io import atomic
             with atomic(path) as tmp:
-                save_file({k: p.detach().contiguous() for k, p in params.items()}, str(tmp))
+                save_tensors(params, tmp)
         for p in params.values():  # one element each, same shape, dtype and device
             p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)
         self.parked = path
