@@ -58,34 +58,32 @@ def full_weight(module) -> torch.Tensor:
     return dense_weight(module)  # (a FactoredLinear's weight is B @ A)
 
 
-def dense_layers(net) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """``{GGUF tensor name: float32 weight}`` and each layer's MLP width."""
+def mlp_widths(net) -> list[int]:
+    """Each layer's MLP width (its down projection's inputs)."""
+    return [layer.mlp.down_proj.in_features for layer in net.model.layers]
+
+
+def dense_tensors(net):
+    """``(GGUF tensor name, float32 weight)`` one at a time (a large model is never held
+    twice), in llama.cpp's names and layouts."""
     config = net.config
     heads, kv = config.num_attention_heads, config.num_key_value_heads
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise SieveError("export.formats gguf: Linear biases are not written yet; export this "
-                         "model as hf")
     model = net.model
-    out = {"token_embd.weight": model.embed_tokens.weight, "output_norm.weight": model.norm.weight}
+    yield "token_embd.weight", model.embed_tokens.weight
+    yield "output_norm.weight", model.norm.weight
     if not config.tie_word_embeddings:
-        out["output.weight"] = net.lm_head.weight
-    widths = []
+        yield "output.weight", net.lm_head.weight
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        w = {name: full_weight(getattr(attn, name)).float()
-             for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        out.update({
-            f"blk.{i}.attn_norm.weight": layer.input_layernorm.weight,
-            f"blk.{i}.attn_q.weight": _permute(w["q_proj"], heads),
-            f"blk.{i}.attn_k.weight": _permute(w["k_proj"], kv),
-            f"blk.{i}.attn_v.weight": w["v_proj"],
-            f"blk.{i}.attn_output.weight": w["o_proj"],
-            f"blk.{i}.ffn_norm.weight": layer.post_attention_layernorm.weight,
-            f"blk.{i}.ffn_gate.weight": full_weight(mlp.gate_proj),
-            f"blk.{i}.ffn_up.weight": full_weight(mlp.up_proj),
-            f"blk.{i}.ffn_down.weight": full_weight(mlp.down_proj)})
-        widths.append(out[f"blk.{i}.ffn_down.weight"].shape[1])
-    return {k: v.detach().float().cpu() for k, v in out.items()}, widths
+        yield f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight
+        yield f"blk.{i}.attn_q.weight", _permute(full_weight(attn.q_proj), heads)
+        yield f"blk.{i}.attn_k.weight", _permute(full_weight(attn.k_proj), kv)
+        yield f"blk.{i}.attn_v.weight", full_weight(attn.v_proj)
+        yield f"blk.{i}.attn_output.weight", full_weight(attn.o_proj)
+        yield f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight
+        yield f"blk.{i}.ffn_gate.weight", full_weight(mlp.gate_proj)
+        yield f"blk.{i}.ffn_up.weight", full_weight(mlp.up_proj)
+        yield f"blk.{i}.ffn_down.weight", full_weight(mlp.down_proj)
 
 
 def write_gguf(net, tokenizer, path: Path, qtype: str = "q8_0",
@@ -98,11 +96,15 @@ def write_gguf(net, tokenizer, path: Path, qtype: str = "q8_0",
     if qtype not in TYPES:
         raise SieveError(f"export.gguf_types: {qtype!r} is not one of {', '.join(TYPES)}")
     config = net.config
-    tensors, widths = dense_layers(net)
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise SieveError("export.formats gguf: Linear biases are not written yet; export this "
+                         "model as hf")
+    widths = mlp_widths(net)
     arch = "llama" if len(set(widths)) == 1 else "deci"
     path = Path(path)
     with atomic(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+        # tensors go to a temporary file as they are converted: one in memory at a time
+        writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         writer.add_name(f"{getattr(config, '_name_or_path', '') or arch} (sieve-pl)")
@@ -121,8 +123,8 @@ def write_gguf(net, tokenizer, path: Path, qtype: str = "q8_0",
                               "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
         _tokenizer(writer, tokenizer, source_gguf)
-        for name, t in tensors.items():
-            data = t.numpy()
+        for name, t in dense_tensors(net):
+            data = t.detach().float().cpu().numpy()
             if data.ndim == 1 or qtype == "f32":  # norms stay float32
                 writer.add_tensor(name, data.astype(np.float32))
             elif qtype == "q8_0" and data.shape[-1] % 32 == 0:
