@@ -106,13 +106,12 @@ class Sums:
     def _hook(self, key: str):
         def hook(module, args):
             x = args[0][self.mask.to(args[0].device)].to(self.product_dtype)
-            xtx, n = x.T @ x, x.shape[0]
+            accumulate(self.sums[key], x)
+            n = x.shape[0]
             if self.read_weight > 1:  # left padding: the last position is every row's own
                 last, extra = args[0][:, -1].to(self.product_dtype), self.read_weight - 1
-                xtx = xtx + extra * (last.T @ last)
+                accumulate(self.sums[key], last, extra)
                 n += extra * last.shape[0]
-            # (add_ casts as it adds: no float64 copy of an I × I product)
-            self.sums[key].add_(xtx.to(self.sums[key].device))
             self.counts[key] += n
         return hook
 
@@ -128,6 +127,17 @@ class Sums:
             out[key] = s.cpu()
             out[f"{key}.count"] = counts[key].cpu()
         return out
+
+
+def accumulate(total: torch.Tensor, x: torch.Tensor, scale: float = 1.0,
+               block_elements: int = 1 << 24) -> None:
+    """``total += scale · xᵀx``, a block of columns at a time: neither the I × I product nor
+    its cast to the sum's dtype ever exists whole (1.6 GB each for an 8B model's MLP input)."""
+    width = x.shape[1]
+    block = max(1, min(width, block_elements // width))
+    for j in range(0, width, block):
+        product = x.T @ x[:, j:j + block]
+        total[:, j:j + block].add_(product.to(total.device), alpha=scale)
 
 
 def reduce_sums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
