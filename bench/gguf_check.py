@@ -1,7 +1,7 @@
 """llama.cpp against the HF export: does the GGUF a run wrote answer as the transformers model
 does, and is it smaller than the base model's GGUF at the same type?
 
-For each ``export/model-<type>.gguf`` of the run, llama.cpp (through llama-cpp-python, its own
+For each ``export/model/model-<type>.gguf`` of the run, llama.cpp (through llama-cpp-python, its own
 loader and kernels) reads every test prompt and picks the label word with the highest logit;
 the HF export (``export/model``) does the same through transformers. Reports agreement and
 both accuracies, the architecture written, and the file's size next to the base model's GGUF
@@ -29,7 +29,9 @@ from sieve_pl.models.to_gguf import write_gguf
 def llama_cpp_classes(path: Path, prompts: list[list[int]], label_ids: list[int]) -> list[int]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=1024, n_batch=1024, n_threads=2, verbose=False)
+    # logits_all: without it llama-cpp-python keeps no logits after eval (its sampler reads them)
+    llm = Llama(model_path=str(path), n_ctx=1024, n_batch=1024, n_threads=2, logits_all=True,
+                verbose=False)
     out = []
     for ids in prompts:
         llm.reset()
@@ -69,7 +71,7 @@ def main() -> None:
     written = read_json(export / "gguf.json")
     for name, info in written.items():
         start = time.time()
-        cpp = llama_cpp_classes(export / name, prompts, label_ids)
+        cpp = llama_cpp_classes(export / "model" / name, prompts, label_ids)
         with tempfile.TemporaryDirectory() as tmp:  # the dense model through the same writer
             base = write_gguf(lm.net, tokenizer, Path(tmp) / "base.gguf", info["type"], source)
         result["files"][name] = {

@@ -341,8 +341,9 @@ def _llama_cpp_answers_as_the_hf_export(run: Path) -> None:
     task = data.task
     labels = [ids[0] for ids in task._tokenize(tokenizer)]
     net, _ = load_model(str(folder))
+    # (logits_all: llama-cpp-python keeps no logits after eval without it)
     llm = llama_cpp.Llama(model_path=str(folder / "model-q8_0.gguf"), n_ctx=512, n_threads=2,
-                          verbose=False)
+                          logits_all=True, verbose=False)
     same = []
     for row in data.splits["test"]:
         ids = tokenizer(task.prompt_text(row))["input_ids"]

@@ -107,7 +107,7 @@ def write_gguf(net, tokenizer, path: Path, qtype: str = "q8_0",
         writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        writer.add_name(f"{getattr(config, '_name_or_path', '') or arch} (sieve-pl)")
+        writer.add_name("pruned by sieve-pl")  # (the config's name may be a local path)
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)
         writer.add_block_count(config.num_hidden_layers)
