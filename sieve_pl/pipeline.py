@@ -189,7 +189,7 @@ class Pipeline:
 
     def _parked(self):
         """This rank's folder of parked dense weights (removed when the run ends)."""
-        return self.run.path / ".parked" / f"rank-{self.trainer.global_rank}"
+        return self.run.path / ".parked" / f"rank-{getattr(self.trainer, 'global_rank', 0)}"
 
     def fit(self, on_start: Callable[[], None] | None = None) -> dict:
         """Every stage, holding ``<run>/.lock`` throughout: two runs writing one folder would
