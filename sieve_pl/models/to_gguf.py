@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..errors import SieveError
 from ..io import atomic
 from .factored import HeadPad, HeadSlice, dense_weight
+from .hf import mlp_widths
 
 TYPES = ("f32", "f16", "q8_0")
 ARCHITECTURES = ("llama",)  # model types written (the deci form covers their pruned MLPs)
@@ -56,11 +57,6 @@ def full_weight(module) -> torch.Tensor:
         w = full_weight(module.linear).unflatten(0, (module.heads, module.kept))
         return F.pad(w, (0, 0, 0, module.head_dim - module.kept)).flatten(0, 1)
     return dense_weight(module)  # (a FactoredLinear's weight is B @ A)
-
-
-def mlp_widths(net) -> list[int]:
-    """Each layer's MLP width (its down projection's inputs)."""
-    return [layer.mlp.down_proj.in_features for layer in net.model.layers]
 
 
 def dense_tensors(net):
