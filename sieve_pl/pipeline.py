@@ -110,11 +110,11 @@ class Pipeline:
         if "standard" in self.export.formats and self.search.space != "standard":
             raise SieveError("export.formats standard needs search.space standard (one MLP "
                              "width in every layer)")
-        if "gguf" in self.export.formats:
+        for name in sorted({"gguf", "decilm"} & set(self.export.formats)):
             from .models.loading import load_config
             from .models.to_gguf import check as gguf_check
 
-            gguf_check(load_config(self.lm.pretrained, self.lm.trust_remote_code))
+            gguf_check(load_config(self.lm.pretrained, self.lm.trust_remote_code), name)
         self.data.prepare(self.lm.tokenizer())
         if fitting:  # only fit scores them; a bad source fails here, before any weights load
             for source, label_map in self.transfer.sources.items():
@@ -263,10 +263,16 @@ class Pipeline:
             pruner.use(step.factors)
         return step.accuracy(accuracy)
 
-    def _gguf_files(self) -> dict | None:
-        """What the export stage wrote as GGUF (None: no gguf format)."""
-        path = self.run.path / "export" / "gguf.json"
-        return read_json(path) if "gguf" in self.export.formats and path.exists() else None
+    def _engine_files(self) -> dict:
+        """What the export stage wrote besides the hf folder: ``{"gguf": gguf.json,
+        "decilm": decilm.json, "standard": True}`` for the formats written."""
+        folder, written = self.run.path / "export", {}
+        for name in ("gguf", "decilm"):
+            if name in self.export.formats and (folder / f"{name}.json").exists():
+                written[name] = read_json(folder / f"{name}.json")
+        if "standard" in self.export.formats and (folder / "standard").exists():
+            written["standard"] = True
+        return written
 
     def _publish(self, report: dict, layout: dict) -> None:
         """The summary to the loggers and the run folder, the model card, the hub upload."""
@@ -280,7 +286,7 @@ class Pipeline:
             card = model_card(report, hub_id(self.lm.pretrained), type(self.data.task).__name__,
                               str(self.data.source), prompt,
                               layout, getattr(self.data.task, "metric", "accuracy"),
-                              self.export.push_to_hub, self._gguf_files())
+                              self.export.push_to_hub, **self._engine_files())
             folder = self.run.path / "export" / "model"
             write_text(folder / "README.md", card)
             if self.export.push_to_hub:

@@ -150,13 +150,15 @@ def model_index(r: dict, name: str, task: str, source: str, metric: str = "accur
 
 def model_card(r: dict, base_model: str | None, task: str, source: str, prompt: str | None,
                layout: dict, metric: str = "accuracy", repo: str | None = None,
-               gguf: dict | None = None) -> str:
+               gguf: dict | None = None, decilm: dict | None = None,
+               standard: bool = False) -> str:
     """The export's README.md: Hugging Face card metadata, how it was cut, what it scores, how
     to load and evaluate it (users of every pruning tool ask those three things first).
 
     ``base_model`` is a hub id or None (a local model: the card names no path); ``repo`` is
     where the export is pushed, the model-index's name; ``gguf``: the GGUF files written
-    (``export/gguf.json``)."""
+    (``export/gguf.json``); ``decilm``: the DeciLM folder's widths (``export/decilm.json``);
+    ``standard``: whether ``export/standard`` was written."""
     import yaml
 
     total = r["target_params"]
@@ -233,6 +235,22 @@ def model_card(r: dict, base_model: str | None, task: str, source: str, prompt: 
                   "```bash", f"llama-cli -m {smallest} -p \"<prompt>\"",
                   "ollama create <name> -f Modelfile  # FROM the GGUF; its chat template",
                   "```", ""]
+    lines += ["## vLLM and SGLang", ""]
+    if standard:
+        lines += ["`../standard` (next to this folder in the run) is the base architecture "
+                  "unchanged, with one MLP width in every layer:", "",
+                  "```bash", "vllm serve ../standard", "```", ""]
+    if decilm:
+        lines += ["`../decilm` holds this model as the DeciLM (Nemotron-NAS) architecture that "
+                  "vLLM and SGLang serve: each layer's MLP width "
+                  f"({', '.join(map(str, decilm['written_widths']))}) is the width kept rounded "
+                  "up to a multiple of 256 with zero neurons, and attention is dense. Its config "
+                  "class is in the folder:", "",
+                  "```bash", "vllm serve ../decilm --trust-remote-code", "```", ""]
+    if not (standard or decilm):
+        lines += ["This folder's layout is sieve-pl's own, which vLLM does not load. Export "
+                  "with `--export.formats '[hf, decilm]'` (any cut) or a standard search "
+                  "(`--search.space standard`, `standard` format) for a folder it serves.", ""]
     lines += ["## Evaluate", "", "```bash",
               "lm_eval --model hf --model_args pretrained=<this folder>,trust_remote_code=True "
               "--tasks <task>", "```", ""]

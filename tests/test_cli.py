@@ -73,6 +73,18 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys, extra, message):
     assert not (tmp_path / "demo" / "calibrate").exists()  # failed before any heavy work
 
 
+@pytest.mark.parametrize("form", ["gguf", "decilm"])
+def test_engine_formats_of_other_architectures_fail_before_weights(tmp_path, capsys, form):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")  # no weights
+    code = run_cli("fit", "--config", str(CONFIGS[0]), "--run.root", str(tmp_path),
+                   "--model.pretrained", str(tmp_path / "gpt2"), "--export.formats",
+                   f"[hf, {form}]")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and f"export.formats {form} writes Llama-architecture models" in err[-1]
+
+
 def test_unsupported_architecture_named_before_weights(tmp_path, capsys, bert_config_only):
     code = run_cli("fit", "--run.root", str(tmp_path), "--model.pretrained", bert_config_only)
     err = capsys.readouterr().err
@@ -410,7 +422,8 @@ def test_fit_with_learned_projection_refit_and_distillation(tmp_path, tiny_llama
 def test_standard_space_exports_the_base_architecture_and_gguf(tmp_path, tiny_llama):
     """search.space standard: one MLP width in every layer, attention dense; the standard
     export loads with plain from_pretrained (no remote code) with the logits of the trusted
-    load of the hf export, and its GGUF is the llama architecture."""
+    load of the hf export, and its GGUF is the llama architecture; the DeciLM folder and the
+    card's vLLM recipes come with it."""
     from transformers import AutoModelForCausalLM
 
     from sieve_pl.models.loading import load_model
@@ -419,7 +432,7 @@ def test_standard_space_exports_the_base_architecture_and_gguf(tmp_path, tiny_ll
             "--run.name", "std", "--data.sizes", "{calibration: 12, validation: 10, test: 10}",
             "--data.batch_size", "5", "--search.space", "standard", "--search.strategy",
             "uniform", "--search.epsilon", "0.5", "--search.confidence", "0",
-            "--export.formats", "[hf, standard, gguf]", "--export.gguf_types", "[f32]",
+            "--export.formats", "[hf, standard, gguf, decilm]", "--export.gguf_types", "[f32]",
             "--transfer.sources", "{}", *QUIET]
     assert run_cli(*args) == 0
     export = tmp_path / "std" / "export"
@@ -436,4 +449,8 @@ def test_standard_space_exports_the_base_architecture_and_gguf(tmp_path, tiny_ll
         torch.testing.assert_close(standard(input_ids=ids).logits, trusted(input_ids=ids).logits)
     written = read_json(export / "gguf.json")["model-f32.gguf"]
     assert written["architecture"] == "llama" and set(written["mlp_widths"]) == {width}
+    assert read_json(export / "decilm.json")["mlp_widths"] == [width, width]
+    assert (export / "decilm" / "model.safetensors.index.json").exists()
+    card = (export / "model" / "README.md").read_text()
+    assert "vllm serve ../standard" in card and "vllm serve ../decilm" in card
 

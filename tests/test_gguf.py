@@ -1,6 +1,8 @@
-"""GGUF export: llama.cpp's own loader and kernels (llama-cpp-python) read what sieve-pl writes,
-with the transformers model's logits — pruned MLP widths per layer (deci), factored and
-head-narrowed attention written back dense, q/k in llama.cpp's rotary layout."""
+"""Exports for serving engines. GGUF: llama.cpp's own loader and kernels (llama-cpp-python) read
+what sieve-pl writes, with the transformers model's logits — pruned MLP widths per layer (deci),
+factored and head-narrowed attention written back dense, q/k in llama.cpp's rotary layout.
+DeciLM (vLLM / SGLang): the folder, built layer by layer as vLLM's DeciLM model builds it, gives
+the same logits."""
 import gguf
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from sieve_pl.errors import SieveError
 from sieve_pl.models.loading import DEFAULT_MODEL, builtin_gguf
 from sieve_pl.models.module import SieveLM
 from sieve_pl.models.pruning import Pruner
+from sieve_pl.models.to_decilm import save_decilm, width
 from sieve_pl.models.to_gguf import check, write_gguf
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project
@@ -104,3 +107,48 @@ def test_other_architectures_are_refused_in_one_line():
 
     with pytest.raises(SieveError, match="this model is 'gpt2': export it as hf"):
         check(GPT2Config())
+
+
+def _as_vllm_builds_it(folder):
+    """The model vLLM's ``nemotron_nas.py`` builds from a DeciLM folder: per layer, Llama
+    attention with ``heads / n_heads_in_group`` kv heads and a Llama MLP of the width that
+    ``ffn_mult`` gives, loaded from the folder's shards by name."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert type(config).__name__ == "DeciLMConfig" and config.model_type == "nemotron-nas"
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("block_configs", "auto_map")}
+    model = LlamaForCausalLM(LlamaConfig(**{**fields, "intermediate_size": 1}))
+    for layer, block in zip(model.model.layers, config.block_configs):
+        assert not block.attention.no_op and not block.ffn.no_op
+        assert config.num_attention_heads // block.attention.n_heads_in_group == \
+            config.num_key_value_heads
+        layer.mlp = LlamaMLP(LlamaConfig(**{**fields, "intermediate_size": width(
+            block.ffn.ffn_mult, config.hidden_size)}))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    state = {}
+    for shard in sorted(set(index.values())):
+        state.update(load_file(folder / shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    model.tie_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize("attention", ["factored", "heads"])
+def test_the_decilm_folder_is_the_pruned_model_for_vllm(make_tiny_llama, tiny_data, trainer,
+                                                       tmp_path, attention):
+    lm, pruner, levels = _pruned(make_tiny_llama, tiny_data, trainer, attention)
+    ids = torch.tensor([IDS])
+    with pruner.at(levels):
+        with torch.no_grad():
+            expected = lm.net(input_ids=ids).logits
+        info = save_decilm(lm.net, lm.tokenizer(), tmp_path / "decilm")
+    assert len(set(info["mlp_widths"])) == 2 and set(info["written_widths"]) == {256}
+    with torch.no_grad():
+        got = _as_vllm_builds_it(tmp_path / "decilm")(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max(), rtol=0)

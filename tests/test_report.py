@@ -88,3 +88,15 @@ def test_hub_id_is_never_a_local_path(tmp_path, monkeypatch):
     assert hub_id(str(folder)) is None
     (folder / "config.json").write_text("[1, 2]")
     assert hub_id(str(folder)) is None
+
+
+def test_card_says_how_each_engine_runs_the_formats_written():
+    args = (_summary(), None, "Classification", "rotten_tomatoes", None, LAYOUT)
+    plain = model_card(*args)
+    assert "which vLLM does not load" in plain and "vllm serve" not in plain
+    card = model_card(*args, gguf={"model-q8_0.gguf": {"bytes": 2**20, "architecture": "deci"}},
+                      decilm={"mlp_widths": [48, 24], "written_widths": [256, 256]},
+                      standard=True)
+    assert "llama-cli -m model-q8_0.gguf" in card and "architecture `deci`" in card
+    assert "vllm serve ../decilm --trust-remote-code" in card and "(256, 256)" in card
+    assert "vllm serve ../standard" in card and "which vLLM does not load" not in card

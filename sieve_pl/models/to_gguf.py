@@ -30,12 +30,13 @@ TYPES = ("f32", "f16", "q8_0")
 ARCHITECTURES = ("llama",)  # model types written (the deci form covers their pruned MLPs)
 
 
-def check(model) -> None:
-    """Refuse, before any work, a model (or its config) this writer cannot express."""
+def check(model, form: str = "gguf") -> None:
+    """Refuse, before any work, a model (or its config) this writer (or the DeciLM one, which
+    writes the same dense tensors) cannot express."""
     config = getattr(model, "config", model)
     model_type = config.model_type.removeprefix("sieve_")
     if model_type not in ARCHITECTURES:
-        raise SieveError(f"export.formats gguf writes Llama-architecture models "
+        raise SieveError(f"export.formats {form} writes Llama-architecture models "
                          f"({', '.join(ARCHITECTURES)}); this model is {model_type!r}: "
                          f"export it as hf")
 
@@ -112,7 +113,7 @@ def write_gguf(net, tokenizer, path: Path, qtype: str = "q8_0",
         writer.add_head_count_kv(config.num_key_value_heads)
         writer.add_rope_dimension_count(head_dim)
         writer.add_rope_freq_base(float(getattr(config, "rope_theta", None)
-                                        or _rope_theta(config)))
+                                        or rope_theta(config)))
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_vocab_size(config.vocab_size)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32,
@@ -136,7 +137,7 @@ def write_gguf(net, tokenizer, path: Path, qtype: str = "q8_0",
             "bytes": path.stat().st_size}
 
 
-def _rope_theta(config) -> float:
+def rope_theta(config) -> float:
     """transformers 5 keeps rope_theta under rope_parameters."""
     params = getattr(config, "rope_parameters", None) or {}
     return float(params.get("rope_theta", 10000.0))

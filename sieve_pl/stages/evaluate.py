@@ -18,6 +18,7 @@ from ..errors import SieveError
 from ..io import PARENT_ENV, read_json, write_json
 from ..models.hf import save_pruned, save_standard
 from ..models.loading import BUILTIN_MODELS, builtin_gguf
+from ..models.to_decilm import save_decilm
 from ..models.to_gguf import check as gguf_check, write_gguf
 from ..models.module import SieveLM, evaluate
 from ..models.pruning import Pruner
@@ -85,9 +86,13 @@ class ExportConfig:
             and ``gguf`` (llama.cpp / Ollama: ``export/model-<type>.gguf`` for each of
             ``gguf_types``; Llama-architecture models, MLP widths per layer as llama.cpp's
             ``deci`` architecture, attention written dense; next to the transformers files,
-            with an Ollama ``Modelfile``) and ``standard`` (``export/standard``: the base
+            with an Ollama ``Modelfile``), ``standard`` (``export/standard``: the base
             architecture unchanged, one MLP width for every layer: needs ``search.space
-            standard``; loads without remote code in any engine).
+            standard``; loads without remote code in any engine) and ``decilm``
+            (``export/decilm``: any cut of a Llama-architecture model as vLLM's and SGLang's
+            DeciLM / Nemotron-NAS architecture, one MLP width per layer rounded up to a
+            multiple of 256 with zero neurons, attention dense; ``--trust-remote-code`` for its
+            config class).
         gguf_types: the GGUF weight types: f16, q8_0 (llama.cpp's 8-bit blocks) or f32.
         push_to_hub: a Hugging Face repo id (``user/name``): when the run ends, the export
             (weights, tokenizer, model card, loading code) is uploaded there; needs a token
@@ -95,7 +100,7 @@ class ExportConfig:
         private: create that repository private.
     """
 
-    formats: list[Literal["hf", "gguf", "standard"]] = field(default_factory=lambda: ["hf"])
+    formats: list[Literal["hf", "gguf", "standard", "decilm"]] = field(default_factory=lambda: ["hf"])
     gguf_types: list[Literal["f16", "q8_0", "f32"]] = field(
         default_factory=lambda: ["f16", "q8_0"])
     push_to_hub: str | None = None
@@ -105,10 +110,10 @@ class ExportConfig:
         self.check()  # a bad value fails where the config is built (parsing), not mid-run
 
     def check(self) -> None:
-        unknown = set(self.formats) - {"hf", "gguf", "standard"}
+        unknown = set(self.formats) - {"hf", "gguf", "standard", "decilm"}
         if unknown or "hf" not in self.formats:
             raise SieveError(f"export.formats must list hf (the stages after export read it) "
-                             f"and may add gguf and standard, got {self.formats}")
+                             f"and may add gguf, standard and decilm, got {self.formats}")
         bad = set(self.gguf_types) - {"f16", "q8_0", "f32"}
         if bad or ("gguf" in self.formats and not self.gguf_types):
             raise SieveError(f"export.gguf_types must be some of f16, q8_0, f32, got "
@@ -237,7 +242,7 @@ def measure_forms(rows: dict, final: str, work: Path, run_path: Path,
 
 class Export(Stage):
     """The model at its levels (with LoRA merged when it is used) as a transformers folder, and
-    as GGUF files when ``export.formats`` lists gguf (``gguf.json`` says what each holds)."""
+    in the other ``export.formats`` (``gguf.json`` / ``decilm.json`` say what those hold)."""
 
     name = "export"
 
@@ -248,20 +253,24 @@ class Export(Stage):
 
     def fingerprint(self) -> dict:
         # the rest of what it writes follows from the stages before it
-        return {**({"gguf": self.config.gguf_types} if "gguf" in self.config.formats else {}),
-                **({"standard": True} if "standard" in self.config.formats else {})}
+        formats = self.config.formats
+        return {**({"gguf": self.config.gguf_types} if "gguf" in formats else {}),
+                **{name: True for name in ("standard", "decilm") if name in formats}}
 
     def run(self, work: Path) -> None:
         return None
 
     def save(self, _, folder: Path) -> None:
         net = self.ctx.lm.net
-        if "gguf" in self.config.formats:
-            gguf_check(net)  # before anything is written
+        for name in {"gguf", "decilm"} & set(self.config.formats):
+            gguf_check(net, name)  # before anything is written
         with self.pruner.at(self.levels, self.weights):
             save_pruned(net, self.ctx.data.tokenizer, folder / "model")
             if "standard" in self.config.formats:
                 save_standard(net, self.ctx.data.tokenizer, folder / "standard")
+            if "decilm" in self.config.formats:
+                write_json(folder / "decilm.json",
+                           save_decilm(net, self.ctx.data.tokenizer, folder / "decilm"))
             if "gguf" in self.config.formats:
                 source = self.ctx.lm.pretrained
                 source = builtin_gguf(source) if source in BUILTIN_MODELS else None
