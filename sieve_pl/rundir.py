@@ -1,13 +1,14 @@
 """The run folder: one folder per stage, fingerprinted, verified, and locked while a run writes.
 
 ``<root>/<name>/<stage>/`` holds each stage's artifacts and ``stage.json`` with the stage's
-fingerprint (a hash of its own config section and of the upstream stage's fingerprint) and the
+fingerprint (a hash of its own config section and of the fingerprints of the stages it reads:
+``Stage.needs``, by default the stage just before it) and the
 size and sha256 of every artifact. A stage is written to a temporary folder and renamed when
 complete, so a finished-looking folder is always whole; a folder edited, truncated or damaged
 since is noticed by its checksums and recomputed, and so is one replaced by a link or a file
 (a damaged work folder or ``.lock`` is replaced, with a warning). Rerunning skips stages whose
-fingerprint matches; a changed config re-runs that stage and everything after it (their
-fingerprints chain). Readers check a stage with :func:`verify`.
+fingerprint matches; a changed config re-runs that stage and every stage that reads it,
+directly or through others (their fingerprints chain along ``needs``). Readers check a stage with :func:`verify`.
 ``<root>/<name>/.lock`` keeps a second run from writing the same folder at the same time.
 """
 from __future__ import annotations
@@ -145,7 +146,8 @@ class RunDir:
 
     def __init__(self, path: Path, trainer: L.Trainer):
         self.path, self.trainer = Path(path), trainer
-        self.upstream = ""
+        self.upstream = ""  # the fingerprint of the stage run last
+        self.fingerprints: dict[str, str] = {}  # of every stage run so far
         self.timings: dict[str, float] = {}
 
     def _done(self, name: str, fp: str, final: Path) -> dict | None:
@@ -179,18 +181,21 @@ class RunDir:
         config = stage.fingerprint()
         if stage.format != 1:  # (format 1 adds nothing: runs made before formats still match)
             config = {**config, "format": stage.format}
-        return self.stage(stage.name, config, stage.run, stage.save, stage.load)
+        return self.stage(stage.name, config, stage.run, stage.save, stage.load, stage.needs)
 
     def stage(self, name: str, config: dict, compute: Callable[[Path], object],
-              save: Callable[[object, Path], None], load: Callable[[Path], object]):
+              save: Callable[[object, Path], None], load: Callable[[Path], object],
+              needs: tuple[str, ...] | None = None):
         """Load the stage's artifacts if its fingerprint matches, else compute and save them.
 
         ``compute`` gets a work folder that survives a kill (for a stage's own checkpoints); it is
         emptied when the fingerprint changes and removed once the stage is complete. Artifacts
         that no longer match their checksums, or that fail to load, are recomputed.
         """
-        fp = fingerprint(name, config, self.upstream)
-        self.upstream = fp
+        upstream = self.upstream if needs is None else "+".join(
+            self.fingerprints[n] for n in needs)  # (one need: that stage's, as a chain has)
+        fp = fingerprint(name, config, upstream)
+        self.upstream = self.fingerprints[name] = fp
         final = self.path / name
         record = self._done(name, fp, final)
         if record is not None:

@@ -134,3 +134,10 @@ def test_fit_scores_base_and_export_with_lm_eval(tmp_path, tiny_llama, tasks, ca
     for row in scores.values():
         assert 0 <= row["sieve_tiny_mc"]["acc"] <= 1
     assert "lm-eval sieve_tiny_mc acc: base" in capsys.readouterr().out
+    # a summary setting re-runs the summary, not lm_eval, which reads the export only
+    stamp = {s: (tmp_path / "demo" / s / "stage.json").stat().st_mtime_ns
+             for s in ("export", "evaluate", "lm_eval")}
+    main([*args, "--quantize.formats", "[int8]", "--quantize.examples", "2"])
+    again = {s: (tmp_path / "demo" / s / "stage.json").stat().st_mtime_ns for s in stamp}
+    assert [s for s in stamp if again[s] != stamp[s]] == ["evaluate"]
+    assert f"{summary['final']}+int8" in read_json(tmp_path / "demo" / "summary.json")["rows"]

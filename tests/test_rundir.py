@@ -53,6 +53,27 @@ def test_stage_records_files_and_is_skipped_when_unchanged(tmp_path):
     assert len(calls) == 2
 
 
+def test_a_stage_reruns_only_when_a_stage_it_needs_changed(tmp_path):
+    """Fingerprints chain along ``needs``: c reads a only, so b's change leaves c alone, while
+    a's change re-runs both; without ``needs`` a stage reads the one before it."""
+    calls = []
+
+    def run(a, b):
+        run_dir = RunDir(tmp_path, fake_trainer())
+        for name, config, needs in [("a", {"v": a}, None), ("b", {"v": b}, None),
+                                    ("c", {}, ("a",))]:
+            run_dir.stage(name, config, lambda work, n=name: calls.append(n) or n,
+                          lambda result, folder: (folder / "r.txt").write_text(result),
+                          lambda folder: (folder / "r.txt").read_text(), needs)
+
+    run(1, 1)
+    assert calls == ["a", "b", "c"]
+    run(1, 2)
+    assert calls[3:] == ["b"]
+    run(2, 2)
+    assert calls[4:] == ["a", "b", "c"]
+
+
 def test_a_stage_whose_result_format_changes_is_recomputed(tmp_path):
     """Stage.format: code that gives other results for the same settings (a fixed formula)
     recomputes finished stages; format 1 leaves the fingerprints of older runs as they were."""

@@ -159,6 +159,7 @@ class LmEval(Stage):
     its scores when the stage loads)."""
 
     name = "lm_eval"
+    needs = ("export",)  # the exported model only: the summary's settings change nothing
 
     def __init__(self, ctx: Context, pruner, final: str, config: LmEvalConfig):
         self.ctx, self.pruner, self.final, self.config = ctx, pruner, final, config

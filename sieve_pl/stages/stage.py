@@ -60,6 +60,9 @@ class Stage:
 
     name: str = ""
     format: int = 1  # of its results: raise it when the same settings now give other results
+    # the stages whose results it reads (their fingerprints are in its own, so a change there
+    # re-runs it); None: the stage run just before it, whose fingerprint chains the earlier ones
+    needs: tuple[str, ...] | None = None
 
     def fingerprint(self) -> dict:
         """The settings (and data) its results depend on."""
