@@ -152,3 +152,7 @@ def test_the_decilm_folder_is_the_pruned_model_for_vllm(make_tiny_llama, tiny_da
     with torch.no_grad():
         got = _as_vllm_builds_it(tmp_path / "decilm")(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max(), rtol=0)
+    from transformers import AutoTokenizer  # no code and no [y/N] prompt for the tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "decilm", trust_remote_code=False)
+    assert tokenizer("a gem")["input_ids"] == lm.tokenizer()("a gem")["input_ids"]
