@@ -20,11 +20,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
 from ..artifacts import save_tensors
 from ..errors import SieveError
 from ..io import SafetensorsFolder, atomic, crash_point
+from ..maths import reduce_sums
 from ..models.factored import dense_shape
 from ..models.sequential import capture, layer_by_layer
 from ..progress import named, quiet
@@ -138,24 +138,6 @@ def accumulate(total: torch.Tensor, x: torch.Tensor, scale: float = 1.0,
     for j in range(0, width, block):
         product = x.T @ x[:, j:j + block]
         total[:, j:j + block].add_(product.to(total.device), alpha=scale)
-
-
-def reduce_sums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum each tensor over all ranks, in place (a no-op in one process).
-
-    NCCL reduces CUDA tensors only: host tensors go through the GPU one at a time.
-    """
-    if dist.is_available() and dist.is_initialized():
-        via_gpu = dist.get_backend() == "nccl"
-        for key in sorted(tensors):  # same order on every rank
-            t = tensors[key]
-            if via_gpu and t.device.type == "cpu":
-                on_gpu = t.cuda()
-                dist.all_reduce(on_gpu)
-                t.copy_(on_gpu.cpu())
-            else:
-                dist.all_reduce(t)
-    return tensors
 
 
 def layer_of(key: str) -> str:

@@ -26,10 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.factored import dense_weight, set_submodule
-from ..units import MatrixUnit, NeuronUnit, eigh_desc
+from ..maths import damped, damping, eigh_desc, reduce_sums
+from ..units import MatrixUnit, NeuronUnit
 from ..progress import named, quiet
 from ..models.forward import last_logits
-from .calibrate import reduce_sums
 from .stage import CompensationStage, settings
 
 
@@ -127,9 +127,8 @@ def refit_matrix(w: torch.Tensor, ctt: torch.Tensor, k: torch.Tensor, rank: int,
     The ridge term shrinks the unconstrained solution towards the original ``W`` (not towards
     zero): ``M* = (W K + λ W)(C̃ + λ I)⁻¹`` with ``λ = ridge · mean(diag C̃)``.
     """
-    eye = torch.eye(ctt.shape[0], dtype=ctt.dtype, device=ctt.device)
-    reg = ridge * ctt.diagonal().mean().clamp(min=1e-30)
-    m_star = torch.linalg.solve(ctt + reg * eye, (w @ k + reg * w).T).T  # C̃ is symmetric
+    reg = damping(ctt, ridge)
+    m_star = torch.linalg.solve(damped(ctt, ridge), (w @ k + reg * w).T).T  # C̃ is symmetric
     _, u = eigh_desc(m_star @ ctt @ m_star.T)
     u = u[:, :rank]
     return u.T @ m_star, u
@@ -138,9 +137,7 @@ def refit_matrix(w: torch.Tensor, ctt: torch.Tensor, k: torch.Tensor, rank: int,
 def refit_down(w: torch.Tensor, ctt: torch.Tensor, k: torch.Tensor, current: torch.Tensor,
                ridge: float) -> torch.Tensor:
     """Down's kept columns: ``(W K + λ W_S)(C̃ + λI)⁻¹``, shrunk towards ``current`` (W_S)."""
-    eye = torch.eye(ctt.shape[0], dtype=ctt.dtype, device=ctt.device)
-    reg = ridge * ctt.diagonal().mean().clamp(min=1e-30)
-    return torch.linalg.solve(ctt + reg * eye, (w @ k + reg * current).T).T
+    return torch.linalg.solve(damped(ctt, ridge), (w @ k + damping(ctt, ridge) * current).T).T
 
 
 def _layer(unit: str) -> str:

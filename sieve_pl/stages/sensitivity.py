@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..maths import second_moment
 from ..models.factored import dense_shape
 from ..models.placement import is_split
 from ..models.pruning import Pruner
@@ -204,7 +205,6 @@ def sensitivity_costs(trainer, lm, pruner: Pruner, loader, stats, groups: dict[s
                                  checkpointing=device.type != "cpu")
 
     def inputs(linear: str) -> torch.Tensor:
-        key = group_of[linear]
-        return stats[key] / max(int(stats[f"{key}.count"]), 1)
+        return second_moment(stats, group_of[linear])
 
     return unit_costs(pruner, ladder, inputs, grads, bars=not quiet(trainer))
