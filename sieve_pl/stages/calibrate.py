@@ -26,6 +26,7 @@ from ..errors import SieveError
 from ..io import SafetensorsFolder, atomic, crash_point
 from ..maths import reduce_sums
 from ..models.factored import dense_shape
+from ..models.hooks import Capture
 from ..models.sequential import capture, layer_by_layer
 from ..progress import named, quiet
 from .stage import Context, Stage
@@ -101,24 +102,21 @@ class Sums:
                                       device=where) for key, m in modules.items()}
         self.counts = dict.fromkeys(modules, 0)
         self.mask = None
-        self.handles = [m.register_forward_pre_hook(self._hook(key)) for key, m in modules.items()]
+        self.capture = Capture(modules, self._add)
 
-    def _hook(self, key: str):
-        def hook(module, args):
-            x = args[0][self.mask.to(args[0].device)].to(self.product_dtype)
-            accumulate(self.sums[key], x)
-            n = x.shape[0]
-            if self.read_weight > 1:  # left padding: the last position is every row's own
-                last, extra = args[0][:, -1].to(self.product_dtype), self.read_weight - 1
-                accumulate(self.sums[key], last, extra)
-                n += extra * last.shape[0]
-            self.counts[key] += n
-        return hook
+    def _add(self, key: str, inputs: torch.Tensor) -> None:
+        x = inputs[self.mask.to(inputs.device)].to(self.product_dtype)
+        accumulate(self.sums[key], x)
+        n = x.shape[0]
+        if self.read_weight > 1:  # left padding: the last position is every row's own
+            last, extra = inputs[:, -1].to(self.product_dtype), self.read_weight - 1
+            accumulate(self.sums[key], last, extra)
+            n += extra * last.shape[0]
+        self.counts[key] += n
 
     def remove(self) -> dict[str, torch.Tensor]:
         """Remove the hooks; the sums and counts, reduced over ranks, on the host."""
-        for handle in self.handles:
-            handle.remove()
+        self.capture.remove()
         reduce_sums(self.sums)
         device = next(iter(self.sums.values())).device
         counts = reduce_sums({k: torch.tensor(n, device=device) for k, n in self.counts.items()})

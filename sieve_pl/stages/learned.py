@@ -47,6 +47,7 @@ from ..io import atomic, resumable
 from ..models.factored import dense_weight
 from ..units import max_rank
 from ..models.forward import last_logits
+from ..models.hooks import Capture, until_stop
 from ..training import Checkpointed, frozen_except, resume_fit, trainer_for
 
 
@@ -90,11 +91,6 @@ def nested_error(y: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Ten
     p = (z * (y @ b)).sum(0)
     pairs = torch.minimum(times[:, None], times[None, :]) * (b.T @ b) * (z.T @ z)
     return k * y.pow(2).sum() - 2 * (times * p).sum() + pairs.sum()
-
-
-class _Stop(Exception):
-    """Raised after a part's last layer: later layers are not needed (refit.py has its own; it
-    imports project.py, which imports this module)."""
 
 
 def random_start(w: torch.Tensor, k: int, generator: torch.Generator):
@@ -145,31 +141,18 @@ class LearnedProjection(Checkpointed):
     @contextmanager
     def capturing(self, stop_after: str | None):
         """Hooks that keep each group's non-padding inputs; the forward stops after a layer."""
-        def keep(key):
-            def hook(module, args):
-                self._inputs[key] = args[0][self._mask].float()
-            return hook
+        def keep(key, x):
+            self._inputs[key] = x[self._mask].float()
 
-        def stop(module, args, output):
-            raise _Stop
-
-        handles = [self.net.get_submodule(names[0]).register_forward_pre_hook(keep(key))
-                   for key, names in self.groups.items()]
-        if stop_after:
-            handles.append(self.net.get_submodule(stop_after).register_forward_hook(stop))
-        try:
+        firsts = {key: self.net.get_submodule(names[0]) for key, names in self.groups.items()}
+        with Capture(firsts, keep,
+                     stop_after=self.net.get_submodule(stop_after) if stop_after else None):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def training_step(self, batch, batch_idx):
         self._mask, self._inputs = batch["attention_mask"].bool(), {}
         with torch.no_grad():
-            try:
-                last_logits(self.net, batch)
-            except _Stop:
-                pass
+            until_stop(last_logits, self.net, batch)
         loss = 0.0
         for i, (key, name) in enumerate(self.targets):
             x = self._inputs[key]

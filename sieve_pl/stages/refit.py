@@ -30,6 +30,7 @@ from ..maths import damped, damping, eigh_desc, reduce_sums
 from ..units import MatrixUnit, NeuronUnit
 from ..progress import named, quiet
 from ..models.forward import last_logits
+from ..models.hooks import Capture, until_stop
 from .stage import CompensationStage, settings
 
 
@@ -52,10 +53,6 @@ class RefitConfig:
     ridge: float = 1e-2
 
 
-class _Stop(Exception):
-    """Raised after the layer of interest: later layers are not needed."""
-
-
 class PairedMoments(L.LightningModule):
     """One layer's ``C̃`` and ``K`` per fit point: the dense and the pruned model on the same
     tokens. A fit point is ``(dense module, pruned module)``: the module whose input is ``x`` in
@@ -68,21 +65,13 @@ class PairedMoments(L.LightningModule):
         self.variants = {"dense": dense, "pruned": pruned}
         self.sums: dict[str, torch.Tensor] = {}
         self._seen: dict[str, torch.Tensor] = {}
-        self._handles = []
+        self._capture: Capture | None = None
 
     def _use(self, variant: str) -> None:
         for name, module in self.variants[variant].items():
             set_submodule(self.net, name, module)
 
     def on_predict_start(self) -> None:
-        def capture(key):
-            def hook(module, args):
-                self._seen[key] = args[0]
-            return hook
-
-        def stop(module, args, output):
-            raise _Stop
-
         device = next(self.net.parameters()).device
         for variant in self.variants.values():
             for module in variant.values():
@@ -92,16 +81,16 @@ class PairedMoments(L.LightningModule):
             inner, outer = dense_weight(dense).shape[1], dense_weight(pruned).shape[1]
             self.sums[f"{key}.ctt"] = torch.zeros(outer, outer, dtype=torch.float64, device=device)
             self.sums[f"{key}.k"] = torch.zeros(inner, outer, dtype=torch.float64, device=device)
-            self._handles += [m.register_forward_pre_hook(capture(key)) for m in (dense, pruned)]
-        self._handles.append(self.net.get_submodule(self.layer).register_forward_hook(stop))
+        # whichever of a point's two modules is in the model hands over its input
+        inputs = {(key, i): module for key, pair in self.points.items()
+                  for i, module in enumerate(pair)}
+        self._capture = Capture(inputs, lambda point, x: self._seen.__setitem__(point[0], x),
+                                stop_after=self.net.get_submodule(self.layer))
 
     def _inputs(self, variant: str, batch: dict, mask: torch.Tensor) -> dict:
         self._use(variant)
         self._seen = {}
-        try:
-            last_logits(self.net, batch)
-        except _Stop:
-            pass
+        until_stop(last_logits, self.net, batch)
         return {k: v[mask].double() for k, v in self._seen.items()}
 
     def predict_step(self, batch, batch_idx):
@@ -113,9 +102,7 @@ class PairedMoments(L.LightningModule):
             self.sums[f"{key}.k"] += x[key].T @ xt[key]
 
     def on_predict_end(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._capture.remove()
         self._use("pruned")
         reduce_sums(self.sums)
 
