@@ -178,14 +178,6 @@ def _slope(a: dict, b: dict) -> float:
     return (b["cost"] - a["cost"]) / max(a["params"] - b["params"], 1)
 
 
-def levels_at(path: list[tuple[str, float, int]], names: list[str], j: int) -> dict[str, float]:
-    """The allocation after the first ``j`` steps of the path (the other units dense)."""
-    levels = dict.fromkeys(names, 1.0)
-    for name, keep, _ in path[:j]:
-        levels[name] = keep
-    return levels
-
-
 def sensitivity_costs(trainer, lm, pruner: Pruner, loader, stats, groups: dict[str, list[str]],
                       ladder: list[float], fisher: str = "model") -> dict[str, list[dict]]:
     """:func:`unit_costs` of every unit, from calibration's statistics (``stats``, by input
