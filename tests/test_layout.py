@@ -1,12 +1,10 @@
 """The package's layering, read from the source with ``ast`` (every import counts: those under
 ``TYPE_CHECKING`` and inside functions too): no import cycle among sieve_pl modules; a stage
 imports no sibling stage beyond the shared modules and its own sub-parts
-(``sieve_pl/stages/__init__.py`` declares both).
+(``sieve_pl/stages/__init__.py`` declares both); only the Pruner's layers swap a model's modules.
 """
 import ast
 from pathlib import Path
-
-import pytest
 
 import sieve_pl
 from sieve_pl.stages import PARTS, SHARED
@@ -103,12 +101,37 @@ def stage_violations(edges: dict[str, set[str]]) -> list[str]:
     return bad
 
 
+OWNERS = ("sieve_pl.models", "sieve_pl.units")  # the Pruner and the units it builds
+SWAPS = {"set_submodule", "setattr", "register_module", "add_module"}
+
+
+def module_swaps(root: Path = ROOT) -> list[str]:
+    """Calls that put a module into a model (or set any attribute by name) outside the
+    Pruner's layers: README's "only the Pruner changes which weights the model holds"."""
+    bad = []
+    for name, path in modules(root).items():
+        if any(name == owner or name.startswith(owner + ".") for owner in OWNERS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = (func.id if isinstance(func, ast.Name) else
+                          func.attr if isinstance(func, ast.Attribute) else None)
+                if called in SWAPS:
+                    bad.append(f"{name}:{node.lineno} {called}")
+    return bad
+
+
 def test_no_import_cycles():
     assert cycles(graph()) == []
 
 
 def test_stages_import_no_sibling_stage():
     assert stage_violations(graph()) == []
+
+
+def test_only_the_pruner_swaps_modules():
+    assert module_swaps() == []
 
 
 def test_declared_parts_and_shared_modules_exist():
@@ -130,7 +153,11 @@ def test_the_checks_see_what_they_must(tmp_path):
     (pkg / "stages" / "refit.py").write_text("def f():\n    from .calibrate import reduce\n")
     (pkg / "stages" / "calibrate.py").write_text("from ..maths import reduce\n")
     (pkg / "maths.py").write_text("")
+    (pkg / "stages" / "distill.py").write_text(
+        "def teacher(net, m):\n    net.set_submodule('a', m)\n    setattr(net, 'b', m)\n")
     edges = graph(pkg)
     assert cycles(edges) == [["sieve_pl.stages.genetic", "sieve_pl.stages.search"]]
     assert "refit imports calibrate" in stage_violations(edges)
     assert edges["sieve_pl.stages.calibrate"] == {"sieve_pl.maths"}
+    assert module_swaps(pkg) == ["sieve_pl.stages.distill:2 set_submodule",
+                                 "sieve_pl.stages.distill:3 setattr"]

@@ -166,7 +166,9 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
     def statistics(index: int, layer):
         keys = keys_of.get(index, [])
         sums = Sums({key: net.get_submodule(groups[key][0]) for key in keys}, config, device)
-        yield lambda batch: setattr(sums, "mask", batch.mask)
+        def starts(batch):  # the hooks keep this batch's non-padding tokens
+            sums.mask = batch.mask
+        yield starts
         shard = sums.remove()
         for key in keys:
             if not torch.isfinite(shard[key]).all():

@@ -15,14 +15,14 @@ their answer) and, for batches that carry their reference answer (``answer_mask`
 every position that predicts an answer token, teacher-forced on the reference.
 
 The teacher is the same model with its dense matrices put back: the pruner keeps the dense
-Linears anyway, so each step swaps them in for one no-grad forward and the factored ones back for
-the student's. No second model is held and nothing is cached, the KL is over the full vocabulary
-(no top-k truncation), and a resumed or DDP run needs no teacher state; the price is one extra
-forward per step (about a third more compute than the student's forward and backward).
+Linears anyway, so each step has it swap them in (``Pruner.swapped``) for one no-grad forward and
+the factored ones back for the student's. No second model is held and nothing is cached, the KL
+is over the full vocabulary (no top-k truncation), and a resumed or DDP run needs no teacher
+state; the price is one extra forward per step (about a third more compute than the student's
+forward and backward).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from ..errors import SieveError
-from ..models.factored import FactoredLinear, set_submodule
+from ..models.factored import FactoredLinear
 from ..models.forward import last_logits
 from ..tasks.datamodule import EpochShuffle
 from ..training import Checkpointed, frozen_except, logged, resume_fit, trainer_for
@@ -104,28 +104,17 @@ class Distillation(Checkpointed):
 
     monitor = ("val_kl", "min")
 
-    def __init__(self, net: nn.Module, dense: dict[str, nn.Module], config: DistillConfig,
-                 checkpoints: Path):
+    def __init__(self, net: nn.Module, pruner, config: DistillConfig, checkpoints: Path):
         super().__init__(checkpoints)
-        self.net, self.config = net, config
+        self.net, self.pruner, self.config = net, pruner, config
+        dense = pruner.dense
         self.factored = {name: net.get_submodule(name) for name in dense
                          if isinstance(net.get_submodule(name), FactoredLinear)}
         self.dense = {name: dense[name] for name in self.factored}  # not submodules: not saved
         self.trainable = [f"net.{name}.{part}.weight" for name in self.factored for part in "AB"]
 
-    @contextmanager
-    def _teacher(self):
-        """The dense matrices in place of the factored ones, for one forward."""
-        try:
-            for name, module in self.dense.items():
-                set_submodule(self.net, name, module)
-            yield
-        finally:
-            for name, module in self.factored.items():
-                set_submodule(self.net, name, module)
-
     def _kl(self, batch) -> tuple[torch.Tensor, int]:
-        with torch.no_grad(), self._teacher():
+        with torch.no_grad(), self.pruner.swapped(self.dense):  # the teacher: dense matrices
             teacher = answer_logits(self.net, batch)
         student = answer_logits(self.net, batch)
         return kl_to_teacher(student, teacher, self.config.temperature), len(teacher)
@@ -171,7 +160,7 @@ def distill(make_trainer, net: nn.Module, pruner, levels: dict[str, float], trai
     """
     work = Path(work)
     pruner.require(levels, "distill")
-    module = Distillation(net, pruner.dense, config, work)
+    module = Distillation(net, pruner, config, work)
     if not module.factored:
         return {"factors": {}, "val_kl": [], "train_kl": [], "epochs": 0}
     trainer = trainer_for(make_trainer, work, max_epochs=config.epochs)

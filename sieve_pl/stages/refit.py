@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.factored import dense_weight, set_submodule
+from ..models.factored import dense_weight
 from ..maths import damped, damping, eigh_desc, reduce_sums
 from ..units import MatrixUnit, NeuronUnit
 from ..progress import named, quiet
@@ -55,55 +55,52 @@ class RefitConfig:
 
 class PairedMoments(L.LightningModule):
     """One layer's ``C̃`` and ``K`` per fit point: the dense and the pruned model on the same
-    tokens. A fit point is ``(dense module, pruned module)``: the module whose input is ``x`` in
-    the dense model and the one whose input is ``x̃`` in the pruned model."""
+    tokens (the pruner swaps the ``dense`` modules in for the dense forward). A fit point is
+    ``(dense module, pruned module)``: the module whose input is ``x`` in the dense model and
+    the one whose input is ``x̃`` in the pruned model."""
 
-    def __init__(self, net, layer: str, points: dict[str, tuple[nn.Module, nn.Module]],
+    def __init__(self, net, pruner, layer: str, points: dict[str, tuple[nn.Module, nn.Module]],
                  dense: dict[str, nn.Module], pruned: dict[str, nn.Module]):
         super().__init__()
-        self.net, self.layer, self.points = net, layer, points
-        self.variants = {"dense": dense, "pruned": pruned}
+        self.net, self.pruner, self.layer, self.points = net, pruner, layer, points
+        self.dense, self.pruned = dense, pruned
         self.sums: dict[str, torch.Tensor] = {}
         self._seen: dict[str, torch.Tensor] = {}
         self._capture: Capture | None = None
 
-    def _use(self, variant: str) -> None:
-        for name, module in self.variants[variant].items():
-            set_submodule(self.net, name, module)
-
     def on_predict_start(self) -> None:
         device = next(self.net.parameters()).device
-        for variant in self.variants.values():
-            for module in variant.values():
-                module.to(device)
+        for module in [*self.dense.values(), *self.pruned.values()]:
+            module.to(device)
         self.sums = {}
         for key, (dense, pruned) in self.points.items():
             inner, outer = dense_weight(dense).shape[1], dense_weight(pruned).shape[1]
             self.sums[f"{key}.ctt"] = torch.zeros(outer, outer, dtype=torch.float64, device=device)
             self.sums[f"{key}.k"] = torch.zeros(inner, outer, dtype=torch.float64, device=device)
-        # whichever of a point's two modules is in the model hands over its input
+
+        def seen(point: tuple[str, int], x: torch.Tensor) -> None:
+            self._seen[point[0]] = x  # whichever of the point's two modules is in the model
+
         inputs = {(key, i): module for key, pair in self.points.items()
                   for i, module in enumerate(pair)}
-        self._capture = Capture(inputs, lambda point, x: self._seen.__setitem__(point[0], x),
-                                stop_after=self.net.get_submodule(self.layer))
+        self._capture = Capture(inputs, seen, stop_after=self.net.get_submodule(self.layer))
 
-    def _inputs(self, variant: str, batch: dict, mask: torch.Tensor) -> dict:
-        self._use(variant)
+    def _inputs(self, batch: dict, mask: torch.Tensor) -> dict:
         self._seen = {}
         until_stop(last_logits, self.net, batch)
         return {k: v[mask].double() for k, v in self._seen.items()}
 
     def predict_step(self, batch, batch_idx):
         mask = batch["attention_mask"].bool()
-        x = self._inputs("dense", batch, mask)
-        xt = self._inputs("pruned", batch, mask)
+        with self.pruner.swapped(self.dense):
+            x = self._inputs(batch, mask)
+        xt = self._inputs(batch, mask)
         for key in self.points:
             self.sums[f"{key}.ctt"] += xt[key].T @ xt[key]
             self.sums[f"{key}.k"] += x[key].T @ xt[key]
 
     def on_predict_end(self) -> None:
         self._capture.remove()
-        self._use("pruned")
         reduce_sums(self.sums)
 
 
@@ -149,7 +146,7 @@ def refit(trainer: L.Trainer, net, pruner, levels: dict, dataloader, ridge: floa
     for layer, names in tqdm(by_layer.items(), desc="refit", unit="layer",
                              disable=quiet(trainer)):
         point = {n: units[n].output for n in names}  # the module whose input is refitted against
-        moments = PairedMoments(net, layer, {n: (dense[m], pruned[m]) for n, m in point.items()},
+        moments = PairedMoments(net, pruner, layer, {n: (dense[m], pruned[m]) for n, m in point.items()},
                                 dense, pruned)
         with named(trainer, f"refit {layer}"):
             trainer.predict(moments, dataloaders=dataloader, return_predictions=False)
