@@ -30,7 +30,7 @@ from .stages.lm_eval import LmEvalConfig
 from .stages.project import ProjectionConfig
 from .stages.recover import RecoverConfig
 from .stages.refit import RefitConfig
-from .stages.search import SearchConfig
+from .stages.search_config import SearchConfig
 from .tasks.datamodule import TaskDataModule
 
 STAGE_CONFIGS = {"run": RunConfig, "calibration": CalibrationConfig,

@@ -29,7 +29,8 @@ from .stages.lm_eval import LmEval, LmEvalConfig
 from .stages.project import Project, ProjectionConfig
 from .stages.recover import Recover, RecoverConfig
 from .stages.refit import Refit, RefitConfig
-from .stages.search import Search, SearchConfig
+from .stages.search import Search
+from .stages.search_config import SearchConfig
 from .stages.stage import Compensated, Context
 from .tasks.datamodule import TaskDataModule
 

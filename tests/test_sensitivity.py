@@ -7,7 +7,8 @@ from sieve_pl.models.pruning import Pruner
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project
 from sieve_pl.stages.search import SearchConfig, path_search
-from sieve_pl.stages.sensitivity import (gradient_moments, levels_at, price_path,
+from sieve_pl.stages.stage import levels_at
+from sieve_pl.stages.sensitivity import (gradient_moments, price_path,
                                          sensitivity_costs)
 from sieve_pl.models.forward import last_logits
 

@@ -161,6 +161,19 @@ class Pruner:
         return self.sizes(keep)
 
     @contextmanager
+    def swapped(self, modules: dict[str, nn.Module]):
+        """These modules in the model at their names inside the block (the dense matrices for
+        a teacher's or a dense input's forward), the model's own back afterwards."""
+        own = {name: self.model.get_submodule(name) for name in modules}
+        try:
+            for name, module in modules.items():
+                set_submodule(self.model, name, module)
+            yield self.model
+        finally:
+            for name, module in own.items():
+                set_submodule(self.model, name, module)
+
+    @contextmanager
     def at(self, keep: float | dict[str, float], weights: dict[str, torch.Tensor] | None = None):
         """The model at these levels (and these weights by parameter name, e.g. merged LoRA)
         inside the block, and back at the levels it had before afterwards: a stage scoring

@@ -19,10 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .forward import last_logits
-
-
-class _Stop(Exception):
-    """Raised by the last stub: nothing after the decoder layers is needed."""
+from .hooks import Stop, until_stop
 
 
 class _Stub(nn.Module):
@@ -32,8 +29,8 @@ class _Stub(nn.Module):
 
     def forward(self, *args, **kwargs):
         self.calls.append((self.index, args, kwargs))
-        if self.last:
-            raise _Stop
+        if self.last:  # nothing after the decoder layers is needed
+            raise Stop
         return args[0] if args else kwargs["hidden_states"]
 
 
@@ -99,10 +96,7 @@ def capture(net: nn.Module, layers: str, batches, device: torch.device,
         for batch in batches:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             calls.clear()
-            try:
-                last_logits(net, batch)
-            except _Stop:
-                pass
+            until_stop(last_logits, net, batch)
             first = calls[0]
             hidden = first[1][0] if first[1] else first[2]["hidden_states"]
             per_layer, memo = {}, {}

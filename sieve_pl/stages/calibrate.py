@@ -20,12 +20,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
 from ..artifacts import save_tensors
 from ..errors import SieveError
 from ..io import SafetensorsFolder, atomic, crash_point
+from ..maths import reduce_sums
 from ..models.factored import dense_shape
+from ..models.hooks import Capture
 from ..models.sequential import capture, layer_by_layer
 from ..progress import named, quiet
 from .stage import Context, Stage
@@ -101,24 +102,21 @@ class Sums:
                                       device=where) for key, m in modules.items()}
         self.counts = dict.fromkeys(modules, 0)
         self.mask = None
-        self.handles = [m.register_forward_pre_hook(self._hook(key)) for key, m in modules.items()]
+        self.capture = Capture(modules, self._add)
 
-    def _hook(self, key: str):
-        def hook(module, args):
-            x = args[0][self.mask.to(args[0].device)].to(self.product_dtype)
-            accumulate(self.sums[key], x)
-            n = x.shape[0]
-            if self.read_weight > 1:  # left padding: the last position is every row's own
-                last, extra = args[0][:, -1].to(self.product_dtype), self.read_weight - 1
-                accumulate(self.sums[key], last, extra)
-                n += extra * last.shape[0]
-            self.counts[key] += n
-        return hook
+    def _add(self, key: str, inputs: torch.Tensor) -> None:
+        x = inputs[self.mask.to(inputs.device)].to(self.product_dtype)
+        accumulate(self.sums[key], x)
+        n = x.shape[0]
+        if self.read_weight > 1:  # left padding: the last position is every row's own
+            last, extra = inputs[:, -1].to(self.product_dtype), self.read_weight - 1
+            accumulate(self.sums[key], last, extra)
+            n += extra * last.shape[0]
+        self.counts[key] += n
 
     def remove(self) -> dict[str, torch.Tensor]:
         """Remove the hooks; the sums and counts, reduced over ranks, on the host."""
-        for handle in self.handles:
-            handle.remove()
+        self.capture.remove()
         reduce_sums(self.sums)
         device = next(iter(self.sums.values())).device
         counts = reduce_sums({k: torch.tensor(n, device=device) for k, n in self.counts.items()})
@@ -138,24 +136,6 @@ def accumulate(total: torch.Tensor, x: torch.Tensor, scale: float = 1.0,
     for j in range(0, width, block):
         product = x.T @ x[:, j:j + block]
         total[:, j:j + block].add_(product.to(total.device), alpha=scale)
-
-
-def reduce_sums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum each tensor over all ranks, in place (a no-op in one process).
-
-    NCCL reduces CUDA tensors only: host tensors go through the GPU one at a time.
-    """
-    if dist.is_available() and dist.is_initialized():
-        via_gpu = dist.get_backend() == "nccl"
-        for key in sorted(tensors):  # same order on every rank
-            t = tensors[key]
-            if via_gpu and t.device.type == "cpu":
-                on_gpu = t.cuda()
-                dist.all_reduce(on_gpu)
-                t.copy_(on_gpu.cpu())
-            else:
-                dist.all_reduce(t)
-    return tensors
 
 
 def layer_of(key: str) -> str:
@@ -186,7 +166,9 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
     def statistics(index: int, layer):
         keys = keys_of.get(index, [])
         sums = Sums({key: net.get_submodule(groups[key][0]) for key in keys}, config, device)
-        yield lambda batch: setattr(sums, "mask", batch.mask)
+        def starts(batch):  # the hooks keep this batch's non-padding tokens
+            sums.mask = batch.mask
+        yield starts
         shard = sums.remove()
         for key in keys:
             if not torch.isfinite(shard[key]).all():

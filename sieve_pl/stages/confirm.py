@@ -15,17 +15,14 @@ the levels it ends on, LoRA is kept unless the same levels score higher without 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..io import read_json, write_json
 from .fitness import Fitness
-from .sensitivity import levels_at
-from .stage import Confirmed, Context, Recovered, Searched, Stage
-
-if TYPE_CHECKING:
-    from .search import SearchConfig
+from .search_config import SearchConfig
+from .stage import Confirmed, Context, Recovered, Searched, Stage, levels_at
 
 
 class Confirm(Stage):
@@ -37,7 +34,7 @@ class Confirm(Stage):
     format = 2  # the step back scores the levels with recovery's LoRA where it fits
 
     def __init__(self, ctx: Context, pruner, found: Searched, recovered: Recovered,
-                 accuracy: float, config: "SearchConfig"):
+                 accuracy: float, config: SearchConfig):
         self.ctx, self.pruner, self.found, self.recovered = ctx, pruner, found, recovered
         self.accuracy, self.config = accuracy, config
 

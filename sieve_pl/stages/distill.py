@@ -15,33 +15,28 @@ their answer) and, for batches that carry their reference answer (``answer_mask`
 every position that predicts an answer token, teacher-forced on the reference.
 
 The teacher is the same model with its dense matrices put back: the pruner keeps the dense
-Linears anyway, so each step swaps them in for one no-grad forward and the factored ones back for
-the student's. No second model is held and nothing is cached, the KL is over the full vocabulary
-(no top-k truncation), and a resumed or DDP run needs no teacher state; the price is one extra
-forward per step (about a third more compute than the student's forward and backward).
+Linears anyway, so each step has it swap them in (``Pruner.swapped``) for one no-grad forward and
+the factored ones back for the student's. No second model is held and nothing is cached, the KL
+is over the full vocabulary (no top-k truncation), and a resumed or DDP run needs no teacher
+state; the price is one extra forward per step (about a third more compute than the student's
+forward and backward).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from ..errors import SieveError
-from ..io import resume_checkpoint
-from ..models.factored import FactoredLinear, set_submodule
+from ..models.factored import FactoredLinear
 from ..models.forward import last_logits
 from ..tasks.datamodule import EpochShuffle
-from .learned import frozen_except
-from .recover import logged
+from ..training import Checkpointed, frozen_except, logged, resume_fit, trainer_for
 from .stage import CompensationStage, settings
 
 
@@ -104,32 +99,22 @@ def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
                     log_target=True, reduction="batchmean") * t * t
 
 
-class Distillation(L.LightningModule):
+class Distillation(Checkpointed):
     """The pruned model learns the dense model's answers; only factored A/B weights train."""
 
-    def __init__(self, net: nn.Module, dense: dict[str, nn.Module], config: DistillConfig,
-                 checkpoints: Path):
-        super().__init__()
-        self.net, self.config, self.checkpoints = net, config, Path(checkpoints)
+    monitor = ("val_kl", "min")
+
+    def __init__(self, net: nn.Module, pruner, config: DistillConfig, checkpoints: Path):
+        super().__init__(checkpoints)
+        self.net, self.pruner, self.config = net, pruner, config
+        dense = pruner.dense
         self.factored = {name: net.get_submodule(name) for name in dense
                          if isinstance(net.get_submodule(name), FactoredLinear)}
         self.dense = {name: dense[name] for name in self.factored}  # not submodules: not saved
         self.trainable = [f"net.{name}.{part}.weight" for name in self.factored for part in "AB"]
-        self.strict_loading = False  # checkpoints hold the factored weights only
-
-    @contextmanager
-    def _teacher(self):
-        """The dense matrices in place of the factored ones, for one forward."""
-        try:
-            for name, module in self.dense.items():
-                set_submodule(self.net, name, module)
-            yield
-        finally:
-            for name, module in self.factored.items():
-                set_submodule(self.net, name, module)
 
     def _kl(self, batch) -> tuple[torch.Tensor, int]:
-        with torch.no_grad(), self._teacher():
+        with torch.no_grad(), self.pruner.swapped(self.dense):  # the teacher: dense matrices
             teacher = answer_logits(self.net, batch)
         student = answer_logits(self.net, batch)
         return kl_to_teacher(student, teacher, self.config.temperature), len(teacher)
@@ -155,19 +140,12 @@ class Distillation(L.LightningModule):
         params = dict(self.named_parameters())
         return torch.optim.Adam([params[k] for k in self.trainable], lr=self.config.lr)
 
-    def configure_callbacks(self):
-        return [ModelCheckpoint(dirpath=self.checkpoints, filename="best", monitor="val_kl",
-                                mode="min", save_last=True, save_top_k=1)]
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: checkpoint["state_dict"][k] for k in self.trainable}
+    def saves(self, key: str) -> bool:
+        return key in self.trainable  # the factored weights
 
     def best_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The best epoch's ``(A, B)`` of every factored matrix (loaded into the model too)."""
-        best = self.trainer.checkpoint_callback.best_model_path
-        if best:
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            self.load_state_dict(state, strict=False)
+        self.load_best()
         return {name: (m.A.weight.detach().cpu().clone(), m.B.weight.detach().cpu().clone())
                 for name, m in self.factored.items()}
 
@@ -182,16 +160,13 @@ def distill(make_trainer, net: nn.Module, pruner, levels: dict[str, float], trai
     """
     work = Path(work)
     pruner.require(levels, "distill")
-    module = Distillation(net, pruner.dense, config, work)
+    module = Distillation(net, pruner, config, work)
     if not module.factored:
         return {"factors": {}, "val_kl": [], "train_kl": [], "epochs": 0}
-    trainer = make_trainer(max_epochs=config.epochs, enable_checkpointing=True,
-                           logger=CSVLogger(str(work), name="logs"))
-    last = work / "last.ckpt"
+    trainer = trainer_for(make_trainer, work, max_epochs=config.epochs)
     params = dict(module.named_parameters())
     with frozen_except(net, [params[k] for k in module.trainable]):
-        trainer.fit(module, train_loader, val_loader,
-                    ckpt_path=resume_checkpoint(last), weights_only=True)
+        resume_fit(trainer, module, train_loader, val_loader)
     factors = module.best_factors()
     history = logged(work, "val_kl")
     return {"factors": factors, "val_kl": history, "best_val_kl": min(history, default=None),

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import lightning as L
 
@@ -23,10 +23,9 @@ from ..models.to_gguf import check as gguf_check, write_gguf
 from ..models.module import SieveLM, evaluate
 from ..models.pruning import Pruner
 from ..tasks.datamodule import TaskDataModule
+from .search_config import SearchConfig
 from .stage import Compensated, Confirmed, Context, Recovered, Searched, Stage
 
-if TYPE_CHECKING:
-    from .search import SearchConfig
 
 DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                    "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
@@ -293,7 +292,7 @@ class Evaluate(Stage):
 
     name = "evaluate"
 
-    def __init__(self, ctx: Context, pruner: Pruner, search: "SearchConfig", found: Searched,
+    def __init__(self, ctx: Context, pruner: Pruner, search: SearchConfig, found: Searched,
                  confirmed: Confirmed, compensated: dict[str, Compensated],
                  recovered: Recovered,
                  pruned_accuracy: float, final: str, transfer: TransferConfig,

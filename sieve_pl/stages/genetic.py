@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from deap import algorithms, base, creator, tools
 from tqdm.auto import tqdm
@@ -17,9 +16,8 @@ from tqdm.auto import tqdm
 from ..io import crash_point, read_json, resumable, say, write_json
 from ..progress import quiet
 
-if TYPE_CHECKING:
-    from .fitness import Fitness
-    from .search import SearchConfig
+from .fitness import Fitness
+from .search_config import SearchConfig
 
 
 # DEAP's creator registers classes globally; create them once per process.

@@ -38,18 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..io import atomic, resumable, resume_checkpoint
+from ..io import atomic, resumable
 from ..models.factored import dense_weight
 from ..units import max_rank
 from ..models.forward import last_logits
+from ..models.hooks import Capture, until_stop
+from ..training import Checkpointed, frozen_except, resume_fit, trainer_for
 
 
 @dataclass
@@ -94,28 +93,6 @@ def nested_error(y: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return k * y.pow(2).sum() - 2 * (times * p).sum() + pairs.sum()
 
 
-class _Stop(Exception):
-    """Raised after a part's last layer: later layers are not needed (refit.py has its own; it
-    imports project.py, which imports this module)."""
-
-
-@contextmanager
-def frozen_except(net: nn.Module, trainable=()):
-    """Only ``trainable`` parameters require gradients inside; the flags come back afterwards.
-
-    (DDP wraps every parameter that requires a gradient and insists that each gets one.)
-    """
-    flags = {p: p.requires_grad for p in net.parameters()}
-    keep = {id(p) for p in trainable}
-    try:
-        for p in net.parameters():
-            p.requires_grad_(id(p) in keep)
-        yield net
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-
-
 def random_start(w: torch.Tensor, k: int, generator: torch.Generator):
     """A random K-dim output subspace: orthonormal ``B``, ``A = Bᵀ W`` (the right scale)."""
     g = torch.randn(w.shape[0], k, generator=generator, dtype=torch.float64)
@@ -142,15 +119,14 @@ def _read_part(path: Path, part: dict[str, list[str]]) -> dict[str, tuple]:
     return {name: (flat[f"{name}.A"], flat[f"{name}.B"]) for _, name in _targets(part)}
 
 
-class LearnedProjection(L.LightningModule):
+class LearnedProjection(Checkpointed):
     """Adam on every target's (A, B) against the nested error, on inputs captured by hooks."""
 
     def __init__(self, net: nn.Module, groups: dict[str, list[str]],
                  start: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  energy: dict[str, float], config: LearnedConfig, checkpoints: Path):
-        super().__init__()
+        super().__init__(checkpoints)
         self.net, self.groups, self.config = net, groups, config
-        self.checkpoints = Path(checkpoints)
         self.targets = _targets(groups)
         self.A = nn.ParameterList([start[n][0].float().clone() for _, n in self.targets])
         self.B = nn.ParameterList([start[n][1].float().clone() for _, n in self.targets])
@@ -159,38 +135,24 @@ class LearnedProjection(L.LightningModule):
         # relative to each factor's RMS entry, so one lr suits every matrix and model size
         self.rms = [[float(t.detach().pow(2).mean().sqrt().clamp(min=1e-12)) for t in ab]
                     for ab in zip(self.A, self.B)]
-        self.strict_loading = False  # checkpoints hold the factors only
         self._inputs: dict[str, torch.Tensor] = {}
         self._mask = None
 
     @contextmanager
     def capturing(self, stop_after: str | None):
         """Hooks that keep each group's non-padding inputs; the forward stops after a layer."""
-        def keep(key):
-            def hook(module, args):
-                self._inputs[key] = args[0][self._mask].float()
-            return hook
+        def keep(key, x):
+            self._inputs[key] = x[self._mask].float()
 
-        def stop(module, args, output):
-            raise _Stop
-
-        handles = [self.net.get_submodule(names[0]).register_forward_pre_hook(keep(key))
-                   for key, names in self.groups.items()]
-        if stop_after:
-            handles.append(self.net.get_submodule(stop_after).register_forward_hook(stop))
-        try:
+        firsts = {key: self.net.get_submodule(names[0]) for key, names in self.groups.items()}
+        with Capture(firsts, keep,
+                     stop_after=self.net.get_submodule(stop_after) if stop_after else None):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def training_step(self, batch, batch_idx):
         self._mask, self._inputs = batch["attention_mask"].bool(), {}
         with torch.no_grad():
-            try:
-                last_logits(self.net, batch)
-            except _Stop:
-                pass
+            until_stop(last_logits, self.net, batch)
         loss = 0.0
         for i, (key, name) in enumerate(self.targets):
             x = self._inputs[key]
@@ -212,12 +174,8 @@ class LearnedProjection(L.LightningModule):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def configure_callbacks(self):
-        return [ModelCheckpoint(dirpath=self.checkpoints, save_last=True)]
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if k.startswith(("A.", "B."))}
+    def saves(self, key: str) -> bool:
+        return key.startswith(("A.", "B."))  # the factors
 
     def bases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {name: (a.detach().cpu(), b.detach().cpu())
@@ -256,12 +214,10 @@ def learn(make_trainer, net: nn.Module, groups: dict[str, list[str]],
                 torch.Generator().manual_seed(config.seed * 1_000_003 + order[name]))
         folder = work / f"part-{i}"
         module = LearnedProjection(net, part, initial, energy, config, folder)
-        trainer = make_trainer(max_epochs=config.epochs, enable_checkpointing=True,
-                               logger=CSVLogger(str(work), name="logs"))
-        last = folder / "last.ckpt"
+        trainer = trainer_for(make_trainer, work, max_epochs=config.epochs)
         stop_after = next(reversed(part)).rsplit(".", 1)[0]
         with frozen_except(net), module.capturing(stop_after):
-            trainer.fit(module, loader, ckpt_path=resume_checkpoint(last), weights_only=True)
+            resume_fit(trainer, module, loader)
         fitted = module.bases()
         if trainer.is_global_zero:  # (whole or absent: a rerun trusts a part that exists)
             with atomic(done) as tmp:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SieveError
 from ..io import crash_point
+from ..maths import second_moment
 from ..models.factored import dense_shape
 from ..progress import quiet
 from ..units import Bases, Factors, HeadSpec, NeuronSpec, Spec, save_layer, unit_for
@@ -159,8 +160,7 @@ def project(net: torch.nn.Module, groups: dict[str, list[str]], stats, config: P
         def moment(linear: str) -> torch.Tensor:
             key = key_of[linear]
             if key not in moments:  # q/k/v, gate/up: one read per input
-                moments[key] = stats[key].to(device, getattr(torch, config.dtype)) / max(
-                    int(stats[f"{key}.count"]), 1)
+                moments[key] = second_moment(stats, key, device, getattr(torch, config.dtype))
             return moments[key]
 
         layer = {name: (spec, learned[name] if name in learned else

@@ -33,10 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import EarlyStopping
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -44,8 +42,9 @@ from torchmetrics import MeanMetric
 
 from ..errors import SieveError
 from ..models.placement import is_split
-from ..io import PeakMemory, atomic, crash_point, resumable, resume_checkpoint
+from ..io import PeakMemory, atomic, crash_point, resumable
 from ..models.module import evaluate, outputs
+from ..training import Checkpointed, logged, resume_fit, trainer_for
 from .stage import Context, Recovered, Stage, settings
 
 
@@ -152,17 +151,19 @@ def recovery_loader(data, config: RecoverConfig, teacher: torch.Tensor | None) -
                                 config.uses_labels, config.seed)
 
 
-class Recovery(L.LightningModule):
+class Recovery(Checkpointed):
     """LoRA fine-tuning: distillation on batches that carry the dense model's answers
     (``teacher``), the task loss on labelled ones; validation accuracy drives checkpoints and
     stopping."""
 
+    monitor = ("val_acc", "max")
+
     def __init__(self, net: nn.Module, task, targets: list[str], config: RecoverConfig,
                  checkpoints: Path):
-        super().__init__()
+        super().__init__(checkpoints)
         from peft import LoraConfig, get_peft_model
 
-        self.config, self.task, self.checkpoints = config, task, Path(checkpoints)
+        self.config, self.task = config, task
         for p in net.parameters():
             p.requires_grad_(False)
         if getattr(net, "hf_quantizer", None) is not None:
@@ -175,7 +176,6 @@ class Recovery(L.LightningModule):
             target_modules=targets, bias="none"))
         self.net.train()  # the pruning stages left the model in eval mode (dropout off)
         self.accuracy = MeanMetric()  # the task's primary metric, logged as val_acc
-        self.strict_loading = False  # checkpoints hold the adapters only
 
     def training_step(self, batch, batch_idx):
         size = len(batch["input_ids"])
@@ -207,13 +207,11 @@ class Recovery(L.LightningModule):
                                  lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def configure_callbacks(self):
-        return [ModelCheckpoint(dirpath=self.checkpoints, filename="best", monitor="val_acc",
-                                mode="max", save_last=True, save_top_k=1),
+        return [*super().configure_callbacks(),
                 EarlyStopping(monitor="val_acc", mode="max", patience=self.config.patience)]
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if "lora_" in k}
+    def saves(self, key: str) -> bool:
+        return "lora_" in key  # the adapters
 
     def merged_weights(self, into: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The best epoch's adapters merged into copies of the target weights.
@@ -222,10 +220,7 @@ class Recovery(L.LightningModule):
         dense weights it shares with the pruner stay the original ones. ``into``: the
         full-precision model whose weights receive the deltas (QLoRA trains a quantized copy).
         """
-        best = self.trainer.checkpoint_callback.best_model_path
-        if best:
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            self.load_state_dict(state, strict=False)
+        self.load_best()
         model = self.net.base_model.model
         params = dict(into.named_parameters()) if into is not None else {}
         merged = {}
@@ -320,15 +315,13 @@ def _recover(make_trainer, net: nn.Module, task, targets: list[str], train_loade
         net.to("cpu")
         trained = quantized_copy(net, config.quantize, work / f"base-{config.quantize}")
     module = Recovery(trained, task, targets, config, work)
-    trainer = make_trainer(max_epochs=config.epochs, min_steps=config.steps or None,
-                           enable_checkpointing=True, logger=CSVLogger(str(work), name="logs"))
+    trainer = trainer_for(make_trainer, work, max_epochs=config.epochs,
+                          min_steps=config.steps or None)
     per_epoch = math.ceil(len(train_loader) / trainer.world_size)  # each rank's share
     trainer.fit_loop.max_epochs = max(config.epochs, math.ceil(config.steps / max(per_epoch, 1)))
-    last = work / "last.ckpt"
     try:
         with PeakMemory(trainer.strategy.root_device) as peak:
-            trainer.fit(module, train_loader, val_loader,
-                        ckpt_path=resume_checkpoint(last), weights_only=True)
+            resume_fit(trainer, module, train_loader, val_loader)
         weights = module.merged_weights(into=None if trained is net else net)
     finally:
         module.net.unload()  # the model leaves as it came, even when training fails
@@ -339,17 +332,6 @@ def _recover(make_trainer, net: nn.Module, task, targets: list[str], train_loade
             **{key: logged(work, key) for key in ("train_distill", "train_label")
                if logged(work, key)},
             "quantize": config.quantize, "peak_memory_mb": peak.mb}
-
-
-def logged(work: Path, key: str) -> list[float]:
-    """Values of one metric from the CSV logs of this stage (every version, in order)."""
-    import csv
-
-    values = []
-    for path in sorted(Path(work, "logs").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            values += [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
-    return values
 
 
 def dense_answers(ctx: Context, pruner, work: Path) -> torch.Tensor:

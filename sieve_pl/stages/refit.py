@@ -25,11 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.factored import dense_weight, set_submodule
-from ..units import MatrixUnit, NeuronUnit, eigh_desc
+from ..models.factored import dense_weight
+from ..maths import damped, damping, eigh_desc, reduce_sums
+from ..units import MatrixUnit, NeuronUnit
 from ..progress import named, quiet
 from ..models.forward import last_logits
-from .calibrate import reduce_sums
+from ..models.hooks import Capture, until_stop
 from .stage import CompensationStage, settings
 
 
@@ -52,71 +53,54 @@ class RefitConfig:
     ridge: float = 1e-2
 
 
-class _Stop(Exception):
-    """Raised after the layer of interest: later layers are not needed."""
-
-
 class PairedMoments(L.LightningModule):
     """One layer's ``C̃`` and ``K`` per fit point: the dense and the pruned model on the same
-    tokens. A fit point is ``(dense module, pruned module)``: the module whose input is ``x`` in
-    the dense model and the one whose input is ``x̃`` in the pruned model."""
+    tokens (the pruner swaps the ``dense`` modules in for the dense forward). A fit point is
+    ``(dense module, pruned module)``: the module whose input is ``x`` in the dense model and
+    the one whose input is ``x̃`` in the pruned model."""
 
-    def __init__(self, net, layer: str, points: dict[str, tuple[nn.Module, nn.Module]],
+    def __init__(self, net, pruner, layer: str, points: dict[str, tuple[nn.Module, nn.Module]],
                  dense: dict[str, nn.Module], pruned: dict[str, nn.Module]):
         super().__init__()
-        self.net, self.layer, self.points = net, layer, points
-        self.variants = {"dense": dense, "pruned": pruned}
+        self.net, self.pruner, self.layer, self.points = net, pruner, layer, points
+        self.dense, self.pruned = dense, pruned
         self.sums: dict[str, torch.Tensor] = {}
         self._seen: dict[str, torch.Tensor] = {}
-        self._handles = []
-
-    def _use(self, variant: str) -> None:
-        for name, module in self.variants[variant].items():
-            set_submodule(self.net, name, module)
+        self._capture: Capture | None = None
 
     def on_predict_start(self) -> None:
-        def capture(key):
-            def hook(module, args):
-                self._seen[key] = args[0]
-            return hook
-
-        def stop(module, args, output):
-            raise _Stop
-
         device = next(self.net.parameters()).device
-        for variant in self.variants.values():
-            for module in variant.values():
-                module.to(device)
+        for module in [*self.dense.values(), *self.pruned.values()]:
+            module.to(device)
         self.sums = {}
         for key, (dense, pruned) in self.points.items():
             inner, outer = dense_weight(dense).shape[1], dense_weight(pruned).shape[1]
             self.sums[f"{key}.ctt"] = torch.zeros(outer, outer, dtype=torch.float64, device=device)
             self.sums[f"{key}.k"] = torch.zeros(inner, outer, dtype=torch.float64, device=device)
-            self._handles += [m.register_forward_pre_hook(capture(key)) for m in (dense, pruned)]
-        self._handles.append(self.net.get_submodule(self.layer).register_forward_hook(stop))
 
-    def _inputs(self, variant: str, batch: dict, mask: torch.Tensor) -> dict:
-        self._use(variant)
+        def seen(point: tuple[str, int], x: torch.Tensor) -> None:
+            self._seen[point[0]] = x  # whichever of the point's two modules is in the model
+
+        inputs = {(key, i): module for key, pair in self.points.items()
+                  for i, module in enumerate(pair)}
+        self._capture = Capture(inputs, seen, stop_after=self.net.get_submodule(self.layer))
+
+    def _inputs(self, batch: dict, mask: torch.Tensor) -> dict:
         self._seen = {}
-        try:
-            last_logits(self.net, batch)
-        except _Stop:
-            pass
+        until_stop(last_logits, self.net, batch)
         return {k: v[mask].double() for k, v in self._seen.items()}
 
     def predict_step(self, batch, batch_idx):
         mask = batch["attention_mask"].bool()
-        x = self._inputs("dense", batch, mask)
-        xt = self._inputs("pruned", batch, mask)
+        with self.pruner.swapped(self.dense):
+            x = self._inputs(batch, mask)
+        xt = self._inputs(batch, mask)
         for key in self.points:
             self.sums[f"{key}.ctt"] += xt[key].T @ xt[key]
             self.sums[f"{key}.k"] += x[key].T @ xt[key]
 
     def on_predict_end(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._use("pruned")
+        self._capture.remove()
         reduce_sums(self.sums)
 
 
@@ -127,9 +111,8 @@ def refit_matrix(w: torch.Tensor, ctt: torch.Tensor, k: torch.Tensor, rank: int,
     The ridge term shrinks the unconstrained solution towards the original ``W`` (not towards
     zero): ``M* = (W K + λ W)(C̃ + λ I)⁻¹`` with ``λ = ridge · mean(diag C̃)``.
     """
-    eye = torch.eye(ctt.shape[0], dtype=ctt.dtype, device=ctt.device)
-    reg = ridge * ctt.diagonal().mean().clamp(min=1e-30)
-    m_star = torch.linalg.solve(ctt + reg * eye, (w @ k + reg * w).T).T  # C̃ is symmetric
+    reg = damping(ctt, ridge)
+    m_star = torch.linalg.solve(damped(ctt, ridge), (w @ k + reg * w).T).T  # C̃ is symmetric
     _, u = eigh_desc(m_star @ ctt @ m_star.T)
     u = u[:, :rank]
     return u.T @ m_star, u
@@ -138,9 +121,7 @@ def refit_matrix(w: torch.Tensor, ctt: torch.Tensor, k: torch.Tensor, rank: int,
 def refit_down(w: torch.Tensor, ctt: torch.Tensor, k: torch.Tensor, current: torch.Tensor,
                ridge: float) -> torch.Tensor:
     """Down's kept columns: ``(W K + λ W_S)(C̃ + λI)⁻¹``, shrunk towards ``current`` (W_S)."""
-    eye = torch.eye(ctt.shape[0], dtype=ctt.dtype, device=ctt.device)
-    reg = ridge * ctt.diagonal().mean().clamp(min=1e-30)
-    return torch.linalg.solve(ctt + reg * eye, (w @ k + reg * current).T).T
+    return torch.linalg.solve(damped(ctt, ridge), (w @ k + damping(ctt, ridge) * current).T).T
 
 
 def _layer(unit: str) -> str:
@@ -165,7 +146,7 @@ def refit(trainer: L.Trainer, net, pruner, levels: dict, dataloader, ridge: floa
     for layer, names in tqdm(by_layer.items(), desc="refit", unit="layer",
                              disable=quiet(trainer)):
         point = {n: units[n].output for n in names}  # the module whose input is refitted against
-        moments = PairedMoments(net, layer, {n: (dense[m], pruned[m]) for n, m in point.items()},
+        moments = PairedMoments(net, pruner, layer, {n: (dense[m], pruned[m]) for n, m in point.items()},
                                 dense, pruned)
         with named(trainer, f"refit {layer}"):
             trainer.predict(moments, dataloaders=dataloader, return_predictions=False)

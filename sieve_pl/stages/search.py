@@ -4,15 +4,15 @@ Bisect the uniform keep fraction (accuracy is assumed to fall with it), then see
 for the GA (``genetic.py``): ``sensitivity`` bisects one global price per weight removed along
 the path that a per-unit cost estimate orders (``sensitivity.py``); ``kind`` bisects each kind
 of unit (MLPs, q, k, v, o…) further, largest first. Candidates are scored by ``fitness.py``.
-Here: the config, :func:`search` (resumable from ``uniform.json``) and the bisections it runs.
+Here: :func:`search` (resumable from ``uniform.json``) and the bisections it runs.
 """
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -22,152 +22,12 @@ from ..models.pruning import Pruner, layer_and_kind
 from ..report import save_search
 from .fitness import Fitness, pool_fitness
 from .genetic import GeneticSearch
-from .sensitivity import levels_at, price_path, sensitivity_costs
-from .stage import Context, Searched, Stage
+from .search_config import SearchConfig
+from .sensitivity import price_path, sensitivity_costs
+from .stage import Context, Searched, Stage, levels_at
 
 __all__ = ["Fitness", "GeneticSearch", "Search", "SearchConfig", "bisect", "kind_search",
            "kinds_of", "ladder_with", "path_search", "search", "uniform_search"]
-
-
-@dataclass
-class SearchConfig:
-    """How much accuracy may be lost, and how the keep levels are searched.
-
-    Args:
-        strategy: genetic (one level per unit, a GA seeded by the uniform level and the seeds),
-            sensitivity (the sensitivity price path alone: the longest prefix within epsilon;
-            no uniform bisection, no GA: cheaper, and on the demo the GA's levels removed
-            little more than the path's) or uniform only.
-        epsilon: allowed accuracy loss, in (0, 1).
-        relative: true: target is (1 - epsilon) * base accuracy; false: base accuracy - epsilon.
-        ladder: keep fractions (of its weights) a unit may take, each in (0, 1]; 1 keeps it
-            dense. The smallest rung is as deep as the seeds and the GA cut any unit (the
-            uniform level may go lower): validation does not show what very deep cuts of single
-            units cost (on the demo the GA's levels with rungs down to 0.1 put some units at 0.3
-            and fell 2 points more on test than with rungs down to 0.4, for 0.5% more weights).
-        population: genomes per generation.
-        generations: generations after the initial population.
-        crossover_prob: probability that a pair of parents is crossed over (two-point).
-        mutation_prob: probability that a child is mutated.
-        gene_mutation_prob: per-gene probability of a ±1 ladder step in a mutated child.
-        tournament_size: genomes per selection tournament.
-        elite: best genomes copied unchanged into the next generation.
-        seed: seed of the search's random choices.
-        early_reject: stop scoring a candidate once its errors exceed the tolerance budget.
-        screen: share of the validation split (its hardest examples) a genome must pass to win
-            a tournament; the elite and the result are always scored on the whole split, so
-            the levels found are within epsilon exactly. 1 = every comparison on the whole split
-            (then the GA takes exactly the decisions of one that scores every genome). On the
-            demo 0.25 found the same levels as 1 for 27% instead of 38% of a naive GA's tokens.
-        resolution: uniform bisection stops when the keep interval is narrower than this.
-        min_keep: smallest uniform keep fraction tried.
-        rank_multiple: round every factored rank down to a multiple of this (32 or 64 suit GPU
-            kernels and bitsandbytes' CPU nf4 kernel; 1 = exact keep fractions).
-        seeds: allocations bisected after the uniform level to seed the GA (and reported
-            beside it). sensitivity: units ordered by their estimated cost per weight removed
-            (K-FAC: one backward pass over the calibration split), one global threshold
-            bisected against epsilon (about 7 evaluations). kind: each kind of unit bisected
-            further, largest kind first, the others held (one bisection per kind: about 5x the
-            evaluations). Default sensitivity: a fifth of the kind seed's evaluations, and it
-            prices units by what a cut changes in the model's answers rather than by their
-            kind (bench/README, "Refits damped towards the dense weights", has the older
-            test-split comparison that first suggested it).
-        confidence: z of a one-sided bound on the accuracy change: a candidate is feasible when
-            its lost score plus ``confidence·sqrt(Σ (s_base − s)²)`` stays within the budget.
-            The root term is the noise of the paired difference (for 0/1 scores: the square
-            root of the examples it answers differently from the base model), so a candidate
-            that breaks many examples and is rescued by lucky fixes — one that holds epsilon on
-            this split only — is refused. 0 = the plain accuracy constraint.
-        fidelity: the share of epsilon's allowed loss that the unlabeled pool's estimated
-            loss may take (``data.pool``: calibration and train prompts, sister datasets; no
-            labels; 0 = no pool check). Each pool prompt whose answer changes costs the dense
-            model's own probability of its answer minus that of the new one (a near tie
-            nothing, a confident answer one example): the expected accuracy loss if the dense
-            model's probabilities are calibrated. It is bounded like validation's lost score
-            (plus ``confidence·sqrt(Σ cost²)``), within ``fidelity·(base − target)`` per
-            prompt, base and target from validation. A candidate must hold both: the pool is
-            larger than the labelled split and spans the sister datasets, so a cut that only
-            holds on the validation examples is refused.
-        pool_examples: pool prompts the fidelity check scores, spread over the pool (0: all).
-        confirm: z of the confirmation check (``data.sizes.confirmation`` examples, read by
-            nothing else; the confirm stage, after recovery): the deliverable — the search's
-            levels with recovery's LoRA when it is exported — must keep its lost score plus
-            ``confirm·sqrt(changed answers)`` within epsilon of the base model on that split,
-            else the levels step back toward dense along the price path until it does (z >= 2:
-            bench/selection_bias.py simulates why the validation bound alone is optimistic).
-        fisher: the sensitivity seed's gradients: model (the Fisher of the model's own answer
-            distribution: what a cut changes in its answers, whatever the labels) or label
-            (the label loss's, the empirical Fisher).
-        space: free (every unit its own level) or standard (shapes the base architecture
-            holds: one MLP width in every layer, attention untouched, as Minitron ships;
-            with strategy uniform and neuron MLPs; ``export.formats`` standard writes it as
-            the base architecture, loadable by any engine).
-    """
-
-    strategy: Literal["genetic", "sensitivity", "uniform"] = "genetic"
-    epsilon: float = 0.05
-    relative: bool = True
-    ladder: list[float] = field(
-        default_factory=lambda: [1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    population: int = 16
-    generations: int = 10
-    crossover_prob: float = 0.7
-    mutation_prob: float = 0.5
-    gene_mutation_prob: float = 0.05
-    tournament_size: int = 3
-    elite: int = 2
-    seed: int = 0
-    early_reject: bool = True
-    screen: float = 0.25
-    resolution: float = 0.01
-    min_keep: float = 0.05
-    rank_multiple: int = 1
-    seeds: list[Literal["sensitivity", "kind"]] = field(default_factory=lambda: ["sensitivity"])
-    confidence: float = 1.0
-    fidelity: float = 0.0
-    pool_examples: int = 0
-    confirm: float = 2.0
-    fisher: Literal["model", "label"] = "model"
-    space: Literal["free", "standard"] = "free"
-
-    def __post_init__(self) -> None:
-        self.check()  # a bad value fails where the config is built (parsing), not mid-run
-
-    def check(self) -> None:
-        if not 0 < self.epsilon < 1:
-            raise SieveError(f"search.epsilon must be in (0, 1), got {self.epsilon}")
-        if not 0 < self.min_keep < 1:
-            raise SieveError(f"search.min_keep must be in (0, 1), got {self.min_keep}")
-        if not 0 < self.screen <= 1:
-            raise SieveError(f"search.screen must be in (0, 1], got {self.screen}")
-        if not 0 < self.resolution < 1:
-            raise SieveError(f"search.resolution must be in (0, 1), got {self.resolution}")
-        if not self.ladder or any(not 0 < p <= 1 for p in self.ladder):
-            raise SieveError(f"search.ladder values must be in (0, 1], got {self.ladder}")
-        if self.confidence < 0:
-            raise SieveError(f"search.confidence must be >= 0, got {self.confidence}")
-        if self.confirm < 0:
-            raise SieveError(f"search.confirm must be >= 0, got {self.confirm}")
-        if self.fidelity < 0 or self.pool_examples < 0:
-            raise SieveError(f"search.fidelity and search.pool_examples must be >= 0, got "
-                             f"{self.fidelity}, {self.pool_examples}")
-        for name in ("crossover_prob", "mutation_prob", "gene_mutation_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise SieveError(f"search.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.tournament_size < 1:
-            raise SieveError(f"search.tournament_size must be >= 1, got {self.tournament_size}")
-        if self.rank_multiple < 1:
-            raise SieveError(f"search.rank_multiple must be >= 1, got {self.rank_multiple}")
-        if self.space == "standard" and self.strategy != "uniform":
-            raise SieveError("search.space standard searches one MLP width for every layer: "
-                             f"set search.strategy uniform (got {self.strategy})")
-        if self.population < 2 or self.generations < 0 or not 0 <= self.elite < self.population:
-            raise SieveError("search needs population >= 2, generations >= 0 and "
-                             "0 <= elite < population")
-
-    def target(self, base_accuracy: float) -> float:
-        return (base_accuracy * (1 - self.epsilon) if self.relative
-                else base_accuracy - self.epsilon)
 
 
 STATE_FORMAT = 3  # of the resumable state in uniform.json; raise it when its content changes

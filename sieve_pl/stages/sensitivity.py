@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..maths import second_moment
 from ..models.factored import dense_shape
+from ..models.hooks import Capture
 from ..models.placement import is_split
 from ..models.pruning import Pruner
 from ..progress import quiet
@@ -89,25 +91,22 @@ def gradient_moments(trainer, net: nn.Module, task, outputs: Iterable[str],
             for n in outputs}
     leaves: list[torch.Tensor] = []
 
-    def capture(name: str):
-        def hook(module, args, out):
-            def add(grad):
-                g = grad.detach().flatten(0, -2).to(torch.float32)
-                sums[name] += (g.T @ g).cpu()
-            if out.requires_grad:
-                out.register_hook(add)
-        return hook
+    def gradient_of(name: str, out: torch.Tensor) -> None:
+        def add(grad):
+            g = grad.detach().flatten(0, -2).to(torch.float32)
+            sums[name] += (g.T @ g).cpu()
+        if out.requires_grad:
+            out.register_hook(add)
 
-    def leaf(module, args, out):
+    def leaf(_, out: torch.Tensor) -> torch.Tensor:
         out = out.detach().requires_grad_(True)
         leaves.append(out)
         return out
 
-    handles = [net.get_submodule(n).register_forward_hook(capture(n)) for n in outputs]
-    handles.append(net.get_input_embeddings().register_forward_hook(leaf))
     tokens = torch.zeros((), dtype=torch.float64)
     world, rank = trainer.world_size, trainer.global_rank
-    try:
+    with (Capture({n: net.get_submodule(n) for n in outputs}, gradient_of, outputs=True),
+          Capture({"embeddings": net.get_input_embeddings()}, leaf, outputs=True)):
         with torch.enable_grad(), torch.inference_mode(False), for_gradients(net, checkpointing):
             for i, batch in enumerate(tqdm(list(batches), desc="search: sensitivity",
                                            disable=quiet(trainer))):
@@ -119,9 +118,6 @@ def gradient_moments(trainer, net: nn.Module, task, outputs: Iterable[str],
                 for j, loss in enumerate(losses):
                     torch.autograd.grad(loss, leaves, retain_graph=j < len(losses) - 1)
                 tokens += float(batch["attention_mask"].sum())
-    finally:
-        for handle in handles:
-            handle.remove()
     if world > 1:
         sums = {n: strategy.reduce(s.to(device), reduce_op="sum").cpu() for n, s in sums.items()}
         tokens = strategy.reduce(tokens.to(device), reduce_op="sum").cpu()
@@ -182,14 +178,6 @@ def _slope(a: dict, b: dict) -> float:
     return (b["cost"] - a["cost"]) / max(a["params"] - b["params"], 1)
 
 
-def levels_at(path: list[tuple[str, float, int]], names: list[str], j: int) -> dict[str, float]:
-    """The allocation after the first ``j`` steps of the path (the other units dense)."""
-    levels = dict.fromkeys(names, 1.0)
-    for name, keep, _ in path[:j]:
-        levels[name] = keep
-    return levels
-
-
 def sensitivity_costs(trainer, lm, pruner: Pruner, loader, stats, groups: dict[str, list[str]],
                       ladder: list[float], fisher: str = "model") -> dict[str, list[dict]]:
     """:func:`unit_costs` of every unit, from calibration's statistics (``stats``, by input
@@ -204,7 +192,6 @@ def sensitivity_costs(trainer, lm, pruner: Pruner, loader, stats, groups: dict[s
                                  checkpointing=device.type != "cpu")
 
     def inputs(linear: str) -> torch.Tensor:
-        key = group_of[linear]
-        return stats[key] / max(int(stats[f"{key}.count"]), 1)
+        return second_moment(stats, group_of[linear])
 
     return unit_costs(pruner, ladder, inputs, grads, bars=not quiet(trainer))

@@ -138,6 +138,16 @@ class Searched:
                 "base_accuracy": self.base_accuracy}
 
 
+def levels_at(path: list[tuple[str, float, int]], names: list[str], j: int) -> dict[str, float]:
+    """The allocation after the first ``j`` steps of a price path (``Searched.details["path"]``:
+    ``(unit, keep, weights removed)`` steps, cheapest per weight first; the other units
+    dense). The search bisects along it, confirmation steps back along it."""
+    levels = dict.fromkeys(names, 1.0)
+    for name, keep, _ in path[:j]:
+        levels[name] = keep
+    return levels
+
+
 @dataclass
 class Confirmed:
     """What is exported: the levels and whether recovery's LoRA goes with them. ``details``

@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from ..io import atomic
-from .base import Spec, Unit, eigh_desc, matrix_params
+from ..maths import eigh_desc
+from .base import Spec, Unit, matrix_params
 from .heads import HeadDims, HeadSpec, HeadUnit, head_basis
 from .matrix import METHODS, Factors, MatrixUnit, max_rank, rank_for
 from .neurons import NeuronSpec, Neurons, NeuronUnit, greedy_order, neuron_basis

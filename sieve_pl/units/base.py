@@ -1,4 +1,4 @@
-"""What every pruning-unit kind provides, and the maths helpers the kinds share.
+"""What every pruning-unit kind provides (their shared maths is ``sieve_pl.maths``).
 
 A *unit* is what the search gives one level: a keep fraction ``p`` of the unit's weights. Each
 kind (``matrix``, ``neurons``, ``heads``: one module each) has
@@ -27,27 +27,6 @@ from torch import nn
 from ..models.factored import dense_shape
 
 Moment = Callable[[str], torch.Tensor]  # Linear name -> mean second moment of its input
-
-
-def eigh_desc(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues and eigenvectors of a symmetric matrix, largest first; each vector's sign
-    set so that its largest entry is positive (eigh's signs are arbitrary: nearly equal inputs,
-    on two ranks say, would otherwise give bases that differ by signs)."""
-    values, vectors = torch.linalg.eigh((m + m.T) / 2)
-    vectors = vectors.flip(1)
-    peak = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))
-    return values.flip(0), vectors * torch.where(peak < 0, -1.0, 1.0).to(vectors.dtype)
-
-
-def damping(c: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``ridge · mean(diag C)``: the refits' pull towards the dense weights, scale-free."""
-    return ridge * c.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)
-
-
-def damped(c: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``C + λI`` with ``λ = ridge · mean(diag C)``: the second moment the refits solve with."""
-    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
-    return c + damping(c, ridge)[..., None, None] * eye
 
 
 def matrix_params(out_features: int, in_features: int, rank: int | None) -> int:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..models.factored import HeadPad, HeadSlice, dense_weight, linear_like
-from .base import Moment, Spec, Unit, damped, damping, eigh_desc, host
+from ..maths import damped, damping, eigh_desc
+from .base import Moment, Spec, Unit, host
 
 
 @dataclass

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..models.factored import FactoredLinear, dense_shape, dense_weight
-from .base import Moment, Spec, Unit, eigh_desc, host, matrix_params
+from ..maths import eigh_desc
+from .base import Moment, Spec, Unit, host, matrix_params
 
 
 def max_rank(out_features: int, in_features: int) -> int:

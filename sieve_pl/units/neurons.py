@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..models.factored import dense_shape, dense_weight, linear_like
-from .base import Moment, Spec, Unit, damped, host
+from ..maths import damped
+from .base import Moment, Spec, Unit, host
 
 PACK = 128  # rows per block of the packed Cholesky factor
 
