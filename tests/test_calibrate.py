@@ -147,3 +147,31 @@ def test_the_context_gives_every_stage_the_same_calibration_examples(tiny_data, 
     some = Context(trainer, None, tiny_data, None, None, n // 2).calibration_loader()
     every = Context(trainer, None, tiny_data, None, None).calibration_loader()
     assert len(some.dataset) == n // 2 and len(every.dataset) == n
+
+
+def test_a_layers_sums_are_freed_before_the_next_layers_exist(tiny_llama, tiny_data, tmp_path,
+                                                               trainer, monkeypatch):
+    """Writing shards, host memory holds one layer's sums: when a layer's sums are allocated,
+    every earlier layer's are gone (by reference counting, no garbage collection needed)."""
+    import gc
+    import weakref
+
+    from sieve_pl.stages import calibrate as module
+
+    lm = SieveLM(tiny_llama)
+    lm.load()
+    groups = lm.adapter.input_groups(lm.net)
+    alive, original = [], module.Sums.__init__
+
+    def recording(self, modules, config, device):
+        assert not [ref for ref in alive if ref() is not None], "an earlier layer's sums live"
+        original(self, modules, config, device)
+        alive.extend(weakref.ref(t) for t in self.sums.values())
+    monkeypatch.setattr(module.Sums, "__init__", recording)
+    gc.disable()
+    try:
+        calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
+                  CalibrationConfig("float64"), out=tmp_path)
+    finally:
+        gc.enable()
+    assert len(alive) == len(groups)

@@ -133,6 +133,7 @@ def layer_by_layer(net: nn.Module, layers: str, batches: list[Batch], device: to
                     if before is not None:
                         before(batch)
                     batch.hidden = run_layer(layer, index, batch, device).to(batch.hidden.device)
+            del before  # (it may hold this layer's statistics: gone before the next layer's)
         finally:
             layer.to(where)
 

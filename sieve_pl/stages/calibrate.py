@@ -124,6 +124,10 @@ class Sums:
         for key, s in self.sums.items():
             out[key] = s.cpu()
             out[f"{key}.count"] = counts[key].cpu()
+        # the caller owns them now: a reference left here (the hooks' bound method and this
+        # object form a cycle that only the garbage collector frees) would keep one layer's
+        # sums alive beside the next layer's
+        self.sums, self.capture = {}, None
         return out
 
 
