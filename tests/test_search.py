@@ -301,3 +301,17 @@ def test_confidence_bound_refuses_what_lucky_fixes_rescue(setup):
     assert all(b >= a for a, b in zip(fitness.excess(swapped), list(fitness.excess(swapped))[1:]))
     fitness.confidence = 0.0
     assert list(fitness.excess(swapped))[-1] == 2.0
+
+
+def test_the_search_draws_from_its_own_random_stream(setup):
+    """The GA neither seeds nor draws from the process-global ``random``; its seed alone
+    decides what it breeds."""
+    names = list(setup[2].dense)
+    random.seed(1234)
+    before = random.getstate()
+    first = search(_fitness(setup), names, CONFIG, None)
+    assert random.getstate() == before
+    random.seed(99)  # another global state: the same search
+    second = search(_fitness(setup), names, CONFIG, None)
+    assert first["genome"] == second["genome"] and first["logbook"] == second["logbook"]
+    assert first["distinct_genomes"] == second["distinct_genomes"]
