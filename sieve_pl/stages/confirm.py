@@ -62,8 +62,9 @@ class Confirm(Stage):
                               found.details.get("path"), self.recovered.weights)
             checked["with_lora"] = bool(fitness.weights)
             if fitness.weights and not checked["passed"]:  # LoRA must not lower it there
-                fitness.weights, fitness.label = {}, "confirm: without LoRA"
-                checked["without_lora"] = fitness.accuracy(checked["levels"])
+                fitness.weights = {}
+                checked["without_lora"] = fitness.accuracy(checked["levels"],
+                                                            "confirm: without LoRA")
                 lora = checked["accuracy"] >= checked["without_lora"] - 1e-6
         finally:
             pruner.apply(1.0)
@@ -84,13 +85,12 @@ def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config
     the split's base accuracy and every point tried (each with ``fitness.weights`` where they
     fit; the step back with ``step_weights`` when given: recovery that lowered confirmation
     at the search's levels may still raise it at levels it steps back to)."""
-    fitness.label = "confirm"
-    base = sum(fitness.hardest_first()) / fitness.n
+    base = sum(fitness.hardest_first("confirm")) / fitness.n
     budget = fitness.budget(config.target(base))
     history = []
 
     def judged(point: dict[str, float], step) -> dict:
-        verdict = fitness.judge(point, budget)
+        verdict = fitness.judge(point, budget, label="confirm")
         history.append({"step": step, "feasible": verdict["feasible"],
                         "accuracy": verdict["accuracy"],
                         "kept": fitness.pruner.params(point)[0]})
@@ -127,6 +127,6 @@ def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config
             else:
                 hi = mid
         final = shrink(lo)
-    verdict = fitness.judge(final, budget)
+    verdict = fitness.judge(final, budget, label="confirm")
     return {"levels": final, "accuracy": verdict["accuracy"], "base_accuracy": base,
             "passed": False, "history": history, "examples": fitness.n}

@@ -99,6 +99,7 @@ class GeneticSearch:
         self.screen = math.ceil(config.screen * fitness.n) if config.screen < 1 else None
         self.cache: dict[str, dict] = {}  # genomes scored on the whole split
         self.seen: dict[str, list[int]] = {}  # every genome of every generation, first seen first
+        self.progress = "search: genetic"  # the scoring bar's name: the generation bred
         # the search's own random stream: seeded with ``search.seed``, saved with every
         # generation; the process-global ``random`` is never drawn from or seeded
         self.rng = random.Random(config.seed)
@@ -123,7 +124,8 @@ class GeneticSearch:
         if key in self.cache:
             return self.cache[key]
         levels = self.levels(genome)
-        verdict = self.fitness.judge(levels, self.budget, None if full else self.screen)
+        verdict = self.fitness.judge(levels, self.budget, None if full else self.screen,
+                                     label=self.progress)
         kept, total = self.fitness.pruner.params(levels)
         value = (1 - kept / total if verdict["feasible"]
                  else verdict["over_at"] / self.fitness.n - 1)
@@ -233,7 +235,7 @@ class GeneticSearch:
         population, done = self._restore(logbook)
         if population is None:
             self.rng.seed(cfg.seed)
-            self.fitness.label = f"search: generation 0/{cfg.generations}"
+            self.progress = f"search: generation 0/{cfg.generations}"
             population = self.initial(seeds)
             self._generation(0, population, logbook)
             done = 0
@@ -241,7 +243,7 @@ class GeneticSearch:
                    initial=done, total=cfg.generations,
                    disable=not self.is_writer or quiet(self.fitness.trainer))
         for generation in bar:
-            self.fitness.label = f"search: generation {generation}/{cfg.generations}"
+            self.progress = f"search: generation {generation}/{cfg.generations}"
             elite = [self.toolbox.clone(g) for g in self.best(population, cfg.elite)]
             offspring = self.select(population, len(population) - cfg.elite)
             offspring = _vary(offspring, self.toolbox, self.rng, cfg.crossover_prob,

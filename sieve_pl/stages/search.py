@@ -96,8 +96,7 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
         uniform = saved
         fitness.restore(uniform["fitness"])
     else:  # (a state written by another version of this code is recomputed, not misread)
-        fitness.label = "search: base model"
-        base_scores = fitness.hardest_first()
+        base_scores = fitness.hardest_first("search: base model")
         base_accuracy = sum(base_scores) / fitness.n
         budget = fitness.budget(config.target(base_accuracy))
         slack = budget - Fitness.lost(base_scores)
@@ -269,8 +268,7 @@ def bisect(feasible: Callable[[float], dict], top: float, top_accuracy: float,
 def _judge(fitness: Fitness, budget: float, what: str) -> Callable[[dict | float], dict]:
     """``fitness.judge`` at this budget, its progress bar named after the bisection."""
     def judge(levels):
-        fitness.label = f"search: {what}"
-        return fitness.judge(levels, budget)
+        return fitness.judge(levels, budget, label=f"search: {what}")
     return judge
 
 
