@@ -289,6 +289,8 @@ def main(args=None) -> None:
     # the options are passed explicitly (sys.argv also holds the command, and stays as it is so
     # DDP can relaunch this process); LightningCLI warns about that case
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # predict_step returns nothing on purpose (metrics accumulate in the module)
+    warnings.filterwarnings("ignore", message="predict returned None")
     stop_on_sigterm()
     die_with_parent()  # a measuring child of `fit` ends with it
     try:
