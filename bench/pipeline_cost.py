@@ -29,12 +29,7 @@ import lightning as L
 import torch
 
 from common import open_run, run_pruner, write_result
-from sieve_pl.io import read_json
-from sieve_pl.stages.calibrate import calibrate
-from sieve_pl.stages.project import project
-from sieve_pl.stages.recover import lora_targets
-from sieve_pl.stages.search import Fitness, search
-from sieve_pl.models.forward import last_logits
+from sieve_pl.api import calibrate, Fitness, last_logits, lora_targets, project, read_json, search
 
 
 class Forward(L.LightningModule):
