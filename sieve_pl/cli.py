@@ -82,7 +82,8 @@ class SieveCLI(LightningCLI):
                                 help="GiB per GPU (default: the visible GPU's, else 80)")
             parser.add_argument("--tflops", type=Optional[float], default=None,
                                 help="sustained TFLOP/s for the time estimates (default: 200 "
-                                     "on GPUs, 0.15 on the host: 2 cores measured)")
+                                     "on GPUs, 0.15 on the host; bench/README, \"Big models "
+                                     "layer by layer\")")
             parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                                 help="not used")
             return

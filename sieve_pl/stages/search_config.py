@@ -18,15 +18,15 @@ class SearchConfig:
     Args:
         strategy: genetic (one level per unit, a GA seeded by the uniform level and the seeds),
             sensitivity (the sensitivity price path alone: the longest prefix within epsilon;
-            no uniform bisection, no GA: cheaper, and on the demo the GA's levels removed
-            little more than the path's) or uniform only.
+            no uniform bisection, no GA: cheaper, for levels close to the GA's; bench/README,
+            "GA or the price path") or uniform only.
         epsilon: allowed accuracy loss, in (0, 1).
         relative: true: target is (1 - epsilon) * base accuracy; false: base accuracy - epsilon.
         ladder: keep fractions (of its weights) a unit may take, each in (0, 1]; 1 keeps it
             dense. The smallest rung is as deep as the seeds and the GA cut any unit (the
             uniform level may go lower): validation does not show what very deep cuts of single
-            units cost (on the demo the GA's levels with rungs down to 0.1 put some units at 0.3
-            and fell 2 points more on test than with rungs down to 0.4, for 0.5% more weights).
+            units cost, so deeper rungs buy few weights and lose accuracy out of sample
+            (bench/README, "Refits damped towards the dense weights").
         population: genomes per generation.
         generations: generations after the initial population.
         crossover_prob: probability that a pair of parents is crossed over (two-point).
@@ -39,8 +39,9 @@ class SearchConfig:
         screen: share of the validation split (its hardest examples) a genome must pass to win
             a tournament; the elite and the result are always scored on the whole split, so
             the levels found are within epsilon exactly. 1 = every comparison on the whole split
-            (then the GA takes exactly the decisions of one that scores every genome). On the
-            demo 0.25 found the same levels as 1 for 27% instead of 38% of a naive GA's tokens.
+            (then the GA takes exactly the decisions of one that scores every genome). Below 1,
+            most losing genomes are stopped on the examples where candidates fail, for the
+            same levels at fewer tokens (bench/README, "Pipeline cost").
         resolution: uniform bisection stops when the keep interval is narrower than this.
         min_keep: smallest uniform keep fraction tried.
         rank_multiple: round every factored rank down to a multiple of this (32 or 64 suit GPU
@@ -49,9 +50,9 @@ class SearchConfig:
             beside it). sensitivity: units ordered by their estimated cost per weight removed
             (K-FAC: one backward pass over the calibration split), one global threshold
             bisected against epsilon (about 7 evaluations). kind: each kind of unit bisected
-            further, largest kind first, the others held (one bisection per kind: about 5x the
-            evaluations). Default sensitivity: a fifth of the kind seed's evaluations, and it
-            prices units by what a cut changes in the model's answers rather than by their
+            further, largest kind first, the others held (one bisection per kind: several times
+            the evaluations). Default sensitivity: far fewer evaluations than the kind seed, and
+            it prices units by what a cut changes in the model's answers rather than by their
             kind (bench/README, "Refits damped towards the dense weights", has the older
             test-split comparison that first suggested it).
         confidence: z of a one-sided bound on the accuracy change: a candidate is feasible when
