@@ -153,7 +153,7 @@ def test_fitness_scores_levels(name, lm, calibrated, data, fake_trainer):
     base = fitness.hardest_first()
     assert len(base) == fitness.n and _on_device(lm.net)
     assert 0 <= fitness.accuracy(0.5) <= 1
-    assert fitness.judge(0.7, fitness.budget(0.5))["seen"] > 0
+    assert fitness.judge(0.7, fitness.budget(0.5)).seen > 0
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

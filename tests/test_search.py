@@ -132,10 +132,10 @@ def test_screening_is_continued_not_redone_and_its_rejections_are_final(setup):
         part = screened.judge(keep, budget, until=screened.n // 2)
         done = screened.judge(keep, budget)
         reference = full.judge(keep, budget)
-        assert {k: done[k] for k in reference} == reference
-        assert part.get("provisional", False) == (part["feasible"] and reference["seen"] > part["seen"])
-        if not part["feasible"]:
-            assert done is part or done == {k: part[k] for k in reference}
+        assert done == reference and not done.provisional and done.scores is None
+        assert part.provisional == (part.feasible and reference.seen > part.seen)
+        if not part.feasible:
+            assert done is part or done == part
     assert screened.tokens_spent == full.tokens_spent  # nothing scored twice
 
 
@@ -315,3 +315,19 @@ def test_the_search_draws_from_its_own_random_stream(setup):
     second = search(_fitness(setup), names, CONFIG, None)
     assert first["genome"] == second["genome"] and first["logbook"] == second["logbook"]
     assert first["distinct_genomes"] == second["distinct_genomes"]
+
+
+def test_verdicts_keep_their_json_form():
+    """A Verdict is saved (the search's resumable state) as the dict it replaced."""
+    from sieve_pl.stages.fitness import Verdict
+
+    final = Verdict(False, 39.5, 40, 0.8, pool=Verdict(False, 3, 4, None))
+    part = Verdict(True, None, 20, None, provisional=True, scores=[1.0, 0.0])
+    assert final.record() == {"feasible": False, "over_at": 39.5, "seen": 40, "accuracy": 0.8,
+                              "pool": {"feasible": False, "over_at": 3, "seen": 4,
+                                       "accuracy": None}}
+    assert part.record() == {"feasible": True, "over_at": None, "seen": 20, "accuracy": None,
+                             "scores": [1.0, 0.0], "provisional": True}
+    assert "scores" not in part.record(scores=False)
+    for verdict in (final, part):
+        assert Verdict.from_record(verdict.record()) == verdict

@@ -20,7 +20,7 @@ from typing import Callable
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..io import read_json, write_json
-from .fitness import Fitness
+from .fitness import Fitness, Verdict
 from .search_config import SearchConfig
 from .stage import Confirmed, Context, Recovered, Searched, Stage, levels_at
 
@@ -89,18 +89,18 @@ def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config
     budget = fitness.budget(config.target(base))
     history = []
 
-    def judged(point: dict[str, float], step) -> dict:
+    def judged(point: dict[str, float], step) -> Verdict:
         verdict = fitness.judge(point, budget, label="confirm")
-        history.append({"step": step, "feasible": verdict["feasible"],
-                        "accuracy": verdict["accuracy"],
+        history.append({"step": step, "feasible": verdict.feasible,
+                        "accuracy": verdict.accuracy,
                         "kept": fitness.pruner.params(point)[0]})
         rank_zero_info(f"[sieve-pl] confirm: step back {step}: "
-                       f"{'passes' if verdict['feasible'] else 'fails'}")
+                       f"{'passes' if verdict.feasible else 'fails'}")
         return verdict
 
     first = judged(levels, 0)
-    if first["feasible"]:
-        return {"levels": levels, "accuracy": first["accuracy"], "base_accuracy": base,
+    if first.feasible:
+        return {"levels": levels, "accuracy": first.accuracy, "base_accuracy": base,
                 "passed": True, "history": history, "examples": fitness.n}
     if step_weights is not None:
         fitness.weights = step_weights
@@ -111,7 +111,7 @@ def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config
         lo, hi = steps, 0  # lo: passes (every cut undone), hi: fails
         while lo - hi > 1:
             mid = (lo + hi) // 2
-            if judged(back(mid), mid)["feasible"]:
+            if judged(back(mid), mid).feasible:
                 lo = mid
             else:
                 hi = mid
@@ -122,11 +122,11 @@ def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config
         lo, hi = 0.0, 1.0  # lo: passes (dense), hi: fails
         while hi - lo > config.resolution:
             mid = round((lo + hi) / 2, 6)
-            if judged(shrink(mid), 1 - mid)["feasible"]:
+            if judged(shrink(mid), 1 - mid).feasible:
                 lo = mid
             else:
                 hi = mid
         final = shrink(lo)
     verdict = fitness.judge(final, budget, label="confirm")
-    return {"levels": final, "accuracy": verdict["accuracy"], "base_accuracy": base,
+    return {"levels": final, "accuracy": verdict.accuracy, "base_accuracy": base,
             "passed": False, "history": history, "examples": fitness.n}

@@ -127,11 +127,10 @@ class GeneticSearch:
         verdict = self.fitness.judge(levels, self.budget, None if full else self.screen,
                                      label=self.progress)
         kept, total = self.fitness.pruner.params(levels)
-        value = (1 - kept / total if verdict["feasible"]
-                 else verdict["over_at"] / self.fitness.n - 1)
-        record = {"value": value, "kept": kept,
-                  **{k: v for k, v in verdict.items() if k != "scores"}}
-        if not verdict.get("provisional"):
+        value = (1 - kept / total if verdict.feasible
+                 else verdict.over_at / self.fitness.n - 1)
+        record = {"value": value, "kept": kept, **verdict.record(scores=False)}
+        if not verdict.provisional:
             self.cache[key] = record
         return record
 

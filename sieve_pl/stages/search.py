@@ -20,7 +20,7 @@ from ..errors import SieveError
 from ..io import read_json, resumable, write_json
 from ..models.pruning import Pruner, layer_and_kind
 from ..report import save_search
-from .fitness import Fitness, pool_fitness
+from .fitness import Fitness, Verdict, pool_fitness
 from .genetic import GeneticSearch
 from .search_config import SearchConfig
 from .sensitivity import price_path, sensitivity_costs
@@ -176,7 +176,7 @@ def uniform_levels(pruner: Pruner, names: list[str], space: str) -> Callable[[fl
     return lambda keep: {n: keep if n in mlps else 1.0 for n in names}
 
 
-def uniform_search(judge: Callable[[float], dict], base_accuracy: float,
+def uniform_search(judge: Callable[[float], Verdict], base_accuracy: float,
                    config: SearchConfig) -> dict:
     """Bisection on the uniform keep fraction; returns the level found and every evaluation.
 
@@ -185,10 +185,10 @@ def uniform_search(judge: Callable[[float], dict], base_accuracy: float,
     """
     history = [{"keep": 1.0, "accuracy": base_accuracy, "feasible": True}]
 
-    def feasible(keep: float) -> dict:
+    def feasible(keep: float) -> Verdict:
         verdict = judge(keep)
-        history.append({"keep": keep, "accuracy": verdict["accuracy"],
-                        "feasible": verdict["feasible"]})
+        history.append({"keep": keep, "accuracy": verdict.accuracy,
+                        "feasible": verdict.feasible})
         _progress("uniform", keep, verdict)
         return verdict
 
@@ -197,17 +197,17 @@ def uniform_search(judge: Callable[[float], dict], base_accuracy: float,
             "base_accuracy": base_accuracy, "history": history}
 
 
-def kind_search(judge: Callable[[dict], dict], kinds: dict[str, list[str]], keep: float,
+def kind_search(judge: Callable[[dict], Verdict], kinds: dict[str, list[str]], keep: float,
                 accuracy: float, config: SearchConfig) -> dict:
     """From the uniform level, bisect each kind's keep lower with the other kinds held, in the
     order of ``kinds`` (largest first); every step stays feasible."""
     levels = {n: keep for names in kinds.values() for n in names}
     history = []
     for kind, names in kinds.items():
-        def feasible(k: float) -> dict:
+        def feasible(k: float) -> Verdict:
             verdict = judge({**levels, **dict.fromkeys(names, k)})
-            history.append({"kind": kind, "keep": k, "accuracy": verdict["accuracy"],
-                            "feasible": verdict["feasible"]})
+            history.append({"kind": kind, "keep": k, "accuracy": verdict.accuracy,
+                            "feasible": verdict.feasible})
             _progress(f"by kind, {kind}", k, verdict)
             return verdict
 
@@ -217,7 +217,7 @@ def kind_search(judge: Callable[[dict], dict], kinds: dict[str, list[str]], keep
             "keeps": {kind: levels[names[0]] for kind, names in kinds.items()}}
 
 
-def path_search(judge: Callable[[dict], dict], path: list[tuple[str, float, int]],
+def path_search(judge: Callable[[dict], Verdict], path: list[tuple[str, float, int]],
                 names: list[str], total: int, accuracy: float, config: SearchConfig) -> dict:
     """The longest feasible prefix of the price path (:func:`~.sensitivity.price_path`),
     bisected on the weights it removes down to ``resolution`` of the total."""
@@ -226,57 +226,57 @@ def path_search(judge: Callable[[dict], dict], path: list[tuple[str, float, int]
         removed.append(removed[-1] + weights)
     history = []
 
-    def feasible(j: int) -> dict:
+    def feasible(j: int) -> Verdict:
         verdict = judge(levels_at(path, names, j))
         history.append({"step": j, "removed": removed[j] / total,
-                        "accuracy": verdict["accuracy"], "feasible": verdict["feasible"]})
+                        "accuracy": verdict.accuracy, "feasible": verdict.feasible})
         _progress("sensitivity", 1 - removed[j] / total, verdict)
         return verdict
 
     lo, hi, lo_accuracy = 0, len(path), accuracy
     verdict = feasible(hi)
-    if verdict["feasible"]:
-        lo, lo_accuracy = hi, verdict["accuracy"]
+    if verdict.feasible:
+        lo, lo_accuracy = hi, verdict.accuracy
     while hi - lo > 1 and removed[hi] - removed[lo] > config.resolution * total:
         mid = min(bisect_right(removed, (removed[lo] + removed[hi]) / 2, lo + 1, hi), hi - 1)
         verdict = feasible(mid)
-        if verdict["feasible"]:
-            lo, lo_accuracy = mid, verdict["accuracy"]
+        if verdict.feasible:
+            lo, lo_accuracy = mid, verdict.accuracy
         else:
             hi = mid
     return {"levels": levels_at(path, names, lo), "accuracy": lo_accuracy, "steps": lo,
             "history": history}
 
 
-def bisect(feasible: Callable[[float], dict], top: float, top_accuracy: float,
+def bisect(feasible: Callable[[float], Verdict], top: float, top_accuracy: float,
            config: SearchConfig) -> tuple[float, float]:
     """Smallest keep in ``[min_keep, top]`` found feasible (``top`` is), and its accuracy."""
     lo, hi, hi_acc = config.min_keep, top, top_accuracy
     verdict = feasible(lo)
-    if verdict["feasible"]:
-        return lo, verdict["accuracy"]
+    if verdict.feasible:
+        return lo, verdict.accuracy
     while hi - lo > config.resolution:
         mid = round((lo + hi) / 2, 6)
         verdict = feasible(mid)
-        if verdict["feasible"]:
-            hi, hi_acc = mid, verdict["accuracy"]
+        if verdict.feasible:
+            hi, hi_acc = mid, verdict.accuracy
         else:
             lo = mid
     return hi, hi_acc
 
 
-def _judge(fitness: Fitness, budget: float, what: str) -> Callable[[dict | float], dict]:
+def _judge(fitness: Fitness, budget: float, what: str) -> Callable[[dict | float], Verdict]:
     """``fitness.judge`` at this budget, its progress bar named after the bisection."""
     def judge(levels):
         return fitness.judge(levels, budget, label=f"search: {what}")
     return judge
 
 
-def _progress(what: str, keep: float, verdict: dict) -> None:
+def _progress(what: str, keep: float, verdict: Verdict) -> None:
     """One line per bisection step: these take minutes on a CPU and have no natural bar."""
-    accuracy = "" if verdict["accuracy"] is None else f", accuracy {verdict['accuracy']:.4f}"
+    accuracy = "" if verdict.accuracy is None else f", accuracy {verdict.accuracy:.4f}"
     rank_zero_info(f"[sieve-pl] search ({what}): keep {keep:.4f} "
-                   f"{'feasible' if verdict['feasible'] else 'rejected'}{accuracy}")
+                   f"{'feasible' if verdict.feasible else 'rejected'}{accuracy}")
 
 
 def kinds_of(fitness: Fitness, names: list[str]) -> dict[str, list[str]]:
