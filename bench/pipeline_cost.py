@@ -139,15 +139,15 @@ def main() -> None:
                               config.confidence)
             with pruner.at(1.0):  # the search scores inside pruner.at; the model stays dense
                 rerun = search(fitness, pruner.names, config, work)
-            cost = rerun["cost"]
+            cost = rerun.cost
             result["search"][f"{screen:g}"] = {
                 **cost, "ratio": cost["search_tokens"] / cost["naive_tokens"],
                 "ga_ratio": cost["ga_tokens"] / cost["naive_tokens"],
                 "seconds_this_session": time.perf_counter() - start,
-                "distinct_genomes": rerun["distinct_genomes"],
-                "scored_genomes": rerun["scored_genomes"],
-                "found": {"removed": rerun["value"], "accuracy": rerun["accuracy"],
-                          "target": rerun["target"]}}
+                "distinct_genomes": rerun.distinct_genomes,
+                "scored_genomes": rerun.scored_genomes,
+                "found": {"removed": rerun.value, "accuracy": rerun.accuracy,
+                          "target": rerun.target}}
             print(screen, result["search"][f"{screen:g}"], flush=True)
         result["search_run_recorded"] = {"cost": found["cost"], "removed": found["value"],
                                          "accuracy": found["accuracy"]}

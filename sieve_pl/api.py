@@ -9,10 +9,10 @@ Everything else is internal and may move; these names stay. Grouped as the pipel
   offline models, :func:`evaluate` and :func:`outputs` (one pass over a loader),
   :func:`last_logits`, :func:`dense_weight`;
 - stages as functions: :func:`calibrate`, :func:`project` (:data:`METHODS`,
-  :func:`neuron_basis`), :func:`search` with :class:`Fitness`, :func:`recover`
-  (:func:`lora_targets`, :func:`recovery_loader`), :func:`write_gguf`; the :class:`Pruner` that
-  cuts a model to any levels, :func:`layer_and_kind`, and the stages' typed results
-  (:class:`Compensated`);
+  :func:`neuron_basis`), :func:`search` (a :class:`SearchResult`) with :class:`Fitness` (a
+  :class:`Verdict` per candidate), :func:`recover` (:func:`lora_targets`,
+  :func:`recovery_loader`), :func:`write_gguf`; the :class:`Pruner` that cuts a model to any
+  levels, :func:`layer_and_kind`, and the stages' typed results (:class:`Compensated`);
 - data: :func:`load_source` (a built-in set, local file or hub id as rows);
 - files and measuring: :func:`read_json`, :class:`PeakMemory`.
 """
@@ -31,7 +31,8 @@ from .rundir import RunDir
 from .stages.calibrate import calibrate
 from .stages.project import project
 from .stages.recover import lora_targets, recover, recovery_loader
-from .stages.search import Fitness, search
+from .stages.fitness import Verdict
+from .stages.search import Fitness, SearchResult, search
 from .stages.stage import Compensated
 from .tasks.sources import load_source
 from .units import METHODS, neuron_basis
@@ -40,4 +41,5 @@ __all__ = ["BUILTIN_MODELS", "Compensated", "DEFAULT_MODEL", "Fitness", "METHODS
            "Pruner", "RunDir", "SieveCLI", "builtin_gguf", "calibrate", "dense_weight",
            "evaluate", "last_logits", "layer_and_kind", "left_padded", "load_model",
            "load_source", "load_tokenizer", "lora_targets", "main", "neuron_basis", "outputs",
-           "project", "read_json", "recover", "recovery_loader", "search", "write_gguf"]
+           "project", "read_json", "recover", "recovery_loader", "search", "SearchResult", "Verdict",
+           "write_gguf"]

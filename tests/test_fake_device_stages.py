@@ -185,7 +185,7 @@ def test_search(seeds, lm, calibrated, data, fake_trainer):
     costs = partial(sensitivity_costs, fake_trainer, lm, pruner, data.calibration_dataloader(),
                     stats, groups, config.ladder)
     found = search(fitness, pruner.names, config, None, True, costs)
-    assert found["levels"].keys() == set(pruner.names) and found["feasible"]
+    assert found.levels.keys() == set(pruner.names) and found.feasible
 
 
 def test_refit(factored, lm, data, fake_trainer):

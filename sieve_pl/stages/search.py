@@ -22,11 +22,11 @@ from ..models.pruning import Pruner, layer_and_kind
 from ..report import save_search
 from .fitness import Fitness, Verdict, pool_fitness
 from .genetic import GeneticSearch
-from .search_config import SearchConfig
+from .search_config import SearchConfig, SearchResult
 from .sensitivity import price_path, sensitivity_costs
 from .stage import Context, Searched, Stage, levels_at
 
-__all__ = ["Fitness", "GeneticSearch", "Search", "SearchConfig", "bisect", "kind_search",
+__all__ = ["Fitness", "GeneticSearch", "Search", "SearchConfig", "SearchResult", "bisect", "kind_search",
            "kinds_of", "ladder_with", "path_search", "search", "uniform_search"]
 
 
@@ -64,7 +64,7 @@ class Search(Stage):
                         ctx.calibration_loader(labelled=config.fisher == "label"), self.stats,
                         self.groups, config.ladder, config.fisher)
         return Searched.from_record(search(fitness, self.pruner.names, config, work,
-                                           ctx.trainer.is_global_zero, costs))
+                                           ctx.trainer.is_global_zero, costs).record())
 
     def save(self, found: Searched, folder: Path) -> None:
         save_search(found.record(), folder)
@@ -75,7 +75,7 @@ class Search(Stage):
 
 def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
            is_writer: bool = True,
-           costs: Callable[[], dict[str, list[dict]]] | None = None) -> dict:
+           costs: Callable[[], dict[str, list[dict]]] | None = None) -> SearchResult:
     """Uniform bisection, then (strategy genetic) the seed allocations and the GA seeded with
     them; ``costs`` gives the sensitivity seed's per-unit cost estimates. The result (and its
     price path) goes to confirmation after recovery (``confirm.py``). The model moves from
@@ -87,7 +87,7 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
 
 
 def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
-            is_writer: bool, costs) -> dict:
+            is_writer: bool, costs) -> SearchResult:
     spread = uniform_levels(fitness.pruner, names, config.space)
     uniform_path = work / "uniform.json" if work else None
     saved = resumable(uniform_path, read_json, "searching the uniform level again"
@@ -143,13 +143,13 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
     if config.strategy == "uniform":
         levels = spread(uniform["keep"])
         kept, total = fitness.pruner.params(levels)
-        return {**result, "levels": levels,
-                "accuracy": uniform["accuracy"], "kept": kept, "feasible": True, "cost": cost}
+        return SearchResult(**result, levels=levels, accuracy=uniform["accuracy"], kept=kept,
+                            feasible=True, cost=cost)
     if config.strategy == "sensitivity":  # the path's point is the result, not a seed
         path = result["seeds"].pop("sensitivity")
-        return {**result, "levels": path["levels"], "accuracy": path["accuracy"],
-                "kept": path["kept"], "feasible": True, "cost": cost,
-                "steps": path["steps"], "history": path["history"]}
+        return SearchResult(**result, levels=path["levels"], accuracy=path["accuracy"],
+                            kept=path["kept"], feasible=True, cost=cost, steps=path["steps"],
+                            history=path["history"])
     seeds = [seed["levels"] for seed in uniform["seeds"].values()]
     ladder = ladder_with(config.ladder, uniform["keep"],
                          *(keep for levels in seeds for keep in levels.values()))
@@ -157,12 +157,12 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
     found = ga.run([[ladder.index(levels[n]) for n in names] for levels in seeds]
                    + [[ladder.index(uniform["keep"])] * len(names)])
     naive = config.population * (config.generations + 1) * fitness.tokens_total
-    return {**result, **found, "ladder": ladder,
-            "cost": {"search_tokens": fitness.tokens_spent, "evaluations": fitness.evaluations,
-                     "pool_tokens": fitness.pool.tokens_spent if fitness.pool else 0,
-                     "ga_tokens": fitness.tokens_spent - uniform_tokens,
-                     "ga_evaluations": fitness.evaluations - uniform_evaluations,
-                     "uniform_tokens": uniform_tokens, "naive_tokens": naive}}
+    cost = {"search_tokens": fitness.tokens_spent, "evaluations": fitness.evaluations,
+            "pool_tokens": fitness.pool.tokens_spent if fitness.pool else 0,
+            "ga_tokens": fitness.tokens_spent - uniform_tokens,
+            "ga_evaluations": fitness.evaluations - uniform_evaluations,
+            "uniform_tokens": uniform_tokens, "naive_tokens": naive}
+    return SearchResult(**result, **found, ladder=ladder, cost=cost)
 
 
 def uniform_levels(pruner: Pruner, names: list[str], space: str) -> Callable[[float], dict]:

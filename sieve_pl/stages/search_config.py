@@ -5,7 +5,7 @@ Its own module because more than the search reads them: the GA (``genetic.py``),
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from ..errors import SieveError
@@ -151,3 +151,61 @@ class SearchConfig:
     def target(self, base_accuracy: float) -> float:
         return (base_accuracy * (1 - self.epsilon) if self.relative
                 else base_accuracy - self.epsilon)
+
+
+@dataclass
+class SearchResult:
+    """What :func:`~sieve_pl.stages.search.search` found; :meth:`record` is ``search.json``.
+
+    Every strategy: the ``levels``, their validation ``accuracy`` and weights ``kept``, the
+    base model's accuracy and the ``target``, the uniform bisection, the price ``path`` and
+    the seed allocations, the split's size and the search's ``cost`` in forward tokens.
+    The GA adds its best ``genome`` (on the ``ladder``) and its fitness ``value``, how far
+    its scoring went (``over_at``, ``seen``, the ``pool``'s verdict), the units every feasible
+    genome kept dense (``bottlenecks``), the ``logbook`` and how many genomes it bred and
+    scored; the sensitivity strategy the path's ``steps`` and the bisection's ``history``.
+    """
+
+    levels: dict[str, float]
+    accuracy: float
+    base_accuracy: float
+    target: float
+    kept: int
+    feasible: bool
+    cost: dict
+    uniform: dict
+    path: list
+    seeds: dict
+    validation_examples: int
+    validation_tokens: int
+    # strategy genetic
+    genome: list[int] | None = None
+    value: float | None = None
+    over_at: float | None = None
+    seen: int | None = None
+    pool: dict | None = None
+    bottlenecks: list[str] | None = None
+    logbook: list[dict] | None = None
+    distinct_genomes: int | None = None
+    scored_genomes: int | None = None
+    ladder: list[float] | None = None
+    # strategy sensitivity
+    steps: int | None = None
+    history: list[dict] | None = None
+
+    GENETIC = ("genome", "value", "over_at", "seen", "bottlenecks", "logbook",
+               "distinct_genomes", "scored_genomes", "ladder")
+
+    def record(self) -> dict:
+        """The JSON form: the fields of the strategy that ran (``over_at`` may be None)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if (f.name in self.GENETIC and self.genome is not None) or value is not None:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict) -> SearchResult:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})
