@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from common import write_result
-from sieve_pl.io import read_json
+from sieve_pl.api import read_json
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
              num_key_value_heads=8, head_dim=128, vocab_size=49152, tie_word_embeddings=True)
@@ -37,7 +37,7 @@ def make_model(layers: int, folder: Path) -> int:
     """A random 8B-shaped Llama with the offline tokenizer; returns its decoder weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sieve_pl.models.loading import DEFAULT_MODEL, load_tokenizer
+    from sieve_pl.api import DEFAULT_MODEL, load_tokenizer
 
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=512,

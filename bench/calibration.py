@@ -23,8 +23,7 @@ import sys
 from pathlib import Path
 
 from common import open_run, run_pruner, write_result
-from sieve_pl.io import read_json
-from sieve_pl.models.module import evaluate
+from sieve_pl.api import evaluate, read_json
 
 VARIANTS = {  # run name: calibration options
     "cal_256": ["--calibration.examples", "256"],

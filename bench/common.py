@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sieve_pl.cli import SieveCLI
-from sieve_pl.models.pruning import Pruner
+from sieve_pl.api import Pruner, SieveCLI
 
 
 def open_run(cli_args: list[str]):

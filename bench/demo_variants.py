@@ -16,10 +16,7 @@ import argparse
 from safetensors.torch import load_file
 
 from common import open_run, write_result
-from sieve_pl.io import read_json
-from sieve_pl.models.module import evaluate
-from sieve_pl.models.pruning import Pruner
-from sieve_pl.stages.stage import Compensated
+from sieve_pl.api import Compensated, evaluate, Pruner, read_json
 
 
 def main() -> None:

@@ -21,9 +21,7 @@ import numpy as np
 import torch
 
 from common import open_run, write_result
-from sieve_pl.io import read_json
-from sieve_pl.models.loading import BUILTIN_MODELS, builtin_gguf, load_model
-from sieve_pl.models.to_gguf import write_gguf
+from sieve_pl.api import builtin_gguf, BUILTIN_MODELS, load_model, read_json, write_gguf
 
 
 def llama_cpp_classes(path: Path, prompts: list[list[int]], label_ids: list[int]) -> list[int]:

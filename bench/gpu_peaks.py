@@ -9,15 +9,14 @@ import sys
 
 import torch
 
-import sieve_pl.rundir as rundir
-from sieve_pl.cli import main
+from sieve_pl.api import RunDir, main
 
 args = sys.argv[1:]
 where = args.index("--peaks")
 out = args[where + 1]
 del args[where:where + 2]
 peaks: dict[str, float] = {}
-original = rundir.RunDir.run
+original = RunDir.run
 
 
 def run(self, stage):
@@ -33,5 +32,5 @@ def run(self, stage):
             json.dump(peaks, f, indent=2)
 
 
-rundir.RunDir.run = run
+RunDir.run = run
 main(["fit", *args])

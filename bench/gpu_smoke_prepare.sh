@@ -13,8 +13,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   dill multiprocess gguf 'huggingface-hub<2'
 python3 - <<'EOF'
 import json
-from sieve_pl.models.loading import DEFAULT_MODEL, load_tokenizer
-from sieve_pl.tasks.sources import load_source
+from sieve_pl.api import DEFAULT_MODEL, load_source, load_tokenizer
 load_tokenizer(DEFAULT_MODEL).save_pretrained(".gpu/tokenizer")
 rows = load_source("rotten_tomatoes", None, "train").shuffle(seed=0).select(range(600))
 with open(".gpu/reviews.jsonl", "w") as f:

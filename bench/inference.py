@@ -18,9 +18,7 @@ import time
 import torch
 
 from common import write_result
-from sieve_pl.cli import SieveCLI
-from sieve_pl.io import PeakMemory
-from sieve_pl.models.loading import load_model
+from sieve_pl.api import load_model, PeakMemory, SieveCLI
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:

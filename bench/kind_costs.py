@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from common import open_run, run_pruner, write_result
-from sieve_pl.models.pruning import layer_and_kind
+from sieve_pl.api import layer_and_kind
 
 
 def margins(lm, loader) -> tuple[torch.Tensor, torch.Tensor]:

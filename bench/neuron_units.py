@@ -22,9 +22,7 @@ import time
 import torch
 
 from common import open_run, write_result
-from sieve_pl.models.factored import dense_weight
-from sieve_pl.units import neuron_basis
-from sieve_pl.models.forward import last_logits
+from sieve_pl.api import dense_weight, last_logits, neuron_basis
 
 
 def mlp_inputs(net, mlps: dict, loader) -> dict[str, torch.Tensor]:

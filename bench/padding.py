@@ -14,7 +14,7 @@ import random
 
 from common import write_result
 
-from sieve_pl.cli import SieveCLI
+from sieve_pl.api import SieveCLI
 
 
 def padded(lengths: list[int], batch: int) -> int:

@@ -29,12 +29,7 @@ import lightning as L
 import torch
 
 from common import open_run, run_pruner, write_result
-from sieve_pl.io import read_json
-from sieve_pl.stages.calibrate import calibrate
-from sieve_pl.stages.project import project
-from sieve_pl.stages.recover import lora_targets
-from sieve_pl.stages.search import Fitness, search
-from sieve_pl.models.forward import last_logits
+from sieve_pl.api import calibrate, Fitness, last_logits, lora_targets, project, read_json, search
 
 
 class Forward(L.LightningModule):
@@ -144,15 +139,15 @@ def main() -> None:
                               config.confidence)
             with pruner.at(1.0):  # the search scores inside pruner.at; the model stays dense
                 rerun = search(fitness, pruner.names, config, work)
-            cost = rerun["cost"]
+            cost = rerun.cost
             result["search"][f"{screen:g}"] = {
                 **cost, "ratio": cost["search_tokens"] / cost["naive_tokens"],
                 "ga_ratio": cost["ga_tokens"] / cost["naive_tokens"],
                 "seconds_this_session": time.perf_counter() - start,
-                "distinct_genomes": rerun["distinct_genomes"],
-                "scored_genomes": rerun["scored_genomes"],
-                "found": {"removed": rerun["value"], "accuracy": rerun["accuracy"],
-                          "target": rerun["target"]}}
+                "distinct_genomes": rerun.distinct_genomes,
+                "scored_genomes": rerun.scored_genomes,
+                "found": {"removed": rerun.value, "accuracy": rerun.accuracy,
+                          "target": rerun.target}}
             print(screen, result["search"][f"{screen:g}"], flush=True)
         result["search_run_recorded"] = {"cost": found["cost"], "removed": found["value"],
                                          "accuracy": found["accuracy"]}

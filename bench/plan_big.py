@@ -33,7 +33,7 @@ SHAPED = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size
 
 
 def folder(tmp: Path, name: str, config: dict) -> Path:
-    from sieve_pl.models.loading import DEFAULT_MODEL, load_tokenizer
+    from sieve_pl.api import DEFAULT_MODEL, load_tokenizer
 
     path = tmp / name
     path.mkdir()

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import write_result
-from sieve_pl.models.loading import DEFAULT_MODEL, load_model
+from sieve_pl.api import DEFAULT_MODEL, load_model
 
 
 def split_time(path: str, ids: torch.Tensor, repeats: int) -> dict:

@@ -29,10 +29,7 @@ from pathlib import Path
 
 
 from common import open_run, write_result
-from sieve_pl.models.module import evaluate
-from sieve_pl.models.pruning import Pruner
-from sieve_pl.stages.project import project
-from sieve_pl.units import METHODS
+from sieve_pl.api import evaluate, METHODS, project, Pruner
 
 
 def main() -> None:

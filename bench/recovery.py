@@ -22,9 +22,7 @@ from pathlib import Path
 
 
 from common import open_run, run_pruner, write_result
-from sieve_pl.io import read_json
-from sieve_pl.models.module import evaluate, outputs
-from sieve_pl.stages.recover import lora_targets, recover, recovery_loader
+from sieve_pl.api import evaluate, lora_targets, outputs, read_json, recover, recovery_loader
 
 
 def main() -> None:

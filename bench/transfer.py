@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 
 from common import open_run, run_pruner, write_result
-from sieve_pl.io import read_json
-from sieve_pl.models.module import evaluate
+from sieve_pl.api import evaluate, read_json
 
 
 def main() -> None:

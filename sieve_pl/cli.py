@@ -82,7 +82,8 @@ class SieveCLI(LightningCLI):
                                 help="GiB per GPU (default: the visible GPU's, else 80)")
             parser.add_argument("--tflops", type=Optional[float], default=None,
                                 help="sustained TFLOP/s for the time estimates (default: 200 "
-                                     "on GPUs, 0.15 on the host: 2 cores measured)")
+                                     "on GPUs, 0.15 on the host; bench/README, \"Big models "
+                                     "layer by layer\")")
             parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                                 help="not used")
             return
@@ -289,6 +290,8 @@ def main(args=None) -> None:
     # the options are passed explicitly (sys.argv also holds the command, and stays as it is so
     # DDP can relaunch this process); LightningCLI warns about that case
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # predict_step returns nothing on purpose (metrics accumulate in the module)
+    warnings.filterwarnings("ignore", message="predict returned None")
     stop_on_sigterm()
     die_with_parent()  # a measuring child of `fit` ends with it
     try:

@@ -4,7 +4,8 @@ Each trains a few weights of a model it does not own as a Lightning fit that a k
 resumes: a :class:`Checkpointed` module (checkpoints hold only the weights it trains, the best
 epoch by one metric), a trainer from :func:`trainer_for` (CSV metrics in the stage's work
 folder, read back by :func:`logged`) and :func:`resume_fit` (from ``last.ckpt`` when it loads
-as plain tensors). :func:`frozen_except` leaves only the trained weights requiring gradients.
+as plain tensors). :func:`frozen_except` leaves only the trained weights requiring gradients;
+:func:`seeded` repeats a fit's random draws without seeding the process's RNG.
 """
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from .io import resume_checkpoint
+
+
+@contextmanager
+def seeded(seed: int):
+    """torch's RNG (host and every initialised CUDA device) seeded with ``seed`` inside, and
+    put back as it was after: what draws from it here (initialisation, dropout) repeats run to
+    run, and the process's own RNG state is neither seeded nor advanced."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 class Checkpointed(L.LightningModule):

@@ -1,6 +1,7 @@
 """The CLI end to end: config parsing, one-line errors before heavy work, fit / rerun / test."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,30 @@ def test_help_documents_options(capsys):
     for option in ("--search.epsilon", "--projection.method", "--data.sizes.calibration",
                    "--model.pretrained", "--run.name", "allowed accuracy loss"):
         assert option in out
+
+
+# a benchmark figure: a decimal percentage, a before -> after, "x% vs / instead of y", points,
+# multiples, "measured on" (figures live in bench/README; help and configs give the why and
+# point there). Fractions that define an option ("95% of the base model's") are not figures.
+FIGURE = re.compile(r"\d+\.\d+\s*%|\d(\.\d+)?\s*%?\s*(->|→)\s*\d|\d%\s+(vs|instead of)\b"
+                    r"|\b\d+(\.\d+)?\s+points\b|\b\d+(\.\d+)?x\s+(the|faster|slower|fewer|more)\b"
+                    r"|\bmeasured on\b", re.IGNORECASE)
+
+
+def test_help_and_shipped_configs_quote_no_benchmark_figures(capsys):
+    assert run_cli("fit", "--help") == 0 and run_cli("plan", "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())  # help wraps lines anywhere
+    assert "--search.epsilon" in text and "--tflops" in text
+    found = [m.group(0) for m in FIGURE.finditer(text)]
+    assert found == [], [text[max(0, text.find(f) - 80):text.find(f) + 40] for f in found]
+    for config in CONFIGS:
+        comments = " ".join(line.partition("#")[2].strip()
+                            for line in config.read_text().splitlines() if "#" in line)
+        assert not FIGURE.search(comments), (config.name,
+                                                     FIGURE.search(comments).group(0))
+    assert FIGURE.search("it lowers validation 77.0% -> 73.5%, so it is off")
+    assert FIGURE.search("for 27% instead of 38% of a naive GA's tokens")
+    assert not FIGURE.search("keep validation accuracy >= 95% of the base model's")
 
 
 @pytest.fixture

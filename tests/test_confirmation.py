@@ -50,7 +50,7 @@ def test_the_pool_scores_agreement_with_the_dense_answers_hardest_first(setup):
             margins += (top[:, 0] - top[:, 1]).tolist()
     run = 4 * 6
     assert max(margins[:run]) <= min(margins[run:]) + 1e-5
-    assert pool.judge(0.2, 0.0)["feasible"] is False and pool.judge(1.0, 0.0)["feasible"]
+    assert pool.judge(0.2, 0.0).feasible is False and pool.judge(1.0, 0.0).feasible
 
 
 def test_a_candidate_must_also_hold_the_pool(setup):
@@ -59,15 +59,15 @@ def test_a_candidate_must_also_hold_the_pool(setup):
     fitness = Fitness(trainer, lm, pruner, data.val_dataloader())
     fitness.hardest_first()
     loose = fitness.budget(0.0)  # any validation accuracy passes
-    assert fitness.judge(0.3, loose)["feasible"]
+    assert fitness.judge(0.3, loose).feasible
     fitness.memo.clear()
     fitness.pool = pool_fitness(trainer, lm, pruner, data)
     fitness.pool_share = 0.0  # no expected loss on the pool
     verdict = fitness.judge(0.3, loose)
-    assert not verdict["feasible"] and verdict["pool"]["feasible"] is False
+    assert not verdict.feasible and verdict.pool.feasible is False
     # ranked above any validation failure, below any feasible candidate
-    assert fitness.n - 1 <= verdict["over_at"] < fitness.n
-    assert fitness.judge(1.0, loose)["feasible"]
+    assert fitness.n - 1 <= verdict.over_at < fitness.n
+    assert fitness.judge(1.0, loose).feasible
     state = fitness.state()
     assert "pool" in state and state["pool"]["memo"]
 
@@ -89,7 +89,7 @@ def test_confirmation_keeps_levels_that_pass_and_steps_back_from_those_that_fail
     assert all(stepped["levels"][n] >= deep[n] for n in names)
     assert pruner.params(stepped["levels"])[0] > pruner.params(deep)[0]
     assert check.judge(stepped["levels"], check.budget(strict.target(
-        stepped["base_accuracy"])))["feasible"]
+        stepped["base_accuracy"]))).feasible
     # without a path: every cut scaled towards none
     scaled = confirm(check, deep, names, strict)
     assert not scaled["passed"]

@@ -153,7 +153,7 @@ def test_fitness_scores_levels(name, lm, calibrated, data, fake_trainer):
     base = fitness.hardest_first()
     assert len(base) == fitness.n and _on_device(lm.net)
     assert 0 <= fitness.accuracy(0.5) <= 1
-    assert fitness.judge(0.7, fitness.budget(0.5))["seen"] > 0
+    assert fitness.judge(0.7, fitness.budget(0.5)).seen > 0
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -185,7 +185,7 @@ def test_search(seeds, lm, calibrated, data, fake_trainer):
     costs = partial(sensitivity_costs, fake_trainer, lm, pruner, data.calibration_dataloader(),
                     stats, groups, config.ladder)
     found = search(fitness, pruner.names, config, None, True, costs)
-    assert found["levels"].keys() == set(pruner.names) and found["feasible"]
+    assert found.levels.keys() == set(pruner.names) and found.feasible
 
 
 def test_refit(factored, lm, data, fake_trainer):

@@ -161,3 +161,40 @@ def test_the_checks_see_what_they_must(tmp_path):
     assert edges["sieve_pl.stages.calibrate"] == {"sieve_pl.maths"}
     assert module_swaps(pkg) == ["sieve_pl.stages.distill:2 set_submodule",
                                  "sieve_pl.stages.distill:3 setattr"]
+
+
+BENCH = ROOT.parent / "bench"
+
+
+def bench_imports() -> dict[str, list[tuple[str, list[str]]]]:
+    """Per bench script (``*.py``, and the Python inside ``*.sh``): every sieve_pl module it
+    imports, with the names it takes from it."""
+    found = {}
+    for path in sorted(BENCH.glob("*.py")) + sorted(BENCH.glob("*.sh")):
+        text = path.read_text()
+        if path.suffix == ".sh":  # the heredocs' Python lines: the imports are what counts
+            text = "\n".join(line for line in text.splitlines()
+                             if line.startswith(("import sieve_pl", "from sieve_pl")))
+        out = []
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, ast.Import):
+                out += [(a.name, []) for a in node.names if a.name.split(".")[0] == "sieve_pl"]
+            elif (isinstance(node, ast.ImportFrom) and node.level == 0
+                  and node.module.split(".")[0] == "sieve_pl"):
+                out.append((node.module, [a.name for a in node.names]))
+        found[path.name] = out
+    return found
+
+
+def test_bench_uses_only_the_public_api():
+    found = bench_imports()
+    assert any(found.values()), "the bench scripts import sieve_pl"
+    bad = {name: [m for m, _ in imported if m != "sieve_pl.api"]
+           for name, imported in found.items()}
+    assert {name: mods for name, mods in bad.items() if mods} == {}
+    import sieve_pl.api as api
+
+    taken = {n for imported in found.values() for _, names in imported for n in names}
+    assert taken <= set(api.__all__), taken - set(api.__all__)
+    assert all(hasattr(api, name) for name in api.__all__)
+    assert sorted(api.__all__) == sorted(set(api.__all__))

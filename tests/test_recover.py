@@ -87,6 +87,21 @@ def test_recovery_lowers_task_loss_and_leaves_the_model_untouched(pruned, tmp_pa
     assert state and all("lora_" in k for k in state)
 
 
+def test_recovery_repeats_without_seeding_the_process_rng(pruned, tmp_path):
+    """The adapters' initialisation and dropout draw from an RNG seeded with recover.seed
+    inside the fit only: the same adapters whatever the process's RNG held, and the process's
+    RNG is not left seeded (its state after still depends on its state before)."""
+    lm, data = pruned
+    weights, states = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        weights.append(_recover(lm, data, tmp_path / str(seed))["weights"])
+        states.append(torch.random.get_rng_state())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not torch.equal(states[0], states[1])
+
+
 def test_recovery_gives_back_the_gradient_flags_and_eval_mode(pruned, tmp_path):
     """Recovery freezes every weight and trains in train mode; later stages get the model as
     it was (a stage that trains some weights itself must not find them frozen)."""

@@ -73,11 +73,11 @@ def test_early_rejection_never_changes_a_decision(setup, confidence):
 def test_cache_prevents_reevaluation(setup):
     fitness = _fitness(setup)
     result = search(fitness, list(setup[2].dense), CONFIG, None)
-    assert result["feasible"] and result["accuracy"] >= result["target"]
+    assert result.feasible and result.accuracy >= result.target
     # lazy: genomes that could not win were never scored on the whole split
-    assert result["scored_genomes"] < result["distinct_genomes"]
-    assert result["distinct_genomes"] < CONFIG.population * (CONFIG.generations + 1)
-    assert result["cost"]["search_tokens"] < result["cost"]["naive_tokens"]
+    assert result.scored_genomes < result.distinct_genomes
+    assert result.distinct_genomes < CONFIG.population * (CONFIG.generations + 1)
+    assert result.cost["search_tokens"] < result.cost["naive_tokens"]
 
 
 class EagerSearch(GeneticSearch):
@@ -97,11 +97,11 @@ def test_lazy_scoring_takes_the_decisions_of_scoring_everything(setup, monkeypat
 
     monkeypatch.setattr(module, "GeneticSearch", EagerSearch)
     eager = search(_fitness(setup), names, config, None)
-    assert lazy["genome"] == eager["genome"] and lazy["value"] == eager["value"]
-    assert [r["best"] for r in lazy["logbook"]] == [r["best"] for r in eager["logbook"]]
-    assert lazy["distinct_genomes"] == eager["distinct_genomes"]  # the same genomes were bred
-    assert lazy["scored_genomes"] < eager["scored_genomes"] == eager["distinct_genomes"]
-    assert lazy["cost"]["ga_tokens"] < eager["cost"]["ga_tokens"]
+    assert lazy.genome == eager.genome and lazy.value == eager.value
+    assert [r["best"] for r in lazy.logbook] == [r["best"] for r in eager.logbook]
+    assert lazy.distinct_genomes == eager.distinct_genomes  # the same genomes were bred
+    assert lazy.scored_genomes < eager.scored_genomes == eager.distinct_genomes
+    assert lazy.cost["ga_tokens"] < eager.cost["ga_tokens"]
 
 
 def test_hardest_examples_are_scored_first(setup):
@@ -132,10 +132,10 @@ def test_screening_is_continued_not_redone_and_its_rejections_are_final(setup):
         part = screened.judge(keep, budget, until=screened.n // 2)
         done = screened.judge(keep, budget)
         reference = full.judge(keep, budget)
-        assert {k: done[k] for k in reference} == reference
-        assert part.get("provisional", False) == (part["feasible"] and reference["seen"] > part["seen"])
-        if not part["feasible"]:
-            assert done is part or done == {k: part[k] for k in reference}
+        assert done == reference and not done.provisional and done.scores is None
+        assert part.provisional == (part.feasible and reference.seen > part.seen)
+        if not part.feasible:
+            assert done is part or done == part
     assert screened.tokens_spent == full.tokens_spent  # nothing scored twice
 
 
@@ -150,8 +150,8 @@ def test_screened_search_ends_within_epsilon_on_the_whole_split(setup):
     config = SearchConfig(epsilon=0.02, min_keep=0.6, population=8, generations=4, elite=2, seed=5,
                           gene_mutation_prob=0.2, screen=0.3)
     result = search(fitness, list(setup[2].dense), config, None)
-    assert result["feasible"] and result["accuracy"] >= result["target"]
-    assert _fitness(setup).accuracy(result["levels"]) == pytest.approx(result["accuracy"])
+    assert result.feasible and result.accuracy >= result.target
+    assert _fitness(setup).accuracy(result.levels) == pytest.approx(result.accuracy)
 
 
 def test_a_search_with_parked_dense_weights_takes_the_same_decisions(setup, tmp_path):
@@ -166,7 +166,7 @@ def test_a_search_with_parked_dense_weights_takes_the_same_decisions(setup, tmp_
         assert list(tmp_path.glob("*.safetensors"))  # something was parked
     finally:
         pruner.park = None
-    assert parked["levels"] == plain["levels"] and parked["accuracy"] == plain["accuracy"]
+    assert parked.levels == plain.levels and parked.accuracy == plain.accuracy
     assert all(u.parked is None for u in pruner.units.values())  # back at dense: all read back
 
 
@@ -191,7 +191,7 @@ def test_resume_after_interruption_equals_uninterrupted(setup, tmp_path):
             raise Killed
         return correct(*args, **kwargs)
 
-    cost = uninterrupted["cost"]
+    cost = uninterrupted.cost
     kill_after = cost["evaluations"] - cost["ga_evaluations"] // 3
     fitness._correct = dying
     with pytest.raises(Killed):
@@ -199,8 +199,8 @@ def test_resume_after_interruption_equals_uninterrupted(setup, tmp_path):
     assert (work / "state.json").exists()
     resumed = search(_fitness(setup), names, CONFIG, work)
     for key in ("genome", "levels", "value", "accuracy", "logbook", "bottlenecks"):
-        assert resumed[key] == uninterrupted[key], key
-    assert resumed["cost"] == uninterrupted["cost"]
+        assert getattr(resumed, key) == getattr(uninterrupted, key), key
+    assert resumed.cost == uninterrupted.cost
 
 
 def test_a_search_state_of_another_format_is_recomputed(setup, tmp_path):
@@ -214,7 +214,7 @@ def test_a_search_state_of_another_format_is_recomputed(setup, tmp_path):
     state.update(format=1, base_accuracy=0.123)
     (tmp_path / "uniform.json").write_text(json.dumps(state))
     again = search(_fitness(setup), names, config, tmp_path)
-    assert again["base_accuracy"] == first["base_accuracy"] != 0.123
+    assert again.base_accuracy == first.base_accuracy != 0.123
     assert json.loads((tmp_path / "uniform.json").read_text())["format"] != 1
 
 
@@ -301,3 +301,47 @@ def test_confidence_bound_refuses_what_lucky_fixes_rescue(setup):
     assert all(b >= a for a, b in zip(fitness.excess(swapped), list(fitness.excess(swapped))[1:]))
     fitness.confidence = 0.0
     assert list(fitness.excess(swapped))[-1] == 2.0
+
+
+def test_the_search_draws_from_its_own_random_stream(setup):
+    """The GA neither seeds nor draws from the process-global ``random``; its seed alone
+    decides what it breeds."""
+    names = list(setup[2].dense)
+    random.seed(1234)
+    before = random.getstate()
+    first = search(_fitness(setup), names, CONFIG, None)
+    assert random.getstate() == before
+    random.seed(99)  # another global state: the same search
+    second = search(_fitness(setup), names, CONFIG, None)
+    assert first.genome == second.genome and first.logbook == second.logbook
+    assert first.distinct_genomes == second.distinct_genomes
+
+
+def test_verdicts_keep_their_json_form():
+    """A Verdict is saved (the search's resumable state) as the dict it replaced."""
+    from sieve_pl.stages.fitness import Verdict
+
+    final = Verdict(False, 39.5, 40, 0.8, pool=Verdict(False, 3, 4, None))
+    part = Verdict(True, None, 20, None, provisional=True, scores=[1.0, 0.0])
+    assert final.record() == {"feasible": False, "over_at": 39.5, "seen": 40, "accuracy": 0.8,
+                              "pool": {"feasible": False, "over_at": 3, "seen": 4,
+                                       "accuracy": None}}
+    assert part.record() == {"feasible": True, "over_at": None, "seen": 20, "accuracy": None,
+                             "scores": [1.0, 0.0], "provisional": True}
+    assert "scores" not in part.record(scores=False)
+    for verdict in (final, part):
+        assert Verdict.from_record(verdict.record()) == verdict
+
+
+def test_search_results_keep_their_json_form(setup):
+    """search.json holds the same keys as before the result was typed: the strategy's own."""
+    from sieve_pl.stages.search import SearchResult
+
+    names = list(setup[2].dense)
+    common = {"levels", "accuracy", "base_accuracy", "target", "kept", "feasible", "cost",
+              "uniform", "path", "seeds", "validation_examples", "validation_tokens"}
+    uniform = search(_fitness(setup), names, SearchConfig(epsilon=0.1, strategy="uniform"), None)
+    assert set(uniform.record()) == common
+    genetic = search(_fitness(setup), names, CONFIG, None)
+    assert set(genetic.record()) == common | set(SearchResult.GENETIC)
+    assert SearchResult.from_record(genetic.record()) == genetic

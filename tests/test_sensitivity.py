@@ -6,6 +6,7 @@ from sieve_pl.models.module import SieveLM
 from sieve_pl.models.pruning import Pruner
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project
+from sieve_pl.stages.fitness import Verdict
 from sieve_pl.stages.search import SearchConfig, path_search
 from sieve_pl.stages.stage import levels_at
 from sieve_pl.stages.sensitivity import (gradient_moments, price_path,
@@ -161,7 +162,7 @@ def test_path_search_finds_the_longest_feasible_prefix():
     def judge(levels):
         removed = sum(10 for v in levels.values() if v < 1)
         seen.append(removed)
-        return {"feasible": removed <= 230, "accuracy": 1 - removed / 1000}
+        return Verdict(removed <= 230, None if removed <= 230 else 0, 0, 1 - removed / 1000)
 
     found = path_search(judge, path, names, 400, 1.0, SearchConfig(resolution=0.01))
     assert found["steps"] == 23

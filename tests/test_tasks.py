@@ -474,3 +474,19 @@ def test_chat_template_formats_every_prompt_as_a_user_turn(tokenizer):
     no_template.chat_template = None
     with pytest.raises(SieveError, match="has no chat template"):
         TaskDataModule(chat_template=True).prepare(no_template)
+
+
+def test_encoding_never_changes_the_tokenizer(tokenizer):
+    """Loading sets left padding and truncation once; encoding reads them, and a tokenizer
+    set otherwise is refused with the fix rather than changed behind the caller's back."""
+    from sieve_pl.models.loading import left_padded
+    from sieve_pl.tasks.base import encode_prompts
+
+    assert (tokenizer.padding_side, tokenizer.truncation_side) == ("left", "left")
+    other = copy.deepcopy(tokenizer)
+    other.padding_side = "right"
+    with pytest.raises(SieveError, match="left_padded"):
+        encode_prompts(other, ["a b c", "d"], 8)
+    assert other.padding_side == "right"
+    batch = encode_prompts(left_padded(other), ["a b c", "d"], 8)
+    assert batch["attention_mask"][:, -1].all()  # padded on the left

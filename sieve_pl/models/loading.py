@@ -230,11 +230,18 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_tokenizer(name_or_path: str):
-    """Tokenizer padded on the left, so the last position is every prompt's next token."""
+    """The model's tokenizer, :func:`left_padded`."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
-    tokenizer.padding_side = "left"
+    return left_padded(AutoTokenizer.from_pretrained(resolve(name_or_path)))
+
+
+def left_padded(tokenizer):
+    """The tokenizer set, once at load, to pad and truncate on the left (and to pad with EOS
+    when it has no pad token): the last position is every prompt's next token, and a prompt
+    that is too long loses its beginning, not the question at its end. Encoding
+    (:func:`~sieve_pl.tasks.base.encode_prompts`) relies on it and never changes it."""
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -1,7 +1,6 @@
 """The LightningModule the CLI builds: a causal LM scored on the task through Lightning loops."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -12,9 +11,6 @@ from torchmetrics import MeanMetric
 from ..io import PeakMemory
 from ..progress import named
 from .loading import DEFAULT_MODEL, load_config, load_model, load_tokenizer, local_folder
-
-# predict_step returns nothing on purpose (metrics accumulate in the module)
-warnings.filterwarnings("ignore", message="predict returned None")
 
 
 class SieveLM(L.LightningModule):

@@ -20,7 +20,7 @@ from typing import Callable
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..io import read_json, write_json
-from .fitness import Fitness
+from .fitness import Fitness, Verdict
 from .search_config import SearchConfig
 from .stage import Confirmed, Context, Recovered, Searched, Stage, levels_at
 
@@ -62,8 +62,9 @@ class Confirm(Stage):
                               found.details.get("path"), self.recovered.weights)
             checked["with_lora"] = bool(fitness.weights)
             if fitness.weights and not checked["passed"]:  # LoRA must not lower it there
-                fitness.weights, fitness.label = {}, "confirm: without LoRA"
-                checked["without_lora"] = fitness.accuracy(checked["levels"])
+                fitness.weights = {}
+                checked["without_lora"] = fitness.accuracy(checked["levels"],
+                                                            "confirm: without LoRA")
                 lora = checked["accuracy"] >= checked["without_lora"] - 1e-6
         finally:
             pruner.apply(1.0)
@@ -84,23 +85,22 @@ def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config
     the split's base accuracy and every point tried (each with ``fitness.weights`` where they
     fit; the step back with ``step_weights`` when given: recovery that lowered confirmation
     at the search's levels may still raise it at levels it steps back to)."""
-    fitness.label = "confirm"
-    base = sum(fitness.hardest_first()) / fitness.n
+    base = sum(fitness.hardest_first("confirm")) / fitness.n
     budget = fitness.budget(config.target(base))
     history = []
 
-    def judged(point: dict[str, float], step) -> dict:
-        verdict = fitness.judge(point, budget)
-        history.append({"step": step, "feasible": verdict["feasible"],
-                        "accuracy": verdict["accuracy"],
+    def judged(point: dict[str, float], step) -> Verdict:
+        verdict = fitness.judge(point, budget, label="confirm")
+        history.append({"step": step, "feasible": verdict.feasible,
+                        "accuracy": verdict.accuracy,
                         "kept": fitness.pruner.params(point)[0]})
         rank_zero_info(f"[sieve-pl] confirm: step back {step}: "
-                       f"{'passes' if verdict['feasible'] else 'fails'}")
+                       f"{'passes' if verdict.feasible else 'fails'}")
         return verdict
 
     first = judged(levels, 0)
-    if first["feasible"]:
-        return {"levels": levels, "accuracy": first["accuracy"], "base_accuracy": base,
+    if first.feasible:
+        return {"levels": levels, "accuracy": first.accuracy, "base_accuracy": base,
                 "passed": True, "history": history, "examples": fitness.n}
     if step_weights is not None:
         fitness.weights = step_weights
@@ -111,7 +111,7 @@ def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config
         lo, hi = steps, 0  # lo: passes (every cut undone), hi: fails
         while lo - hi > 1:
             mid = (lo + hi) // 2
-            if judged(back(mid), mid)["feasible"]:
+            if judged(back(mid), mid).feasible:
                 lo = mid
             else:
                 hi = mid
@@ -122,11 +122,11 @@ def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config
         lo, hi = 0.0, 1.0  # lo: passes (dense), hi: fails
         while hi - lo > config.resolution:
             mid = round((lo + hi) / 2, 6)
-            if judged(shrink(mid), 1 - mid)["feasible"]:
+            if judged(shrink(mid), 1 - mid).feasible:
                 lo = mid
             else:
                 hi = mid
         final = shrink(lo)
-    verdict = fitness.judge(final, budget)
-    return {"levels": final, "accuracy": verdict["accuracy"], "base_accuracy": base,
+    verdict = fitness.judge(final, budget, label="confirm")
+    return {"levels": final, "accuracy": verdict.accuracy, "base_accuracy": base,
             "passed": False, "history": history, "examples": fitness.n}

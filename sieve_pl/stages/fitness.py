@@ -9,11 +9,54 @@ feasible only when both its labelled split and the pool allow it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
+
 import torch
 from tqdm.auto import tqdm
 
 from ..models.pruning import with_weights
 from ..progress import quiet
+
+
+@dataclass
+class Verdict:
+    """What :meth:`Fitness.judge` found of a candidate.
+
+    ``feasible``: its lost score stayed within the budget. ``over_at``: how many examples (in
+    scoring order) it got through before exceeding it (None when feasible; past the split's
+    end when only the pool refused it). ``seen``: examples scored. ``accuracy``: its mean score,
+    known when every example was scored. ``pool``: the unlabeled pool's verdict, for a candidate
+    that held the split. ``provisional``: it passed only the screening's first examples, whose
+    ``scores`` a full scoring continues.
+    """
+
+    feasible: bool
+    over_at: float | None
+    seen: int
+    accuracy: float | None
+    pool: Verdict | None = None
+    provisional: bool = False
+    scores: list[float] | None = None
+
+    def record(self, scores: bool = True) -> dict:
+        """The JSON form (in the search's saved state): the optional fields only when set."""
+        out = {"feasible": self.feasible, "over_at": self.over_at, "seen": self.seen,
+               "accuracy": self.accuracy}
+        if self.pool is not None:
+            out["pool"] = self.pool.record()
+        if self.scores is not None and scores:
+            out["scores"] = self.scores
+        if self.provisional:
+            out["provisional"] = True
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict) -> Verdict:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in record.items() if k in known}
+        if values.get("pool") is not None:
+            values["pool"] = cls.from_record(values["pool"])
+        return cls(**values)
 
 
 class Fitness:
@@ -28,6 +71,7 @@ class Fitness:
     score only grows). :meth:`hardest_first` puts the examples the base model gets wrong first,
     then those it gets right by the smallest margin, so a candidate that is going to fail spends
     its budget, and is stopped, sooner. Candidates are memoised on their sizes (:meth:`judge`).
+    The scoring calls take ``label``, the name of their progress bar (what is being scored).
     """
 
     def __init__(self, trainer, lm, pruner, dataloader, early_reject: bool = True,
@@ -48,8 +92,7 @@ class Fitness:
         self.tokens_spent = 0
         self.evaluations = 0
         self.order: list[int] | None = None
-        self.memo: dict[str, dict] = {}  # judged candidates, by their unit sizes
-        self.label = "search"  # the progress bar's name; the search says what it is scoring
+        self.memo: dict[str, Verdict] = {}  # judged candidates, by their unit sizes
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -80,17 +123,18 @@ class Fitness:
         self.batches = list(DataLoader(Subset(loader.dataset, self.order),
                                        batch_size=loader.batch_size, collate_fn=loader.collate_fn))
 
-    def hardest_first(self) -> list[float]:
+    def hardest_first(self, label: str = "search") -> list[float]:
         """Score the examples the base model gets wrong, then those it gets right by the
         smallest margin, first: pruned candidates fail there first, so early rejection and
         screening decide after fewer examples. Returns the base model's scores (split order)."""
         if self.measure is None and self.safety is None:  # the task's: one forward for both
             self.pruner.apply(1.0)
-            graded = self._correct(None, None, None, self.lm.task.graded, columns=2)
+            graded = self._correct(None, None, None, self.lm.task.graded, label, columns=2)
             scores, safety = [g[0] for g in graded], [g[1] for g in graded]
         else:
-            scores = self.correct(1.0)
-            safety = self.correct(1.0, measure=self.safety or self.lm.task.confidence)
+            scores = self.correct(1.0, label=label)
+            safety = self.correct(1.0, measure=self.safety or self.lm.task.confidence,
+                                  label=label)
         if self.order is not None:  # scored in an earlier order: back to the split's order
             scores, safety = ([x for _, x in sorted(zip(self.order, xs))]
                               for xs in (scores, safety))
@@ -120,7 +164,8 @@ class Fitness:
 
     @torch.no_grad()  # (not inference mode: units built here may get other weights later)
     def correct(self, keep, max_errors: float | None = None, *, until: int | None = None,
-                prior: list[float] | None = None, measure=None) -> list[float]:
+                prior: list[float] | None = None, measure=None,
+                label: str = "search") -> list[float]:
         """Per-example scores (``measure``, default the task's score) in scoring order.
 
         Scoring stops at the first batch round after more than ``max_errors`` score is lost,
@@ -132,9 +177,10 @@ class Fitness:
         self.pruner.apply(keep)
         with with_weights(self.pruner.model, self.pruner.fitting(self.weights)):
             return self._correct(max_errors, until, prior,
-                                 measure or self.measure or self.lm.task.score)
+                                 measure or self.measure or self.lm.task.score, label)
 
-    def _correct(self, max_errors, until, prior, measure, columns: int = 1) -> list:
+    def _correct(self, max_errors, until, prior, measure, label: str,
+                 columns: int = 1) -> list:
         """Per-example values in scoring order, gathered over ranks (``columns`` > 1: rows of
         that many values each, as lists)."""
         strategy = self.trainer.strategy
@@ -149,7 +195,7 @@ class Fitness:
         if done != len(scores):
             raise ValueError("prior scores must end at a batch round")
         self.evaluations += 1
-        bar = tqdm(total=self.n, initial=len(scores), desc=self.label, unit="example",
+        bar = tqdm(total=self.n, initial=len(scores), desc=label, unit="example",
                    leave=False, disable=quiet(self.trainer))
         for start in range(first, len(self.batches), world):
             # NaN: no example; the last row carries the tokens this rank spent
@@ -177,16 +223,17 @@ class Fitness:
         bar.close()
         return scores
 
-    def accuracy(self, keep) -> float:
+    def accuracy(self, keep, label: str = "search") -> float:
         """Mean score (the task's primary metric) of the candidate on the whole split."""
-        return sum(self.correct(keep)) / self.n
+        return sum(self.correct(keep, label=label)) / self.n
 
-    def _verdict(self, scores: list[float], budget: float) -> dict:
+    def _verdict(self, scores: list[float], budget: float) -> Verdict:
         over_at = next((i for i, spent in enumerate(self.excess(scores)) if spent > budget), None)
-        return {"feasible": over_at is None, "over_at": over_at, "seen": len(scores),
-                "accuracy": sum(scores) / self.n if len(scores) == self.n else None}
+        return Verdict(over_at is None, over_at, len(scores),
+                       sum(scores) / self.n if len(scores) == self.n else None)
 
-    def judge(self, keep, budget: float, until: int | None = None) -> dict:
+    def judge(self, keep, budget: float, until: int | None = None,
+              label: str = "search") -> Verdict:
         """Is the candidate feasible (lost score ≤ budget)? Memoised on its sizes: keep levels
         that round to the same ranks / neuron counts (``rank_multiple``) are one candidate, scored once.
 
@@ -203,34 +250,36 @@ class Fitness:
         part = self.memo.get(key + "~")
         if until is not None and until < self.n:
             if part is None:
-                scores = self.correct(keep, budget, until=until)
-                part = self.memo[key + "~"] = {**self._verdict(scores, budget), "scores": scores,
-                                               "provisional": True}
-            if part["feasible"]:
+                scores = self.correct(keep, budget, until=until, label=label)
+                part = self.memo[key + "~"] = replace(self._verdict(scores, budget),
+                                                      scores=scores, provisional=True)
+            if part.feasible:
                 return part
-            scores = part["scores"]  # failed the screening: as final as a full scoring
+            scores = part.scores  # failed the screening: as final as a full scoring
         else:
-            scores = self.correct(keep, budget, prior=part["scores"] if part else None)
+            scores = self.correct(keep, budget, prior=part.scores if part else None,
+                                  label=label)
         self.memo.pop(key + "~", None)
         verdict = self._verdict(scores, budget)
-        if verdict["feasible"] and self.pool is not None:
-            verdict = self._with_pool(keep, verdict, budget)
+        if verdict.feasible and self.pool is not None:
+            verdict = self._with_pool(keep, verdict, budget, label)
         self.memo[key] = verdict
         return verdict
 
-    def _with_pool(self, keep, verdict: dict, budget: float) -> dict:
+    def _with_pool(self, keep, verdict: Verdict, budget: float, label: str) -> Verdict:
         """A candidate that holds the labelled split must also hold the pool, whose allowed
         loss per prompt is ``pool_share`` of the split's (``budget`` less the base model's lost
         score, per example). One that does not is infeasible, ranked above every labelled
         failure: its ``over_at`` is past the split's end by the share of the pool it got
         through."""
         allowed = (budget - Fitness.lost(self.base or [])) / self.n  # (base − target)
-        pool = self.pool.judge(keep, self.pool_share * allowed * self.pool.n)
-        verdict = {**verdict, "pool": {k: pool[k] for k in ("feasible", "over_at", "seen",
-                                                             "accuracy")}}
-        if not pool["feasible"]:
-            verdict.update(feasible=False,
-                           over_at=self.n - 1 + pool["over_at"] / max(self.pool.n, 1))
+        pool = self.pool.judge(keep, self.pool_share * allowed * self.pool.n,
+                               label=f"{label}: unlabeled pool")
+        verdict = replace(verdict, pool=Verdict(pool.feasible, pool.over_at, pool.seen,
+                                                pool.accuracy))
+        if not pool.feasible:
+            verdict = replace(verdict, feasible=False,
+                              over_at=self.n - 1 + pool.over_at / max(self.pool.n, 1))
         return verdict
 
     @property
@@ -240,12 +289,12 @@ class Fitness:
 
     def state(self) -> dict:
         return {"tokens_spent": self.tokens_spent, "evaluations": self.evaluations,
-                "memo": self.memo, "order": self.order, "base": self.base,
+                "memo": {key: v.record() for key, v in self.memo.items()}, "order": self.order, "base": self.base,
                 **({"pool": self.pool.state()} if self.pool is not None else {})}
 
     def restore(self, state: dict) -> None:
         self.tokens_spent, self.evaluations = state["tokens_spent"], state["evaluations"]
-        self.memo = state["memo"]
+        self.memo = {key: Verdict.from_record(v) for key, v in state["memo"].items()}
         self.base = state.get("base")
         if state["order"] is not None and state["order"] != self.order:
             self.reorder(state["order"])

@@ -10,7 +10,7 @@ import math
 import random
 from pathlib import Path
 
-from deap import algorithms, base, creator, tools
+from deap import base, creator, tools
 from tqdm.auto import tqdm
 
 from ..io import crash_point, read_json, resumable, say, write_json
@@ -26,16 +26,47 @@ if not hasattr(creator, "SieveFitness"):
     creator.create("SieveGenome", list, fitness=creator.SieveFitness)
 
 
-def _step_mutation(genome, top: int, indpb: float):
+# The operators draw from the search's own ``random.Random``: DEAP's (``tools.cxTwoPoint``,
+# ``tools.selRandom``, ``algorithms.varAnd``) draw from the process-global ``random`` module.
+# Each makes DEAP's draws in DEAP's order, so a seed breeds the genomes DEAP's would.
+
+def _step_mutation(genome, rng: random.Random, top: int, indpb: float):
     """Move each gene one rung up or down the ladder with probability ``indpb``."""
     for i in range(len(genome)):
-        if random.random() < indpb:
-            genome[i] = min(top, max(0, genome[i] + random.choice((-1, 1))))
+        if rng.random() < indpb:
+            genome[i] = min(top, max(0, genome[i] + rng.choice((-1, 1))))
     return (genome,)
 
 
-def _rng_state() -> list:
-    version, state, gauss = random.getstate()
+def _two_point_crossover(a, b, rng: random.Random):
+    """``tools.cxTwoPoint``: swap the genes between two cut points, in place."""
+    size = min(len(a), len(b))
+    first, second = rng.randint(1, size), rng.randint(1, size - 1)
+    if second >= first:
+        second += 1
+    else:
+        first, second = second, first
+    a[first:second], b[first:second] = b[first:second], a[first:second]
+    return a, b
+
+
+def _vary(population: list, toolbox, rng: random.Random, crossover_prob: float,
+          mutation_prob: float) -> list:
+    """``algorithms.varAnd``: clones, paired crossover, then mutation, each with its chance."""
+    offspring = [toolbox.clone(g) for g in population]
+    for i in range(1, len(offspring), 2):
+        if rng.random() < crossover_prob:
+            offspring[i - 1], offspring[i] = toolbox.mate(offspring[i - 1], offspring[i])
+            del offspring[i - 1].fitness.values, offspring[i].fitness.values
+    for i in range(len(offspring)):
+        if rng.random() < mutation_prob:
+            offspring[i], = toolbox.mutate(offspring[i])
+            del offspring[i].fitness.values
+    return offspring
+
+
+def _rng_state(rng: random.Random) -> list:
+    version, state, gauss = rng.getstate()
     return [version, list(state), gauss]
 
 
@@ -68,9 +99,13 @@ class GeneticSearch:
         self.screen = math.ceil(config.screen * fitness.n) if config.screen < 1 else None
         self.cache: dict[str, dict] = {}  # genomes scored on the whole split
         self.seen: dict[str, list[int]] = {}  # every genome of every generation, first seen first
+        self.progress = "search: genetic"  # the scoring bar's name: the generation bred
+        # the search's own random stream: seeded with ``search.seed``, saved with every
+        # generation; the process-global ``random`` is never drawn from or seeded
+        self.rng = random.Random(config.seed)
         self.toolbox = base.Toolbox()
-        self.toolbox.register("mate", tools.cxTwoPoint)
-        self.toolbox.register("mutate", _step_mutation, top=len(ladder) - 1,
+        self.toolbox.register("mate", _two_point_crossover, rng=self.rng)
+        self.toolbox.register("mutate", _step_mutation, rng=self.rng, top=len(ladder) - 1,
                               indpb=config.gene_mutation_prob)
 
     def levels(self, genome) -> dict[str, float]:
@@ -89,13 +124,13 @@ class GeneticSearch:
         if key in self.cache:
             return self.cache[key]
         levels = self.levels(genome)
-        verdict = self.fitness.judge(levels, self.budget, None if full else self.screen)
+        verdict = self.fitness.judge(levels, self.budget, None if full else self.screen,
+                                     label=self.progress)
         kept, total = self.fitness.pruner.params(levels)
-        value = (1 - kept / total if verdict["feasible"]
-                 else verdict["over_at"] / self.fitness.n - 1)
-        record = {"value": value, "kept": kept,
-                  **{k: v for k, v in verdict.items() if k != "scores"}}
-        if not verdict.get("provisional"):
+        value = (1 - kept / total if verdict.feasible
+                 else verdict.over_at / self.fitness.n - 1)
+        record = {"value": value, "kept": kept, **verdict.record(scores=False)}
+        if not verdict.provisional:
             self.cache[key] = record
         return record
 
@@ -118,7 +153,8 @@ class GeneticSearch:
     def select(self, population: list, k: int) -> list:
         """DEAP's tournament selection (the same random draws), with lazily scored aspirants
         that need only pass the screening."""
-        return [self.best(tools.selRandom(population, self.config.tournament_size), 1,
+        size = self.config.tournament_size
+        return [self.best([self.rng.choice(population) for _ in range(size)], 1,
                           full=False)[0] for _ in range(k)]
 
     def initial(self, seeds: list[list[int]]):
@@ -131,9 +167,9 @@ class GeneticSearch:
         top = len(self.ladder) - 1
         genomes = [list(g) for g in dict.fromkeys(tuple(g) for g in seeds)]
         while len(genomes) < self.config.population:
-            share = random.uniform(0.05, 0.5)
-            genomes.append([random.randint(1, random.randint(1, top))
-                            if top and random.random() < share else 0 for _ in self.names])
+            share = self.rng.uniform(0.05, 0.5)
+            genomes.append([self.rng.randint(1, self.rng.randint(1, top))
+                            if top and self.rng.random() < share else 0 for _ in self.names])
         return [creator.SieveGenome(g) for g in genomes]
 
     def _save(self, generation, population, logbook) -> None:
@@ -142,7 +178,7 @@ class GeneticSearch:
         write_json(self.work / "state.json", {
             "generation": generation, "population": [list(g) for g in population],
             "seen": list(self.seen.values()), "logbook": list(logbook), "cache": self.cache,
-            "rng": _rng_state(), "fitness": self.fitness.state()})
+            "rng": _rng_state(self.rng), "fitness": self.fitness.state()})
         crash_point("search:generation")
 
     def _restore(self, logbook):
@@ -154,8 +190,8 @@ class GeneticSearch:
         def read(path: Path) -> dict:  # everything read and checked before anything changes
             state = read_json(path)
             rng = state["rng"]
-            random.setstate((rng[0], tuple(rng[1]), rng[2]))
-            return {"population": [creator.SieveGenome(list(map(int, g)))
+            return {"rng": (int(rng[0]), tuple(map(int, rng[1])), rng[2]),
+                    "population": [creator.SieveGenome(list(map(int, g)))
                                    for g in state["population"]],
                     "generation": int(state["generation"]), "cache": dict(state["cache"]),
                     "seen": {_key(g): list(g) for g in state["seen"]},
@@ -167,6 +203,7 @@ class GeneticSearch:
         if state is None:
             return None, -1
         self.cache, self.seen = state["cache"], state["seen"]
+        self.rng.setstate(state["rng"])  # the stream goes on where the last generation left it
         self.fitness.restore(state["fitness"])
         for record in state["logbook"]:
             logbook.record(**record)
@@ -185,15 +222,8 @@ class GeneticSearch:
         self._save(generation, population, logbook)
 
     def run(self, seeds: list[list[int]]) -> dict:
-        """The GA from ``seeds``; DEAP draws from the ``random`` module, which is seeded with
-        ``search.seed`` (or the checkpoint's state) inside and given back as it was after."""
-        outer = random.getstate()
-        try:
-            return self._run(seeds)
-        finally:
-            random.setstate(outer)
-
-    def _run(self, seeds: list[list[int]]) -> dict:
+        """The GA from ``seeds``, drawing from its own stream (``search.seed``, or the
+        checkpoint's state when it resumes)."""
         cfg = self.config
         budget = cfg.population * (cfg.generations + 1)
         if self.is_writer:  # the budget against the genome's length: a search, or a local probe
@@ -203,8 +233,8 @@ class GeneticSearch:
         logbook = tools.Logbook()
         population, done = self._restore(logbook)
         if population is None:
-            random.seed(cfg.seed)
-            self.fitness.label = f"search: generation 0/{cfg.generations}"
+            self.rng.seed(cfg.seed)
+            self.progress = f"search: generation 0/{cfg.generations}"
             population = self.initial(seeds)
             self._generation(0, population, logbook)
             done = 0
@@ -212,11 +242,11 @@ class GeneticSearch:
                    initial=done, total=cfg.generations,
                    disable=not self.is_writer or quiet(self.fitness.trainer))
         for generation in bar:
-            self.fitness.label = f"search: generation {generation}/{cfg.generations}"
+            self.progress = f"search: generation {generation}/{cfg.generations}"
             elite = [self.toolbox.clone(g) for g in self.best(population, cfg.elite)]
             offspring = self.select(population, len(population) - cfg.elite)
-            offspring = algorithms.varAnd(offspring, self.toolbox, cfg.crossover_prob,
-                                          cfg.mutation_prob)
+            offspring = _vary(offspring, self.toolbox, self.rng, cfg.crossover_prob,
+                              cfg.mutation_prob)
             population = elite + offspring
             self._generation(generation, population, logbook)
             bar.set_postfix(best=f"{logbook[-1]['best']:.4f}", scored=len(self.cache))

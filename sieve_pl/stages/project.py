@@ -44,10 +44,10 @@ class ProjectionConfig:
             rows of gate/up and columns of down, and refit down's kept columns; the result is
             smaller dense Linears) or factored (gate, up and down each factored by ``method``).
         attention: how v and o are pruned: factored (each by ``method``; default: the larger
-            cut measured on the demo, 35.3% vs 30.6% of decoder weights at the same test
-            accuracy) or heads (one unit per layer: each kv head keeps r of its d value
-            dimensions, v and o shrink by r/d as plain smaller Linears and o is refitted; needs
-            separate v/o Linears, else factored). q and k are factored either way.
+            cut at the same test accuracy, bench/README "Attention value dimensions") or heads
+            (one unit per layer: each kv head keeps r of its d value dimensions, v and o shrink
+            by r/d as plain smaller Linears and o is refitted; needs separate v/o Linears, else
+            factored). q and k are factored either way.
         ridge: damping of the refits (down on kept neurons, o on kept value dimensions)
             towards the dense weights, relative to the mean diagonal of the input's second
             moment: ``W C_λ[:, S] C_λ[S, S]⁻¹`` with ``C_λ = C + ridge·mean(diag C)·I``, which

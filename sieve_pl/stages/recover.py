@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import gc
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,7 +44,7 @@ from ..errors import SieveError
 from ..models.placement import is_split
 from ..io import PeakMemory, atomic, crash_point, resumable
 from ..models.module import evaluate, outputs
-from ..training import Checkpointed, logged, resume_fit, trainer_for
+from ..training import Checkpointed, logged, resume_fit, seeded, trainer_for
 from .stage import Context, Recovered, Stage, settings
 
 
@@ -170,10 +170,11 @@ class Recovery(Checkpointed):
             _prepare_for_kbit_training(net, config.gradient_checkpointing)
         elif config.gradient_checkpointing:  # (peft's preparation turns it on for k-bit only)
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        torch.manual_seed(config.seed)  # the adapters' initialisation
-        self.net = get_peft_model(net, LoraConfig(
-            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-            target_modules=targets, bias="none"))
+        with seeded(config.seed):  # the adapters' initialisation
+            self.net = get_peft_model(net, LoraConfig(
+                r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                target_modules=targets, bias="none"))
+        self._epoch_rng = ExitStack()  # an epoch's dropout draws (see on_train_epoch_start)
         self.net.train()  # the pruning stages left the model in eval mode (dropout off)
         self.accuracy = MeanMetric()  # the task's primary metric, logged as val_acc
 
@@ -200,7 +201,19 @@ class Recovery(Checkpointed):
         crash_point("recover:step")
 
     def on_train_epoch_start(self) -> None:
-        torch.manual_seed(self.config.seed + self.current_epoch)  # dropout: same after resume
+        # dropout draws from an RNG seeded per epoch (the same after a resume), inside this
+        # epoch only: the process's RNG is put back when the epoch ends
+        self._epoch_rng.close()
+        self._epoch_rng.enter_context(seeded(self.config.seed + self.current_epoch))
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_rng.close()
+
+    def on_fit_end(self) -> None:
+        self._epoch_rng.close()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._epoch_rng.close()
 
     def configure_optimizers(self):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad],

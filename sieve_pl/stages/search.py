@@ -20,13 +20,13 @@ from ..errors import SieveError
 from ..io import read_json, resumable, write_json
 from ..models.pruning import Pruner, layer_and_kind
 from ..report import save_search
-from .fitness import Fitness, pool_fitness
+from .fitness import Fitness, Verdict, pool_fitness
 from .genetic import GeneticSearch
-from .search_config import SearchConfig
+from .search_config import SearchConfig, SearchResult
 from .sensitivity import price_path, sensitivity_costs
 from .stage import Context, Searched, Stage, levels_at
 
-__all__ = ["Fitness", "GeneticSearch", "Search", "SearchConfig", "bisect", "kind_search",
+__all__ = ["Fitness", "GeneticSearch", "Search", "SearchConfig", "SearchResult", "bisect", "kind_search",
            "kinds_of", "ladder_with", "path_search", "search", "uniform_search"]
 
 
@@ -64,7 +64,7 @@ class Search(Stage):
                         ctx.calibration_loader(labelled=config.fisher == "label"), self.stats,
                         self.groups, config.ladder, config.fisher)
         return Searched.from_record(search(fitness, self.pruner.names, config, work,
-                                           ctx.trainer.is_global_zero, costs))
+                                           ctx.trainer.is_global_zero, costs).record())
 
     def save(self, found: Searched, folder: Path) -> None:
         save_search(found.record(), folder)
@@ -75,7 +75,7 @@ class Search(Stage):
 
 def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
            is_writer: bool = True,
-           costs: Callable[[], dict[str, list[dict]]] | None = None) -> dict:
+           costs: Callable[[], dict[str, list[dict]]] | None = None) -> SearchResult:
     """Uniform bisection, then (strategy genetic) the seed allocations and the GA seeded with
     them; ``costs`` gives the sensitivity seed's per-unit cost estimates. The result (and its
     price path) goes to confirmation after recovery (``confirm.py``). The model moves from
@@ -87,7 +87,7 @@ def search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path 
 
 
 def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path | None,
-            is_writer: bool, costs) -> dict:
+            is_writer: bool, costs) -> SearchResult:
     spread = uniform_levels(fitness.pruner, names, config.space)
     uniform_path = work / "uniform.json" if work else None
     saved = resumable(uniform_path, read_json, "searching the uniform level again"
@@ -96,8 +96,7 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
         uniform = saved
         fitness.restore(uniform["fitness"])
     else:  # (a state written by another version of this code is recomputed, not misread)
-        fitness.label = "search: base model"
-        base_scores = fitness.hardest_first()
+        base_scores = fitness.hardest_first("search: base model")
         base_accuracy = sum(base_scores) / fitness.n
         budget = fitness.budget(config.target(base_accuracy))
         slack = budget - Fitness.lost(base_scores)
@@ -144,13 +143,13 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
     if config.strategy == "uniform":
         levels = spread(uniform["keep"])
         kept, total = fitness.pruner.params(levels)
-        return {**result, "levels": levels,
-                "accuracy": uniform["accuracy"], "kept": kept, "feasible": True, "cost": cost}
+        return SearchResult(**result, levels=levels, accuracy=uniform["accuracy"], kept=kept,
+                            feasible=True, cost=cost)
     if config.strategy == "sensitivity":  # the path's point is the result, not a seed
         path = result["seeds"].pop("sensitivity")
-        return {**result, "levels": path["levels"], "accuracy": path["accuracy"],
-                "kept": path["kept"], "feasible": True, "cost": cost,
-                "steps": path["steps"], "history": path["history"]}
+        return SearchResult(**result, levels=path["levels"], accuracy=path["accuracy"],
+                            kept=path["kept"], feasible=True, cost=cost, steps=path["steps"],
+                            history=path["history"])
     seeds = [seed["levels"] for seed in uniform["seeds"].values()]
     ladder = ladder_with(config.ladder, uniform["keep"],
                          *(keep for levels in seeds for keep in levels.values()))
@@ -158,12 +157,12 @@ def _search(fitness: Fitness, names: list[str], config: SearchConfig, work: Path
     found = ga.run([[ladder.index(levels[n]) for n in names] for levels in seeds]
                    + [[ladder.index(uniform["keep"])] * len(names)])
     naive = config.population * (config.generations + 1) * fitness.tokens_total
-    return {**result, **found, "ladder": ladder,
-            "cost": {"search_tokens": fitness.tokens_spent, "evaluations": fitness.evaluations,
-                     "pool_tokens": fitness.pool.tokens_spent if fitness.pool else 0,
-                     "ga_tokens": fitness.tokens_spent - uniform_tokens,
-                     "ga_evaluations": fitness.evaluations - uniform_evaluations,
-                     "uniform_tokens": uniform_tokens, "naive_tokens": naive}}
+    cost = {"search_tokens": fitness.tokens_spent, "evaluations": fitness.evaluations,
+            "pool_tokens": fitness.pool.tokens_spent if fitness.pool else 0,
+            "ga_tokens": fitness.tokens_spent - uniform_tokens,
+            "ga_evaluations": fitness.evaluations - uniform_evaluations,
+            "uniform_tokens": uniform_tokens, "naive_tokens": naive}
+    return SearchResult(**result, **found, ladder=ladder, cost=cost)
 
 
 def uniform_levels(pruner: Pruner, names: list[str], space: str) -> Callable[[float], dict]:
@@ -177,7 +176,7 @@ def uniform_levels(pruner: Pruner, names: list[str], space: str) -> Callable[[fl
     return lambda keep: {n: keep if n in mlps else 1.0 for n in names}
 
 
-def uniform_search(judge: Callable[[float], dict], base_accuracy: float,
+def uniform_search(judge: Callable[[float], Verdict], base_accuracy: float,
                    config: SearchConfig) -> dict:
     """Bisection on the uniform keep fraction; returns the level found and every evaluation.
 
@@ -186,10 +185,10 @@ def uniform_search(judge: Callable[[float], dict], base_accuracy: float,
     """
     history = [{"keep": 1.0, "accuracy": base_accuracy, "feasible": True}]
 
-    def feasible(keep: float) -> dict:
+    def feasible(keep: float) -> Verdict:
         verdict = judge(keep)
-        history.append({"keep": keep, "accuracy": verdict["accuracy"],
-                        "feasible": verdict["feasible"]})
+        history.append({"keep": keep, "accuracy": verdict.accuracy,
+                        "feasible": verdict.feasible})
         _progress("uniform", keep, verdict)
         return verdict
 
@@ -198,17 +197,17 @@ def uniform_search(judge: Callable[[float], dict], base_accuracy: float,
             "base_accuracy": base_accuracy, "history": history}
 
 
-def kind_search(judge: Callable[[dict], dict], kinds: dict[str, list[str]], keep: float,
+def kind_search(judge: Callable[[dict], Verdict], kinds: dict[str, list[str]], keep: float,
                 accuracy: float, config: SearchConfig) -> dict:
     """From the uniform level, bisect each kind's keep lower with the other kinds held, in the
     order of ``kinds`` (largest first); every step stays feasible."""
     levels = {n: keep for names in kinds.values() for n in names}
     history = []
     for kind, names in kinds.items():
-        def feasible(k: float) -> dict:
+        def feasible(k: float) -> Verdict:
             verdict = judge({**levels, **dict.fromkeys(names, k)})
-            history.append({"kind": kind, "keep": k, "accuracy": verdict["accuracy"],
-                            "feasible": verdict["feasible"]})
+            history.append({"kind": kind, "keep": k, "accuracy": verdict.accuracy,
+                            "feasible": verdict.feasible})
             _progress(f"by kind, {kind}", k, verdict)
             return verdict
 
@@ -218,7 +217,7 @@ def kind_search(judge: Callable[[dict], dict], kinds: dict[str, list[str]], keep
             "keeps": {kind: levels[names[0]] for kind, names in kinds.items()}}
 
 
-def path_search(judge: Callable[[dict], dict], path: list[tuple[str, float, int]],
+def path_search(judge: Callable[[dict], Verdict], path: list[tuple[str, float, int]],
                 names: list[str], total: int, accuracy: float, config: SearchConfig) -> dict:
     """The longest feasible prefix of the price path (:func:`~.sensitivity.price_path`),
     bisected on the weights it removes down to ``resolution`` of the total."""
@@ -227,58 +226,57 @@ def path_search(judge: Callable[[dict], dict], path: list[tuple[str, float, int]
         removed.append(removed[-1] + weights)
     history = []
 
-    def feasible(j: int) -> dict:
+    def feasible(j: int) -> Verdict:
         verdict = judge(levels_at(path, names, j))
         history.append({"step": j, "removed": removed[j] / total,
-                        "accuracy": verdict["accuracy"], "feasible": verdict["feasible"]})
+                        "accuracy": verdict.accuracy, "feasible": verdict.feasible})
         _progress("sensitivity", 1 - removed[j] / total, verdict)
         return verdict
 
     lo, hi, lo_accuracy = 0, len(path), accuracy
     verdict = feasible(hi)
-    if verdict["feasible"]:
-        lo, lo_accuracy = hi, verdict["accuracy"]
+    if verdict.feasible:
+        lo, lo_accuracy = hi, verdict.accuracy
     while hi - lo > 1 and removed[hi] - removed[lo] > config.resolution * total:
         mid = min(bisect_right(removed, (removed[lo] + removed[hi]) / 2, lo + 1, hi), hi - 1)
         verdict = feasible(mid)
-        if verdict["feasible"]:
-            lo, lo_accuracy = mid, verdict["accuracy"]
+        if verdict.feasible:
+            lo, lo_accuracy = mid, verdict.accuracy
         else:
             hi = mid
     return {"levels": levels_at(path, names, lo), "accuracy": lo_accuracy, "steps": lo,
             "history": history}
 
 
-def bisect(feasible: Callable[[float], dict], top: float, top_accuracy: float,
+def bisect(feasible: Callable[[float], Verdict], top: float, top_accuracy: float,
            config: SearchConfig) -> tuple[float, float]:
     """Smallest keep in ``[min_keep, top]`` found feasible (``top`` is), and its accuracy."""
     lo, hi, hi_acc = config.min_keep, top, top_accuracy
     verdict = feasible(lo)
-    if verdict["feasible"]:
-        return lo, verdict["accuracy"]
+    if verdict.feasible:
+        return lo, verdict.accuracy
     while hi - lo > config.resolution:
         mid = round((lo + hi) / 2, 6)
         verdict = feasible(mid)
-        if verdict["feasible"]:
-            hi, hi_acc = mid, verdict["accuracy"]
+        if verdict.feasible:
+            hi, hi_acc = mid, verdict.accuracy
         else:
             lo = mid
     return hi, hi_acc
 
 
-def _judge(fitness: Fitness, budget: float, what: str) -> Callable[[dict | float], dict]:
+def _judge(fitness: Fitness, budget: float, what: str) -> Callable[[dict | float], Verdict]:
     """``fitness.judge`` at this budget, its progress bar named after the bisection."""
     def judge(levels):
-        fitness.label = f"search: {what}"
-        return fitness.judge(levels, budget)
+        return fitness.judge(levels, budget, label=f"search: {what}")
     return judge
 
 
-def _progress(what: str, keep: float, verdict: dict) -> None:
+def _progress(what: str, keep: float, verdict: Verdict) -> None:
     """One line per bisection step: these take minutes on a CPU and have no natural bar."""
-    accuracy = "" if verdict["accuracy"] is None else f", accuracy {verdict['accuracy']:.4f}"
+    accuracy = "" if verdict.accuracy is None else f", accuracy {verdict.accuracy:.4f}"
     rank_zero_info(f"[sieve-pl] search ({what}): keep {keep:.4f} "
-                   f"{'feasible' if verdict['feasible'] else 'rejected'}{accuracy}")
+                   f"{'feasible' if verdict.feasible else 'rejected'}{accuracy}")
 
 
 def kinds_of(fitness: Fitness, names: list[str]) -> dict[str, list[str]]:

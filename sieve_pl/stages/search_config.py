@@ -5,7 +5,7 @@ Its own module because more than the search reads them: the GA (``genetic.py``),
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from ..errors import SieveError
@@ -18,15 +18,15 @@ class SearchConfig:
     Args:
         strategy: genetic (one level per unit, a GA seeded by the uniform level and the seeds),
             sensitivity (the sensitivity price path alone: the longest prefix within epsilon;
-            no uniform bisection, no GA: cheaper, and on the demo the GA's levels removed
-            little more than the path's) or uniform only.
+            no uniform bisection, no GA: cheaper, for levels close to the GA's; bench/README,
+            "GA or the price path") or uniform only.
         epsilon: allowed accuracy loss, in (0, 1).
         relative: true: target is (1 - epsilon) * base accuracy; false: base accuracy - epsilon.
         ladder: keep fractions (of its weights) a unit may take, each in (0, 1]; 1 keeps it
             dense. The smallest rung is as deep as the seeds and the GA cut any unit (the
             uniform level may go lower): validation does not show what very deep cuts of single
-            units cost (on the demo the GA's levels with rungs down to 0.1 put some units at 0.3
-            and fell 2 points more on test than with rungs down to 0.4, for 0.5% more weights).
+            units cost, so deeper rungs buy few weights and lose accuracy out of sample
+            (bench/README, "Refits damped towards the dense weights").
         population: genomes per generation.
         generations: generations after the initial population.
         crossover_prob: probability that a pair of parents is crossed over (two-point).
@@ -39,8 +39,9 @@ class SearchConfig:
         screen: share of the validation split (its hardest examples) a genome must pass to win
             a tournament; the elite and the result are always scored on the whole split, so
             the levels found are within epsilon exactly. 1 = every comparison on the whole split
-            (then the GA takes exactly the decisions of one that scores every genome). On the
-            demo 0.25 found the same levels as 1 for 27% instead of 38% of a naive GA's tokens.
+            (then the GA takes exactly the decisions of one that scores every genome). Below 1,
+            most losing genomes are stopped on the examples where candidates fail, for the
+            same levels at fewer tokens (bench/README, "Pipeline cost").
         resolution: uniform bisection stops when the keep interval is narrower than this.
         min_keep: smallest uniform keep fraction tried.
         rank_multiple: round every factored rank down to a multiple of this (32 or 64 suit GPU
@@ -49,9 +50,9 @@ class SearchConfig:
             beside it). sensitivity: units ordered by their estimated cost per weight removed
             (K-FAC: one backward pass over the calibration split), one global threshold
             bisected against epsilon (about 7 evaluations). kind: each kind of unit bisected
-            further, largest kind first, the others held (one bisection per kind: about 5x the
-            evaluations). Default sensitivity: a fifth of the kind seed's evaluations, and it
-            prices units by what a cut changes in the model's answers rather than by their
+            further, largest kind first, the others held (one bisection per kind: several times
+            the evaluations). Default sensitivity: far fewer evaluations than the kind seed, and
+            it prices units by what a cut changes in the model's answers rather than by their
             kind (bench/README, "Refits damped towards the dense weights", has the older
             test-split comparison that first suggested it).
         confidence: z of a one-sided bound on the accuracy change: a candidate is feasible when
@@ -150,3 +151,61 @@ class SearchConfig:
     def target(self, base_accuracy: float) -> float:
         return (base_accuracy * (1 - self.epsilon) if self.relative
                 else base_accuracy - self.epsilon)
+
+
+@dataclass
+class SearchResult:
+    """What :func:`~sieve_pl.stages.search.search` found; :meth:`record` is ``search.json``.
+
+    Every strategy: the ``levels``, their validation ``accuracy`` and weights ``kept``, the
+    base model's accuracy and the ``target``, the uniform bisection, the price ``path`` and
+    the seed allocations, the split's size and the search's ``cost`` in forward tokens.
+    The GA adds its best ``genome`` (on the ``ladder``) and its fitness ``value``, how far
+    its scoring went (``over_at``, ``seen``, the ``pool``'s verdict), the units every feasible
+    genome kept dense (``bottlenecks``), the ``logbook`` and how many genomes it bred and
+    scored; the sensitivity strategy the path's ``steps`` and the bisection's ``history``.
+    """
+
+    levels: dict[str, float]
+    accuracy: float
+    base_accuracy: float
+    target: float
+    kept: int
+    feasible: bool
+    cost: dict
+    uniform: dict
+    path: list
+    seeds: dict
+    validation_examples: int
+    validation_tokens: int
+    # strategy genetic
+    genome: list[int] | None = None
+    value: float | None = None
+    over_at: float | None = None
+    seen: int | None = None
+    pool: dict | None = None
+    bottlenecks: list[str] | None = None
+    logbook: list[dict] | None = None
+    distinct_genomes: int | None = None
+    scored_genomes: int | None = None
+    ladder: list[float] | None = None
+    # strategy sensitivity
+    steps: int | None = None
+    history: list[dict] | None = None
+
+    GENETIC = ("genome", "value", "over_at", "seen", "bottlenecks", "logbook",
+               "distinct_genomes", "scored_genomes", "ladder")
+
+    def record(self) -> dict:
+        """The JSON form: the fields of the strategy that ran (``over_at`` may be None)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if (f.name in self.GENETIC and self.genome is not None) or value is not None:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict) -> SearchResult:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})

@@ -239,8 +239,14 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int,
 
     Left padding puts every prompt's next token at the last position, so only that position's
     logits are computed; explicit position ids make the result independent of the padding.
+    The tokenizer comes set that way from loading (``sieve_pl.models.loading.left_padded``).
     """
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    if (tokenizer.padding_side, tokenizer.truncation_side) != ("left", "left"):
+        raise SieveError(
+            f"prompts are encoded padded and truncated on the left, but this tokenizer pads on "
+            f"the {tokenizer.padding_side} and truncates on the {tokenizer.truncation_side}: "
+            "load it with sieve_pl.models.loading.load_tokenizer, or pass it through "
+            "left_padded(tokenizer)")
     enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
                     max_length=max_length, add_special_tokens=add_special_tokens)
     mask = enc["attention_mask"]
