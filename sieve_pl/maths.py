@@ -27,8 +27,17 @@ def damping(c: torch.Tensor, ridge: float) -> torch.Tensor:
 
 def damped(c: torch.Tensor, ridge: float) -> torch.Tensor:
     """``C + λI`` with ``λ = ridge · mean(diag C)``: the second moment the refits solve with."""
-    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
-    return c + damping(c, ridge)[..., None, None] * eye
+    out = c.clone()  # (no identity matrix: for an 8B MLP each I × I temporary is 0.8 GB)
+    out.diagonal(dim1=-2, dim2=-1).add_(damping(c, ridge)[..., None])
+    return out
+
+
+def all_finite(t: torch.Tensor, block_elements: int = 1 << 22) -> bool:
+    """No NaN or inf in ``t``, checked a block at a time: ``torch.isfinite`` of a whole tensor
+    makes an ``abs()`` copy of it (2 GB beside one layer's float64 sums of an 8B model)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + block_elements]).all())
+               for i in range(0, flat.numel(), block_elements))
 
 
 def second_moment(stats, key: str, device=None, dtype: torch.dtype | None = None
@@ -36,9 +45,10 @@ def second_moment(stats, key: str, device=None, dtype: torch.dtype | None = None
     """``E[x xᵀ]`` of input group ``key`` from calibration's sums (``stats[key]``, ``Σ x xᵀ``,
     and ``stats[key + ".count"]``, its tokens), moved and cast before the division."""
     total = stats[key]
-    if device is not None or dtype is not None:
-        total = total.to(device, dtype)
-    return total / max(int(stats[f"{key}.count"]), 1)
+    moved = total.to(device, dtype)
+    count = max(int(stats[f"{key}.count"]), 1)
+    # a copy made by the move is divided in place (one I × I matrix less at the peak)
+    return moved / count if moved is total else moved.div_(count)
 
 
 def reduce_sums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -175,3 +175,16 @@ def test_a_layers_sums_are_freed_before_the_next_layers_exist(tiny_llama, tiny_d
     finally:
         gc.enable()
     assert len(alive) == len(groups)
+
+
+def test_finiteness_checked_in_blocks_finds_nan_and_inf_anywhere():
+    """``all_finite`` (calibration's NaN/inf check without a whole-tensor ``abs()`` copy)."""
+    from sieve_pl.maths import all_finite
+
+    t = torch.randn(37, 29, dtype=torch.float64)
+    assert all_finite(t, block_elements=100) and all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[36, 28] = bad  # in the last, partial block
+        assert not all_finite(u, block_elements=100)
+        assert not all_finite(u.T, block_elements=7)  # a non-contiguous view

@@ -278,3 +278,35 @@ def test_parked_dense_weights_leave_memory_and_come_back_exactly(tiny_llama, tin
     assert all(u.parked is None for u in pruner.units.values())
     for key, value in lm.net.state_dict().items():
         assert torch.equal(value, dense[key]), key
+
+
+def test_loaded_weights_live_in_process_memory_not_the_checkpoint_map(make_tiny_llama):
+    """``load_model`` copies every weight out of the checkpoint's memory map (a dropped weight
+    then really frees memory) and hands the map's pages back: the values are the file's, ties
+    are kept, and no parameter points into a mapping of the file any more."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from transformers import AutoModelForCausalLM
+
+    from sieve_pl.models.loading import _file_mappings, into_process_memory, load_model
+
+    def in_map(net):
+        mapped = _file_mappings()
+        return {n for n, p in net.named_parameters()
+                if any(lo <= p.data_ptr() < hi for lo, hi in mapped)}
+
+    path = make_tiny_llama("tiny_llama_mapped", tie_word_embeddings=False)
+    plain = AutoModelForCausalLM.from_pretrained(path)  # transformers' own load: the map
+    names = {n for n, _ in plain.named_parameters()}
+    assert in_map(plain) == names
+    assert into_process_memory(plain) == sum(p.numel() * 4 for p in plain.parameters())
+    assert not in_map(plain)
+    net, _ = load_model(path)
+    on_disk = load_file(str(Path(path) / "model.safetensors"))
+    for name, p in [*net.named_parameters(), *plain.named_parameters()]:
+        assert torch.equal(p.detach(), on_disk[name]), name
+    assert not in_map(net)
+    tied, _ = load_model(make_tiny_llama("tiny_llama_tied"))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight

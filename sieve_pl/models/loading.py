@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -274,7 +273,7 @@ def quantization_config(fmt: str, config, compute_dtype: torch.dtype = torch.flo
 def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                quantize: str = "none") -> tuple[torch.nn.Module, Adapter]:
     """Weights and adapter; the architecture is checked before any weight is read."""
-    from transformers import AutoModelForCausalLM, PreTrainedModel
+    from transformers import AutoModelForCausalLM
 
     config = load_config(name_or_path, trust_remote_code)  # registers a sieve-pl export
     adapter = adapter_for(config)
@@ -286,10 +285,6 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
         kwargs = {"quantization_config": quantization_config(quantize, config,
                                                              getattr(torch, dtype)),
                   "device_map": {"": device}}
-    elif "disable_mmap" in inspect.signature(PreTrainedModel.from_pretrained).parameters:
-        # weights in process memory, not pages of the checkpoint file: a pruned unit's dense
-        # weights, once dropped (Pruner's park), are then really given back
-        kwargs = {"disable_mmap": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolve(name_or_path), dtype=getattr(torch, dtype),
@@ -297,5 +292,62 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     except (OSError, ValueError, SafetensorError) as err:  # no weights, a truncated file
         raise SieveError(f"cannot load the weights of model {name_or_path!r}: "
                          f"{one_line(err)}") from None
+    if quantize == "none":
+        into_process_memory(model)
     model.eval()
     return model, adapter
+
+
+MADV_DONTNEED = 4  # Linux
+
+
+def into_process_memory(model: torch.nn.Module) -> int:
+    """Copy every weight that still lives in the checkpoint's memory map into process memory,
+    handing the map's pages back (``madvise``) as each one is copied; returns the bytes copied.
+
+    Why: weights read through the map stay resident as file pages while any of them is alive,
+    so a pruned unit's dense weights, once dropped (``Pruner`` parks them on disk), would free
+    nothing; reading the file instead (``disable_mmap``) holds the file's bytes beside the
+    tensors, twice the weights at the peak. This way the peak is the weights plus one tensor.
+    Pages are handed back only inside mappings of files, just after the copy, so nothing is
+    lost: a page touched again is read from the file.
+    """
+    mapped = _file_mappings()
+    copied = 0
+    for param in model.parameters():
+        old = param.data
+        start = old.data_ptr()
+        end = start + old.numel() * old.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in mapped) or not old.numel():
+            continue
+        param.data = torch.empty_like(old, memory_format=torch.contiguous_format).copy_(old)
+        _hand_back(start, end)
+        copied += end - start
+    return copied
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of files (Linux; elsewhere none)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def _hand_back(start: int, end: int) -> None:
+    """``madvise(MADV_DONTNEED)`` on the whole pages inside ``[start, end)``."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi > lo:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)

@@ -24,7 +24,7 @@ import torch
 from ..artifacts import save_tensors
 from ..errors import SieveError
 from ..io import SafetensorsFolder, atomic, crash_point
-from ..maths import reduce_sums
+from ..maths import all_finite, reduce_sums
 from ..models.factored import dense_shape
 from ..models.hooks import Capture
 from ..models.sequential import capture, layer_by_layer
@@ -175,7 +175,7 @@ def calibrate(trainer: L.Trainer, net, groups: dict[str, list[str]], dataloader,
         yield starts
         shard = sums.remove()
         for key in keys:
-            if not torch.isfinite(shard[key]).all():
+            if not all_finite(shard[key]):
                 raise SieveError(f"calibration statistics of {key} (input of "
                                  f"{', '.join(groups[key])}) contain NaN/inf; run the model "
                                  f"in float32 (model.dtype) and keep calibration.dtype float64")
