@@ -65,7 +65,10 @@ class SieveCLI(LightningCLI):
         self.command = command
         super().__init__(
             SieveLM, TaskDataModule, args=args, run=run, save_config_callback=None,
-            auto_configure_optimizers=False, seed_everything_default=0,
+            auto_configure_optimizers=False,
+            # every draw is seeded where it happens (data.seed, search.seed, recover.seed…):
+            # the process's RNGs are left alone unless --seed_everything asks
+            seed_everything_default=False,
             trainer_defaults={"logger": True, "enable_checkpointing": False,
                               "default_root_dir": None},
             parser_kwargs={"prog": f"sieve-pl {command}",

@@ -31,3 +31,20 @@ def test_importing_sieve_pl_leaves_the_warning_filters_alone():
     lines = done.stdout.strip().splitlines()
     assert lines[-1].startswith("modules") and int(lines[-1].split()[1]) > 20
     assert lines[:-1] == [], "\n".join(lines[:-1])
+
+
+def test_opening_a_run_seeds_no_process_rng(tiny_llama):
+    """Every draw is seeded where it happens: parsing a command (LightningCLI seeds the
+    process's RNGs by default) leaves python's and torch's RNG state as it was."""
+    import random
+
+    import torch
+
+    from sieve_pl.api import SieveCLI
+
+    random.seed(123)
+    torch.manual_seed(456)
+    before = random.getstate(), torch.random.get_rng_state()
+    SieveCLI(args=["--model.pretrained", tiny_llama], run=False)
+    assert random.getstate() == before[0]
+    assert torch.equal(torch.random.get_rng_state(), before[1])
