@@ -48,6 +48,7 @@ def make_model(layers: int, folder: Path) -> int:
     model = model.to_empty(device="cpu")
     for name, p in model.named_parameters():  # as initialisation gives: norms at one
         torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.normal_(p, std=0.02)
+    model.tie_weights()  # (to_empty gave lm_head its own tensor: tied, as the config says)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return sum(p.numel() for p in model.model.layers.parameters())

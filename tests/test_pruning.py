@@ -280,6 +280,40 @@ def test_parked_dense_weights_leave_memory_and_come_back_exactly(tiny_llama, tin
         assert torch.equal(value, dense[key]), key
 
 
+def test_a_units_old_pruned_modules_are_freed_before_its_next_are_built(tiny_llama, tiny_data,
+                                                                         trainer):
+    """Moving a unit to another size, its previous pruned modules leave the model (and memory,
+    by reference counting) before the new ones are built: host memory holds one pruned copy
+    of a unit, not two, beside the dense weights read back."""
+    import gc
+    import weakref
+
+    lm = SieveLM(tiny_llama)
+    lm.load()
+    groups = lm.adapter.input_groups(lm.net)
+    stats = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
+                      CalibrationConfig())
+    bases = project(lm.net, groups, stats, ProjectionConfig(mlp="neurons", attention="heads"),
+                    mlps=lm.adapter.mlps(lm.net), attentions=lm.adapter.attentions(lm.net))
+    pruner = Pruner(lm.net, bases)
+    pruner.apply(0.4)
+    old = {n: weakref.ref(lm.net.get_submodule(n)) for unit in pruner.units.values()
+           for n in unit.resting()}
+    alive_at_build = {}
+    for name, unit in pruner.units.items():
+        def modules(size, refitted, device, unit=unit, build=unit.modules, name=name):
+            alive_at_build[name] = [n for n in unit.resting() if old[n]() is not None]
+            return build(size, refitted, device)
+        unit.modules = modules
+    gc.disable()
+    try:
+        pruner.apply(0.8)
+    finally:
+        gc.enable()
+    assert len(alive_at_build) >= len(pruner.units) // 2
+    assert not any(alive_at_build.values()), alive_at_build
+
+
 def test_loaded_weights_live_in_process_memory_not_the_checkpoint_map(make_tiny_llama):
     """``load_model`` copies every weight out of the checkpoint's memory map (a dropped weight
     then really frees memory) and hands the map's pages back: the values are the file's, ties

@@ -8,7 +8,7 @@ from sieve_pl.models.pruning import Pruner
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
 from sieve_pl.stages.project import ProjectionConfig, project, share
 from sieve_pl.units import Bases, greedy_order
-from sieve_pl.units.neurons import pack_lower, unpack_lower
+from sieve_pl.units.neurons import pack_lower, solve_packed, unpack_lower
 
 
 def test_packed_lower_triangle_gives_every_leading_block_in_half_the_space():
@@ -125,3 +125,28 @@ def test_layers_are_shared_over_ranks_by_cost():
     assert sorted(sum(shares, [])) == list(costs) and shares == [[4], [0, 1, 2, 3]]
     assert share({i: 1.0 for i in range(8)}, 4) == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert share({0: 1.0}, 3) == [[0], [], []]
+
+
+def test_solve_with_the_packed_factor_equals_the_square_triangular_solve():
+    """``solve_packed`` (block rows from the last, no k × k matrix) gives the triangular
+    solve's answer for any prefix k, block boundaries included."""
+    torch.manual_seed(0)
+    for n, k in [(300, 300), (300, 257), (300, 128), (300, 5), (128, 100)]:
+        a = torch.randn(n, n, dtype=torch.float64)
+        lower = torch.linalg.cholesky(a @ a.T + n * torch.eye(n, dtype=torch.float64))
+        g = torch.randn(7, n, dtype=torch.float64)
+        expected = torch.linalg.solve_triangular(lower[:k, :k], g[:, :k], upper=False,
+                                                 left=False)
+        got = solve_packed(pack_lower(lower, 128), n, k, g[:, :k].clone(), 128)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_packing_picked_rows_equals_packing_the_picked_matrix():
+    """``pack_lower(chol, rows=order)`` packs ``chol[order]``'s lower triangle without forming
+    it; whatever lies above the diagonal is left out."""
+    torch.manual_seed(0)
+    for n in (300, 128, 5):
+        square = torch.randn(n, n)
+        order = torch.randperm(n)
+        assert torch.equal(pack_lower(square, 128, rows=order),
+                           pack_lower(square[order].tril(), 128))

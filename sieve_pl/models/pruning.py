@@ -119,11 +119,19 @@ class Pruner:
             if size == self.built[name] and not rebuild:
                 continue
             device = self.device(name)
-            modules = (unit.modules(size, self.refitted.get(name), device) if size
-                       else unit.dense)
-            for module_name, module in modules.items():
-                set_submodule(self.model, module_name, module.to(device))
-            self.built[name] = size
+            if self.built[name]:  # the old pruned modules go first (an 8B MLP's: 0.7 GB)
+                for module_name, module in unit.resting().items():
+                    set_submodule(self.model, module_name, module)
+            try:
+                modules = (unit.modules(size, self.refitted.get(name), device) if size
+                           else unit.dense)
+            except BaseException:  # the unit stays dense, weights read back: never half-built
+                modules, size = unit.dense, None
+                raise
+            finally:
+                for module_name, module in modules.items():
+                    set_submodule(self.model, module_name, module.to(device))
+                self.built[name] = size
             if size and self.park is not None:
                 unit.park(self.model, self.park)
         return sizes

@@ -69,6 +69,12 @@ class Unit:
         self.unpark()
         return self._dense
 
+    def resting(self) -> dict[str, nn.Module]:
+        """The dense Linears as they are (parked ones without their weights): what stands in
+        the model while the unit's next pruned modules are built, so the previous pruned
+        ones are freed first."""
+        return self._dense
+
     def _params(self) -> dict[str, nn.Parameter]:
         return {f"{name}.{key}": p for name, m in self._dense.items()
                 for key, p in m.named_parameters()}

@@ -36,10 +36,21 @@ class NeuronSpec(Spec):
     blocks: int = 1
 
 
-def pack_lower(l: torch.Tensor, block: int = PACK) -> torch.Tensor:
-    """A lower-triangular ``n × n`` matrix as the concatenated block rows ``l[j:j+b, :j+b]``."""
+def pack_lower(l: torch.Tensor, block: int = PACK, rows: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """A lower-triangular ``n × n`` matrix as the concatenated block rows ``l[j:j+b, :j+b]``
+    (above the diagonal: zeros, whatever ``l`` holds there). ``rows``: pack ``l[rows]``
+    without forming it (a second ``n × n`` matrix: 0.8 GB for an 8B model's MLP)."""
     n = l.shape[0]
-    return torch.cat([l[j:j + block, :min(j + block, n)].reshape(-1) for j in range(0, n, block)])
+    packed = torch.empty(sum(min(block, n - j) * min(j + block, n) for j in range(0, n, block)),
+                         dtype=l.dtype, device=l.device)
+    offset = 0
+    for j in range(0, n, block):
+        picked = slice(j, j + block) if rows is None else rows[j:j + block]
+        part = l[picked, :min(j + block, n)].tril(j)
+        packed[offset:offset + part.numel()] = part.reshape(-1)
+        offset += part.numel()
+    return packed
 
 
 def unpack_lower(packed: torch.Tensor, n: int, k: int, block: int = PACK,
@@ -55,6 +66,29 @@ def unpack_lower(packed: torch.Tensor, n: int, k: int, block: int = PACK,
         out[j:j + min(rows, k - j), :width] = part[:k - j, :width].to(out.device)
         offset += rows * cols
     return out
+
+
+def solve_packed(packed: torch.Tensor, n: int, k: int, rhs: torch.Tensor,
+                 block: int = PACK) -> torch.Tensor:
+    """``X`` with ``X L[:k, :k] = rhs`` (``rhs``: out × k, overwritten) for the ``L`` that
+    :func:`pack_lower` packed, one block row of ``L`` at a time from the last: the square
+    ``k × k`` factor never exists (0.8 GB for an 8B model's MLP, beside the model while a
+    search rebuilds a unit)."""
+    starts = list(range(0, k, block))
+    offsets = [0]
+    for j in range(0, n, block):
+        offsets.append(offsets[-1] + min(block, n - j) * min(j + block, n))
+    for i in reversed(range(len(starts))):
+        j = starts[i]
+        rows, cols = min(block, n - j), min(j + block, n)
+        part = packed[offsets[i]:offsets[i] + rows * cols].view(rows, cols)
+        end = min(j + block, k)
+        part = part[:end - j, :end].to(rhs.device, rhs.dtype)
+        x = torch.linalg.solve_triangular(part[:, j:end], rhs[:, j:end], upper=False, left=False)
+        rhs[:, j:end] = x
+        if j:
+            rhs[:, :j] -= x @ part[:, :j]
+    return rhs
 
 
 def greedy_order(w: torch.Tensor, c_lam: torch.Tensor, block: int = 64, pool: int = 4
@@ -122,9 +156,8 @@ class Neurons:
         """Down's weight on the first k neurons (out × k), float32 (or the basis' float64)
         on ``device``."""
         dtype = torch.promote_types(self.g.dtype, torch.float32)  # (float64 bases stay so)
-        l_k = unpack_lower(self.l_packed, self.size, k, device=device).to(dtype)
-        return torch.linalg.solve_triangular(l_k, self.g[:, :k].to(device, dtype),
-                                             upper=False, left=False)
+        rhs = torch.empty(self.g.shape[0], k, dtype=dtype, device=device or self.g.device)
+        return solve_packed(self.l_packed, self.size, k, rhs.copy_(self.g[:, :k]))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"order": self.order, "g": self.g, "l": self.l_packed}
@@ -147,12 +180,10 @@ def neuron_basis(w_down: torch.Tensor, c: torch.Tensor, ridge: float, how: str =
         order, chol = greedy_order(w_down, c_lam, **blocking)  # (block, pool)
         del c_lam  # (the largest layers hold a few I × I matrices: free each one early)
         g = w_down @ chol  # = W C_λ[:, P] L⁻ᵀ, since C_λ = chol cholᵀ and C_λ[:, P] = chol Lᵀ
-        l = chol[order].tril_()  # (above the diagonal: rounding residue of zeros)
-        del chol
-    else:
-        order = torch.argsort(w_down.square().sum(0) * c.diagonal(), descending=True)
-        l = torch.linalg.cholesky(c_lam[order][:, order])
-        g = torch.linalg.solve_triangular(l.T, w_down @ c_lam[:, order], upper=True, left=False)
+        return Neurons(order, g, pack_lower(chol, rows=order))  # L = chol[P], never formed
+    order = torch.argsort(w_down.square().sum(0) * c.diagonal(), descending=True)
+    l = torch.linalg.cholesky(c_lam[order][:, order])
+    g = torch.linalg.solve_triangular(l.T, w_down @ c_lam[:, order], upper=True, left=False)
     return Neurons(order, g, pack_lower(l))
 
 
