@@ -10,6 +10,9 @@ import torch
 import torch.distributed as dist
 
 
+PRODUCT_BLOCK = 1 << 24  # elements of one block of calibration's xᵀx (64 MiB in float32)
+
+
 def eigh_desc(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues and eigenvectors of a symmetric matrix, largest first; each vector's sign
     set so that its largest entry is positive (eigh's signs are arbitrary: nearly equal inputs,

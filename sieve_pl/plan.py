@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SieveError
+from .maths import PRODUCT_BLOCK
 from .models.factored import dense_shape
 from .models.pruning import PARK_ABOVE
 from .units import HeadSpec, NeuronSpec
@@ -149,10 +150,11 @@ def estimate(s: Shapes, calibration, search, recover, gpus: int, tflops: float,
     model_here = s.model_bytes / (gpus if split and gpus else 1)
     skeleton = s.model_bytes - s.layers * s.layer_bytes
     cache = tokens * h * s.element  # every calibration example's hidden states, one layer deep
-    # calibrate: one layer and its sums on the device (and one product Xᵀ X before it is
-    # added), the model and the cache on the host
+    # calibrate: one layer and its sums on the device (and one block of a product Xᵀ X before
+    # it is added), the model and the cache on the host
     largest_stat = max(d * d for d in s.stats) * stat_bytes
-    row("calibrate", (skeleton + s.layer_bytes if gpus else 0) + layer_stats + largest_stat + acts,
+    product = PRODUCT_BLOCK * 4
+    row("calibrate", (skeleton + s.layer_bytes if gpus else 0) + layer_stats + product + acts,
         s.model_bytes + cache, s.layers * layer_stats,
         2 * tokens * (params + s.layers * sum(d * d for d in s.stats)), "one layer at a time")
     # project: one unit's decomposition at a time; a statistic read in full from disk

@@ -237,18 +237,23 @@ def test_at_restores_the_levels_and_weights_the_model_had(pruned_setup):
     pruner.apply(1.0)
 
 
-def test_parked_dense_weights_leave_memory_and_come_back_exactly(tiny_llama, tiny_data, trainer,
-                                                                  tmp_path):
-    """Every unit kind: while pruned, its dense Linears hold one element each (their weights
-    wait in the park folder); candidates, errors, going back to dense and ``dense`` itself
-    see exactly the weights they would have seen unparked."""
+def every_kind_projected(tiny_llama, tiny_data, trainer):
+    """The tiny model loaded, calibrated and projected with all three unit kinds."""
     lm = SieveLM(tiny_llama)
     lm.load()
     groups = lm.adapter.input_groups(lm.net)
     stats = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
                       CalibrationConfig())
-    bases = project(lm.net, groups, stats, ProjectionConfig(mlp="neurons", attention="heads"),
-                    mlps=lm.adapter.mlps(lm.net), attentions=lm.adapter.attentions(lm.net))
+    return lm, project(lm.net, groups, stats, ProjectionConfig(mlp="neurons", attention="heads"),
+                       mlps=lm.adapter.mlps(lm.net), attentions=lm.adapter.attentions(lm.net))
+
+
+def test_parked_dense_weights_leave_memory_and_come_back_exactly(tiny_llama, tiny_data, trainer,
+                                                                  tmp_path):
+    """Every unit kind: while pruned, its dense Linears hold one element each (their weights
+    wait in the park folder); candidates, errors, going back to dense and ``dense`` itself
+    see exactly the weights they would have seen unparked."""
+    lm, bases = every_kind_projected(tiny_llama, tiny_data, trainer)
     batch = next(iter(tiny_data.val_dataloader()))
     dense = {k: v.clone() for k, v in lm.net.state_dict().items()}
     reference = {}
@@ -288,13 +293,7 @@ def test_a_units_old_pruned_modules_are_freed_before_its_next_are_built(tiny_lla
     import gc
     import weakref
 
-    lm = SieveLM(tiny_llama)
-    lm.load()
-    groups = lm.adapter.input_groups(lm.net)
-    stats = calibrate(trainer, lm.net, groups, tiny_data.calibration_dataloader(),
-                      CalibrationConfig())
-    bases = project(lm.net, groups, stats, ProjectionConfig(mlp="neurons", attention="heads"),
-                    mlps=lm.adapter.mlps(lm.net), attentions=lm.adapter.attentions(lm.net))
+    lm, bases = every_kind_projected(tiny_llama, tiny_data, trainer)
     pruner = Pruner(lm.net, bases)
     pruner.apply(0.4)
     old = {n: weakref.ref(lm.net.get_submodule(n)) for unit in pruner.units.values()

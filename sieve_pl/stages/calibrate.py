@@ -24,7 +24,7 @@ import torch
 from ..artifacts import save_tensors
 from ..errors import SieveError
 from ..io import SafetensorsFolder, atomic, crash_point
-from ..maths import all_finite, reduce_sums
+from ..maths import PRODUCT_BLOCK, all_finite, reduce_sums
 from ..models.factored import dense_shape
 from ..models.hooks import Capture
 from ..models.sequential import capture, layer_by_layer
@@ -132,7 +132,7 @@ class Sums:
 
 
 def accumulate(total: torch.Tensor, x: torch.Tensor, scale: float = 1.0,
-               block_elements: int = 1 << 24) -> None:
+               block_elements: int = PRODUCT_BLOCK) -> None:
     """``total += scale · xᵀx``, a block of columns at a time: neither the I × I product nor
     its cast to the sum's dtype ever exists whole (1.6 GB each for an 8B model's MLP input)."""
     width = x.shape[1]
