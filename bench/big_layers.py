@@ -54,6 +54,18 @@ def make_model(layers: int, folder: Path) -> int:
     return sum(p.numel() for p in model.model.layers.parameters())
 
 
+def die_with_parent() -> None:
+    """The run is killed when this script dies (Linux): an orphaned run would share the cores
+    with the next measurement."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_mb(pid: int) -> float:
     total = 0.0
     for p in [pid, *children(pid)]:
@@ -88,7 +100,8 @@ def run(layers: int, root: Path) -> dict:
     samples: list[tuple[float, float]] = []
     start = time.time()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, cwd=Path(__file__).resolve().parents[1])
+                               text=True, cwd=Path(__file__).resolve().parents[1],
+                               preexec_fn=die_with_parent)
     done = threading.Event()
 
     def sample():
