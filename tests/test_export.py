@@ -118,3 +118,20 @@ def test_export_config_states_the_mlp_widths_it_holds(tmp_path, tokenizer, famil
                                        rtol=0, atol=0)
         assert (sum(p.numel() for p in reloaded.parameters())
                 == sum(p.numel() for p in net.parameters()))
+
+
+def test_exported_files_are_readable_by_other_users(tmp_path, tokenizer):
+    """transformers writes model.safetensors with mode 0600; the export's files get the modes
+    of any file written under the process's umask, so a server running as another user (a
+    vLLM or llama.cpp container) can read them."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        folder = tmp_path / "model"
+        save_pruned(_shrunk("llama", tokenizer, [40, 24]), tokenizer, folder)
+    finally:
+        os.umask(old)
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name

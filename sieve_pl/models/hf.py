@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -119,12 +120,24 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _save_weights(net, out: Path) -> None:
+    """``save_pretrained`` with the files as readable as any other file the user writes:
+    transformers writes the weights through a private temporary file (mode 0600), which a
+    serving engine running as another user (a vLLM or llama.cpp container) cannot read."""
+    net.save_pretrained(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(out).iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def save_pruned(net, tokenizer, out: Path) -> dict:
     """Write ``net`` (carrying its pruned modules) to ``out``; returns its layout."""
     out = Path(out)
     shape = layout(net)
     base_type = net.config.model_type.removeprefix(PREFIX)
-    net.save_pretrained(out)
+    _save_weights(net, out)
     if tokenizer is not None:
         _save_tokenizer(tokenizer, out)
     config_cls, model_cls = _base_classes(base_type)
@@ -169,7 +182,7 @@ def save_standard(net, tokenizer, out: Path) -> None:
     setattr(section, key, widths[0])
     held, net.config = net.config, config
     try:
-        net.save_pretrained(out)
+        _save_weights(net, out)
     finally:
         net.config = held
     if tokenizer is not None:
