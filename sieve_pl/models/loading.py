@@ -312,7 +312,10 @@ def into_process_memory(model: torch.nn.Module) -> int:
     Pages are handed back only inside mappings of files, just after the copy, so nothing is
     lost: a page touched again is read from the file.
     """
+    import ctypes
+
     mapped = _file_mappings()
+    libc = ctypes.CDLL(None) if mapped else None
     copied = 0
     for param in model.parameters():
         old = param.data
@@ -321,7 +324,7 @@ def into_process_memory(model: torch.nn.Module) -> int:
         if not any(lo <= start and end <= hi for lo, hi in mapped) or not old.numel():
             continue
         param.data = torch.empty_like(old, memory_format=torch.contiguous_format).copy_(old)
-        _hand_back(start, end)
+        _hand_back(start, end, libc)
         copied += end - start
     return copied
 
@@ -341,7 +344,7 @@ def _file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
-def _hand_back(start: int, end: int) -> None:
+def _hand_back(start: int, end: int, libc) -> None:
     """``madvise(MADV_DONTNEED)`` on the whole pages inside ``[start, end)``."""
     import ctypes
     import mmap
@@ -349,5 +352,4 @@ def _hand_back(start: int, end: int) -> None:
     page = mmap.PAGESIZE
     lo, hi = -(-start // page) * page, end // page * page
     if hi > lo:
-        libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)

@@ -125,16 +125,19 @@ class Pruner:
             try:
                 modules = (unit.modules(size, self.refitted.get(name), device) if size
                            else unit.dense)
-            except BaseException:  # the unit stays dense, weights read back: never half-built
-                modules, size = unit.dense, None
+            except BaseException:  # never left half-built: the unit goes back dense
+                self._place(name, unit.dense, None, device)
                 raise
-            finally:
-                for module_name, module in modules.items():
-                    set_submodule(self.model, module_name, module.to(device))
-                self.built[name] = size
+            self._place(name, modules, size, device)
             if size and self.park is not None:
                 unit.park(self.model, self.park)
         return sizes
+
+    def _place(self, name: str, modules: dict[str, nn.Module], size: int | None,
+               device: torch.device) -> None:
+        for module_name, module in modules.items():
+            set_submodule(self.model, module_name, module.to(device))
+        self.built[name] = size
 
     def device(self, name: str) -> torch.device:
         """Where a unit's layer is now (the model may have moved, or be split over devices):

@@ -36,20 +36,27 @@ class NeuronSpec(Spec):
     blocks: int = 1
 
 
+def _block_rows(n: int, block: int):
+    """(first row, rows, columns, offset) of each block row ``l[j:j+b, :j+b]`` of a packed
+    ``n × n`` lower-triangular matrix, in storage order."""
+    offset = 0
+    for j in range(0, n, block):
+        rows, cols = min(block, n - j), min(j + block, n)
+        yield j, rows, cols, offset
+        offset += rows * cols
+
+
 def pack_lower(l: torch.Tensor, block: int = PACK, rows: torch.Tensor | None = None
                ) -> torch.Tensor:
     """A lower-triangular ``n × n`` matrix as the concatenated block rows ``l[j:j+b, :j+b]``
     (above the diagonal: zeros, whatever ``l`` holds there). ``rows``: pack ``l[rows]``
     without forming it (a second ``n × n`` matrix: 0.8 GB for an 8B model's MLP)."""
-    n = l.shape[0]
-    packed = torch.empty(sum(min(block, n - j) * min(j + block, n) for j in range(0, n, block)),
-                         dtype=l.dtype, device=l.device)
-    offset = 0
-    for j in range(0, n, block):
-        picked = slice(j, j + block) if rows is None else rows[j:j + block]
-        part = l[picked, :min(j + block, n)].tril(j)
-        packed[offset:offset + part.numel()] = part.reshape(-1)
-        offset += part.numel()
+    layout = list(_block_rows(l.shape[0], block))
+    *_, (_, last_rows, last_cols, last) = layout
+    packed = torch.empty(last + last_rows * last_cols, dtype=l.dtype, device=l.device)
+    for j, height, cols, offset in layout:
+        picked = slice(j, j + height) if rows is None else rows[j:j + height]
+        packed[offset:offset + height * cols] = l[picked, :cols].tril(j).reshape(-1)
     return packed
 
 
@@ -58,13 +65,12 @@ def unpack_lower(packed: torch.Tensor, n: int, k: int, block: int = PACK,
     """The leading ``k × k`` block of a matrix :func:`pack_lower` packed (its first block
     rows: only those are read), on ``device``."""
     out = torch.zeros(k, k, dtype=packed.dtype, device=device or packed.device)
-    offset = 0
-    for j in range(0, k, block):
-        rows, cols = min(block, n - j), min(j + block, n)
+    for j, rows, cols, offset in _block_rows(n, block):
+        if j >= k:
+            break
         part = packed[offset:offset + rows * cols].view(rows, cols)
         width = min(cols, k)
         out[j:j + min(rows, k - j), :width] = part[:k - j, :width].to(out.device)
-        offset += rows * cols
     return out
 
 
@@ -74,15 +80,10 @@ def solve_packed(packed: torch.Tensor, n: int, k: int, rhs: torch.Tensor,
     :func:`pack_lower` packed, one block row of ``L`` at a time from the last: the square
     ``k × k`` factor never exists (0.8 GB for an 8B model's MLP, beside the model while a
     search rebuilds a unit)."""
-    starts = list(range(0, k, block))
-    offsets = [0]
-    for j in range(0, n, block):
-        offsets.append(offsets[-1] + min(block, n - j) * min(j + block, n))
-    for i in reversed(range(len(starts))):
-        j = starts[i]
-        rows, cols = min(block, n - j), min(j + block, n)
-        part = packed[offsets[i]:offsets[i] + rows * cols].view(rows, cols)
+    leading = [b for b in _block_rows(n, block) if b[0] < k]
+    for j, rows, cols, offset in reversed(leading):
         end = min(j + block, k)
+        part = packed[offset:offset + rows * cols].view(rows, cols)
         part = part[:end - j, :end].to(rhs.device, rhs.dtype)
         x = torch.linalg.solve_triangular(part[:, j:end], rhs[:, j:end], upper=False, left=False)
         rhs[:, j:end] = x
