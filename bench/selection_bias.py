@@ -15,7 +15,7 @@ draws a validation split and a confirmation split (independent examples) and app
 It reports, per rule, how often the final cut truly breaks ε (its true loss exceeds ε·base) and
 the mean true share of the frontier kept. Run:
 
-    python bench/selection_bias.py [--trials 4000] [--n 400] [--candidates 52]
+    python bench/selection_bias.py [--trials 4000] [--n 400] [--n-confirm 400 800 1600]
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from common import write_result
 
 
 def simulate(trials: int, n: int, candidates: int, base: float, epsilon: float, flips: float,
-             z: float, z_confirm: list[float], seed: int = 0) -> dict:
+             z: float, z_confirm: list[float], n_confirm: int | None = None,
+             seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     allowed = epsilon * base
     # true loss from 0 to 2ε·base along the frontier (the boundary halfway), flips from 0 to 2×
@@ -54,9 +55,10 @@ def simulate(trials: int, n: int, candidates: int, base: float, epsilon: float, 
     chosen = largest(v_lost, v_changed, n, z)
     rows = {"search only": {"breaks_epsilon": float(broken[chosen].mean()),
                             "frontier_kept": float((chosen / (candidates - 1)).mean())}}
-    c_lost, c_changed = draw(n)
+    m = n_confirm or n
+    c_lost, c_changed = draw(m)
     for zc in z_confirm:
-        ok = c_lost + zc * np.sqrt(c_changed) <= allowed * n
+        ok = c_lost + zc * np.sqrt(c_changed) <= allowed * m
         passes = ok[np.arange(trials), chosen]
         # step back: the largest cut at or below the chosen one that passes confirmation
         ok[:, 0] = True
@@ -72,6 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4000)
     parser.add_argument("--n", type=int, default=400)
+    parser.add_argument("--n-confirm", type=int, nargs="+", default=[400, 800, 1600],
+                        help="confirmation split sizes to simulate (the demo's: 800)")
     parser.add_argument("--candidates", type=int, default=52)
     parser.add_argument("--base", type=float, default=0.77)
     parser.add_argument("--epsilon", type=float, default=0.05)
@@ -80,8 +84,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/selection_bias.json")
     args = parser.parse_args()
     rows = simulate(args.trials, args.n, args.candidates, args.base, args.epsilon, args.flips,
-                    args.z, [0.0, 1.0, 2.0, 3.0])
-    print(f"{args.trials} trials, n = {args.n}, {args.candidates} candidates, validation z = "
+                    args.z, [0.0, 1.0, 2.0, 3.0], args.n_confirm[0])
+    for m in args.n_confirm[1:]:  # the same trials' search, a larger confirmation split
+        more = simulate(args.trials, args.n, args.candidates, args.base, args.epsilon,
+                        args.flips, args.z, [2.0, 3.0], m)
+        rows.update({f"{k}, n_c={m}": v for k, v in more.items() if k != "search only"})
+    print(f"{args.trials} trials, n = {args.n} validation examples (confirmation: "
+          f"{args.n_confirm[0]} unless n_c says), {args.candidates} candidates, validation z = "
           f"{args.z:g}; the true ε boundary is the frontier's middle (kept 0.5)\n")
     print("| rule | confirmation passes | final cut truly breaks ε | frontier kept |")
     print("|---|---|---|---|")
