@@ -222,8 +222,9 @@ class Pipeline:
         accuracy = self._use(pruner, distilled, accuracy)
         recovered = run.run(Recover(ctx, pruner, levels, self.recover))
         # what is exported: the levels the confirmation split accepts (stepped back if need
-        # be), with LoRA where it does not lower confirmation accuracy
-        confirmed = run.run(Confirm(ctx, pruner, found, recovered, accuracy, self.search))
+        # be), with LoRA where it raises confirmation accuracy beyond the noise
+        confirmed = run.run(Confirm(ctx, pruner, found, recovered, accuracy, self.search,
+                                    self.recover.keep_z))
         final = "pruned+lora" if confirmed.lora else "pruned"
         layout = run.run(Export(ctx, pruner, confirmed.levels,
                                 recovered.weights if confirmed.lora else {}, self.export))

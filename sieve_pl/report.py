@@ -84,7 +84,7 @@ def format_summary(r: dict) -> str:
                      f"{_pct(f['accuracy_after'])} ({'kept' if f['used'] else 'discarded'})")
     rec = r.get("recover") or {}
     if rec.get("best_val_acc") is not None:
-        lines.append(_recovery_line(rec))
+        lines.append(_recovery_line(rec, (r.get("confirmation") or {}).get("lora_gate")))
     for task, metrics in next(iter((r.get("lm_eval") or {}).values()), {}).items():
         for metric in (m for m in metrics if m in ("acc", "acc_norm", "exact_match", "f1")):
             lines.append(f"lm-eval {task} {metric}: " + ", ".join(
@@ -99,8 +99,9 @@ def format_summary(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _recovery_line(rec: dict) -> str:
-    """What recovery did, and why the export does or does not use it."""
+def _recovery_line(rec: dict, gate: dict | None = None) -> str:
+    """What recovery did, and why the export does or does not use it (``gate``: the confirm
+    stage's test of LoRA's gain, ``lora_gate``)."""
     kind = "LoRA" if rec.get("quantize", "none") == "none" else f"QLoRA ({rec['quantize']})"
     memory = rec.get("peak_memory_mb")
     steps = f" ({rec['steps']} steps)" if rec.get("steps") is not None else ""
@@ -109,8 +110,12 @@ def _recovery_line(rec: dict) -> str:
             + (f", peak memory {memory:.0f} MB" if memory else ""))
     if rec.get("confirmation_after") is not None:  # the export decision was taken on it
         before, after = rec["confirmation_before"], rec["confirmation_after"]
+        why = ""
+        if gate:  # the gain in standard errors of the paired difference, against keep_z
+            errors = gate["gain"] * gate["examples"] / max(gate["changed"], 1e-12) ** 0.5
+            why = f": {errors:+.1f} standard errors, keep_z {gate['z']:g}"
         return line + (f"; confirmation accuracy {_pct(before)} -> {_pct(after)} ("
-                       + ("exported)" if rec.get("used", True) else "not exported)"))
+                       + ("exported" if rec.get("used", True) else "not exported") + why + ")")
     return line + ("" if rec.get("used", True) else
                    f"; not exported (best {_pct(rec['best_val_acc'])} < "
                    f"{_pct(rec['accuracy_before'])} without it)")

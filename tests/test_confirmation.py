@@ -9,7 +9,7 @@ import torch
 from sieve_pl.models.module import SieveLM
 from sieve_pl.models.pruning import Pruner
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
-from sieve_pl.stages.confirm import confirm
+from sieve_pl.stages.confirm import confirm, lora_gate
 from sieve_pl.stages.fitness import Fitness, pool_fitness
 from sieve_pl.stages.project import ProjectionConfig, project
 from sieve_pl.stages.search import SearchConfig
@@ -168,3 +168,19 @@ def test_model_fisher_costs_are_label_free(setup, monkeypatch):
     torch.testing.assert_close(first[outputs[0]], again[outputs[0]])
     label = gradient_moments(trainer, lm.net, lm.task, outputs, batches, fisher="label")
     assert not torch.allclose(first[outputs[0]], label[outputs[0]])
+
+
+def test_lora_is_exported_only_when_its_confirmation_gain_beats_the_noise():
+    """The gate pairs each example's score with and without LoRA: a gain of 2 answers among
+    10 changed is within one standard error (sqrt(10)), 8 among 10 is not; a loss is never
+    kept, and keep_z 0 is the old rule (not lower)."""
+    plain = [1.0] * 60 + [0.0] * 40
+    small = [1.0] * 56 + [0.0] * 4 + [1.0] * 6 + [0.0] * 34  # 4 broken, 6 fixed
+    gate = lora_gate(plain, small, 1.0)
+    assert not gate["keep"] and gate["changed"] == 10 and gate["examples"] == 100
+    assert gate["gain"] == pytest.approx(0.02)
+    assert lora_gate(plain, small, 0.0)["keep"]
+    clear = [1.0] * 59 + [0.0] + [1.0] * 9 + [0.0] * 31  # 1 broken, 9 fixed
+    assert lora_gate(plain, clear, 1.0)["keep"] and not lora_gate(plain, clear, 3.0)["keep"]
+    assert not lora_gate(small, plain, 0.0)["keep"]
+    assert lora_gate(plain, plain, 1.0)["keep"]  # changes nothing: harmless either way

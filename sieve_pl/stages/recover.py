@@ -55,8 +55,8 @@ class RecoverConfig:
 
     Args:
         enabled: train LoRA adapters on the pruned model and merge them before export (only if
-            they do not lower confirmation accuracy; validation accuracy without a
-            confirmation split).
+            they raise confirmation accuracy by ``keep_z`` standard errors; without a
+            confirmation split, if they do not lower validation accuracy).
         objective: ``distill``: KL(dense ‖ pruned) over the task's answer distribution
             (classification: the label words; multiple choice: the options; generation: the
             cross-entropy of the dense model's own greedy answer tokens) on every data.pool
@@ -84,6 +84,11 @@ class RecoverConfig:
             they are.
         gradient_checkpointing: recompute activations in the backward pass (less memory, about
             one more forward of time).
+        keep_z: the export uses LoRA only where its gain on the confirmation split, paired
+            example by example with the pruned model's answers, is at least keep_z standard
+            errors (``keep_z·sqrt(changed answers)``): recovery fits the task's own examples,
+            and a gain within the noise can hide a loss on the task's other data. 0: where
+            it does not lower confirmation accuracy. Read by the confirm stage only.
     """
 
     enabled: bool = False
@@ -102,6 +107,7 @@ class RecoverConfig:
     seed: int = 0
     quantize: Literal["none", "nf4", "int8"] = "none"
     gradient_checkpointing: bool = False
+    keep_z: float = 1.0
 
     def __post_init__(self) -> None:
         self.check()  # a bad value fails where the config is built (parsing), not mid-run
@@ -118,6 +124,8 @@ class RecoverConfig:
                              f"{self.objective!r}")
         if self.rank < 1 or self.epochs < 1 or self.lr <= 0:
             raise SieveError("recover needs rank >= 1, epochs >= 1 and lr > 0")
+        if self.keep_z < 0:
+            raise SieveError(f"recover.keep_z must be >= 0, got {self.keep_z}")
         if self.steps < 0 or self.batch_size < 0 or self.label_weight < 0:
             raise SieveError(f"recover needs steps >= 0, batch_size >= 0 and label_weight >= 0, "
                              f"got {self.steps}, {self.batch_size}, {self.label_weight}")
@@ -380,7 +388,9 @@ class Recover(Stage):
         read = data.fingerprint_config("confirmation" if data.sizes.confirmation else "train")
         if self.config.objective == "distill":
             read = {**read, "pool": data.pool_fingerprint()}
-        return settings(self.config, read)
+        recorded = settings(self.config, read)
+        recorded.pop("keep_z", None)  # the confirm stage's decision, not training's
+        return recorded
 
     def _train(self, work: Path, teacher: torch.Tensor | None) -> dict:
         lm, data = self.ctx.lm, self.ctx.data
