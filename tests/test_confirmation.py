@@ -184,3 +184,23 @@ def test_lora_is_exported_only_when_its_confirmation_gain_beats_the_noise():
     assert lora_gate(plain, clear, 1.0)["keep"] and not lora_gate(plain, clear, 3.0)["keep"]
     assert not lora_gate(small, plain, 0.0)["keep"]
     assert lora_gate(plain, plain, 1.0)["keep"]  # changes nothing: harmless either way
+
+
+def test_the_other_variant_is_tried_at_the_searched_levels_before_any_step_back(setup):
+    """Weights that fail confirmation where the plain model passes: confirm tries the plain
+    model at the same levels (no step back) and ends with it."""
+    trainer, lm, bases, data = setup
+    pruner = Pruner(lm.net, bases)
+    names = pruner.names
+    dense = dict.fromkeys(names, 1.0)
+    with pruner.at(dense):
+        broken = {n: p.detach() + 0.5 for n, p in lm.net.named_parameters()
+                  if ".layers." in n and n.endswith(".weight")}
+    check = Fitness(trainer, lm, pruner, data.confirmation_dataloader(), confidence=2.0)
+    check.weights = broken
+    strict = SearchConfig(epsilon=1e-3)  # no answer may change
+    result = confirm(check, dense, names, strict, other={})
+    assert result["passed"] and result["levels"] == dense and check.weights == {}
+    assert [h["step"] for h in result["history"]] == [0, 0]
+    assert [h["feasible"] for h in result["history"]] == [False, True]
+    pruner.apply(1.0)

@@ -376,7 +376,7 @@ class Recover(Stage):
     """LoRA on the pruned model and, with ``compare_dense``, the same recovery on the dense one
     (the fair baseline: what the pruning costs once both are fine-tuned). With a confirmation
     split, both the pruned model and the pruned model + LoRA are scored on it: the export keeps
-    LoRA only if it does not lower that accuracy (``Recovered.keeps``)."""
+    LoRA only where it raises that accuracy beyond the noise (``confirm.lora_gate``)."""
 
     name = "recover"
 

@@ -215,7 +215,8 @@ class Recovered:
     details: dict = field(default_factory=dict)
 
     def keeps(self, accuracy: float) -> bool:
-        """Whether the export uses LoRA: only where it does not lower accuracy on the
+        """Whether the export uses LoRA (before the confirm stage's ``lora_gate``, which asks for
+        a gain beyond the noise): only where it does not lower accuracy on the
         confirmation split (which no selection read); without one, on validation against
         ``accuracy``, the pruned model's (selection's own figure, optimistic)."""
         if not self.weights:

@@ -35,8 +35,9 @@ class SplitSizes:
         train: examples for recovery fine-tuning (0 = none).
         confirmation: labelled examples that no selection ever reads (not the search, not a
             keep-gate, not early stopping, not a default): the final check of what was chosen
-            on validation; recovery is exported only if it does not lower accuracy on it (0 =
-            none: recovery is judged on validation). Drawn after the other splits.
+            on validation; recovery is exported only if it raises accuracy on it
+            (``recover.keep_z``; 0 = none: recovery is judged on validation). Drawn after the
+            other splits.
     """
 
     calibration: int = 256
