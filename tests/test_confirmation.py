@@ -9,10 +9,11 @@ import torch
 from sieve_pl.models.module import SieveLM
 from sieve_pl.models.pruning import Pruner
 from sieve_pl.stages.calibrate import CalibrationConfig, calibrate
-from sieve_pl.stages.confirm import confirm, lora_gate
+from sieve_pl.stages.confirm import confirm
 from sieve_pl.stages.fitness import Fitness, pool_fitness
 from sieve_pl.stages.project import ProjectionConfig, project
 from sieve_pl.stages.search import SearchConfig
+from sieve_pl.stages.stage import lora_gate
 from sieve_pl.tasks import SplitSizes, TaskDataModule
 
 

@@ -3,7 +3,7 @@
 The search keeps the largest cut that passes a bound on the very examples it selects on, so its
 winner is optimistic (a winner's curse: ``bench/selection_bias.py`` simulates it). After
 recovery, the model the user gets — the search's levels, with recovery's LoRA when it raises
-confirmation accuracy beyond the noise (:func:`lora_gate`) — is scored on the confirmation
+confirmation accuracy beyond the noise (``Recovered.keeps``: :func:`lora_gate`) — is scored on the confirmation
 split (the other of the two when it fails there), with a stricter bound
 (``search.confirm``, z = 2 by default): lost score plus ``z·sqrt(Σ(s_base − s)²)`` within the
 budget of ε on this split's own base accuracy. One that fails steps back toward dense — along
@@ -54,21 +54,14 @@ class Confirm(Stage):
     def run(self, work: Path) -> Confirmed:
         ctx, pruner, found, config = self.ctx, self.pruner, self.found, self.config
         weights = self.recovered.weights
-        lora = self.recovered.keeps(self.accuracy)
+        lora = self.recovered.keeps(self.accuracy, self.keep_z)
         if not self.confirms():
             return Confirmed(found.levels, lora)
         fitness = Fitness(ctx.trainer, ctx.lm, pruner, ctx.data.confirmation_dataloader(),
                           config.early_reject, config.confirm)
-        gate = None
+        gate = self.recovered.gate(self.keep_z) if weights else None
+        fitness.weights = weights if lora else {}
         try:  # stepping back, the recovered model (what will be exported) is scored
-            if weights and self.keep_z > 0:
-                fitness.weights = {}
-                plain = fitness.correct(found.levels, label="confirm: without LoRA")
-                fitness.weights = weights
-                gate = lora_gate(plain, fitness.correct(found.levels, label="confirm: with LoRA"),
-                                 self.keep_z)
-                lora = gate["keep"]
-            fitness.weights = weights if lora else {}
             checked = confirm(fitness, found.levels, pruner.names, config,
                               found.details.get("path"), weights,
                               other=({} if lora else weights) if weights else None)
@@ -92,20 +85,6 @@ class Confirm(Stage):
 
     def load(self, folder: Path) -> Confirmed:
         return Confirmed.from_record(read_json(folder / "confirm.json"))
-
-
-def lora_gate(plain: list[float], with_lora: list[float], z: float) -> dict:
-    """Whether LoRA earns its place in the export: its gain on the confirmation split, paired
-    example by example with the pruned model's scores, is at least ``z`` standard errors
-    (``z·sqrt(Σ(s_lora − s_plain)²)``; for 0/1 scores, z·sqrt(changed answers)). Recovery fits
-    the task's own examples; a gain within the noise can come with a loss on the task's other
-    data (bench/README, "Exports every engine loads": the standard search's LoRA, kept for +2
-    of 800 confirmation answers, cost 12 points on drug reviews), so the pruned model the search
-    chose is preferred unless LoRA clearly helps."""
-    gain = sum(with_lora) - sum(plain)
-    changed = sum((a - b) ** 2 for a, b in zip(with_lora, plain))
-    return {"keep": gain >= z * changed ** 0.5 - 1e-9, "gain": gain / max(len(plain), 1),
-            "changed": changed, "examples": len(plain), "z": z}
 
 
 def confirm(fitness: Fitness, levels: dict[str, float], names: list[str], config,

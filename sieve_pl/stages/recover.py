@@ -45,7 +45,8 @@ from ..models.placement import is_split
 from ..io import PeakMemory, atomic, crash_point, resumable
 from ..models.module import evaluate, outputs
 from ..training import Checkpointed, logged, resume_fit, seeded, trainer_for
-from .stage import Context, Recovered, Stage, settings
+from .fitness import Fitness
+from .stage import Context, Recovered, Stage, lora_gate, settings
 
 
 @dataclass
@@ -379,6 +380,7 @@ class Recover(Stage):
     LoRA only where it raises that accuracy beyond the noise (``confirm.lora_gate``)."""
 
     name = "recover"
+    format = 2  # 2: confirmation scored per example (the paired evidence of the LoRA gate)
 
     def __init__(self, ctx: Context, pruner, levels: dict, config: RecoverConfig):
         self.ctx, self.pruner, self.levels, self.config = ctx, pruner, levels, config
@@ -406,6 +408,20 @@ class Recover(Stage):
                                 f"evaluate {row}/{split}")
                 for split in splits if len(data.splits[split])}
 
+    def _confirmation_evidence(self, weights: dict) -> dict:
+        """The export decision's evidence, on a split no selection has read: the pruned model's
+        confirmation scores without and with LoRA, paired example by example."""
+        check = Fitness(self.ctx.trainer, self.ctx.lm, self.pruner,
+                        self.ctx.data.confirmation_dataloader())
+        with self.pruner.at(self.levels):
+            plain = check.correct(self.levels, label="evaluate pruned/confirmation")
+            check.weights = weights
+            lora = check.correct(self.levels, label="evaluate pruned+lora/confirmation")
+        paired = lora_gate(plain, lora, 0.0)
+        return {"confirmation_before": sum(plain) / len(plain),
+                "confirmation_after": sum(lora) / len(lora),
+                "confirmation_changed": paired["changed"], "confirmation_examples": len(plain)}
+
     def run(self, work: Path) -> Recovered:
         if not self.config.enabled:
             return Recovered()
@@ -413,13 +429,9 @@ class Recover(Stage):
                    if self.config.objective == "distill" else None)
         with self.pruner.at(self.levels):
             result = self._train(work / "pruned", teacher)
-            before = self._scores("pruned", ("confirmation",))
         weights = result.pop("weights")
-        if before:  # the export decision's evidence: a split no selection has read
-            with self.pruner.at(self.levels, weights):
-                after = self._scores("pruned+lora", ("confirmation",))
-            result["confirmation_before"] = before["confirmation"]
-            result["confirmation_after"] = after["confirmation"]
+        if len(self.ctx.data.splits["confirmation"]):
+            result.update(self._confirmation_evidence(weights))
         dense = None
         if self.config.compare_dense:
             with self.pruner.at(1.0):
